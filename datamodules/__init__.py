@@ -1,0 +1,1 @@
+"""Datasets and LightningDataModules: video decoding for extraction, tracks for training."""
