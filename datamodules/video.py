@@ -1,0 +1,517 @@
+"""CSV of videos -> decoded, temporally resampled clips, decoded inside DataLoader workers.
+
+A row of the CSV becomes one item (a dict, see `VideoCSVDataset.__getitem__`). Decoding uses decord
+(one `get_batch` of only the selected frames); if decord cannot open or decode a file, PyAV is tried
+once. Any per-video failure (missing, empty, truncated, not a video, audio only, no decodable frames,
+unusable frame rate) is returned as an item with `video=None` and a one-line `error`, never raised.
+
+Temporal rule (`fps_rule="timestamp"`, default): with timestamps `t_i` (seconds, relative to the first
+frame) and target rate `f`, output frame k (k = 0 .. K-1, K = floor(t_last * f + 0.5) + 1) is the frame
+whose timestamp is nearest to k / f; ties go to the earlier frame. `fps_rule="interval"` reproduces the
+research code's integer stride: interval = round(average_rate / f) (Python round, half to even), keep
+decoded frames 0, interval, 2 * interval, ...
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+NATIVE_FPS_DATASETS = ("somethingv2", "something-something-v2", "ssv2", "smth-smth-v2", "sthsthv2")
+FPS_RULES = ("timestamp", "interval")
+REQUIRED_COLUMNS = ("video_path", "dataset")
+_MAX_ERROR_CHARS = 300
+
+
+class _ItemError(Exception):
+    """A per-video failure that becomes an error item (never retried with another decoder)."""
+
+
+@dataclass(frozen=True)
+class VideoRow:
+    """One validated CSV row. `fps`: per-row target rate, None = native, `...` = dataset default."""
+
+    index: int
+    video_path: str  # resolved path (see `read_video_csv`)
+    video_id: str
+    dataset: str
+    fps: float | None | type(Ellipsis)
+
+
+@dataclass(frozen=True)
+class _StreamInfo:
+    """PyAV header facts about the first video stream (no decoding)."""
+
+    time_base: Fraction | None
+    end_s: float | None  # (start_time + duration) * time_base, None if the stream has no duration
+    average_rate: float | None
+
+
+@dataclass
+class _Decoded:
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    times: np.ndarray  # (T,) float64 seconds relative to the first decoded frame
+    source_fps: float
+    fps: float | None  # target rate actually used (None = native)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_fps(value: str, csv_path: Path, row: int) -> float | None | type(Ellipsis):
+    """'' -> dataset default (`...`); 'native'/'none' -> None; else a positive number."""
+    text = value.strip()
+    if text == "":
+        return ...
+    if text.lower() in ("native", "none"):
+        return None
+    try:
+        fps = float(text)
+    except ValueError:
+        fps = float("nan")
+    if not math.isfinite(fps) or fps <= 0:
+        raise ValueError(
+            f"{csv_path}: column 'fps' row {row}: {value!r} is not a positive number, 'native' or empty"
+        )
+    return fps
+
+
+def _resolve(video_path: str, csv_dir: Path) -> str:
+    """As given (absolute, or relative to the working directory) if it exists there, else relative
+    to the CSV's folder if it exists there, else as given. Returned absolute."""
+    given = Path(video_path).expanduser()
+    if given.is_absolute() or given.exists():
+        return str(given.absolute())
+    beside_csv = csv_dir / given
+    if beside_csv.exists():
+        return str(beside_csv.absolute())
+    return str(given.absolute())
+
+
+def read_video_csv(csv_path: str | os.PathLike) -> list[VideoRow]:
+    """Read and validate the input CSV (see the README for the columns).
+
+    Raises ValueError naming the file and the culprit for: unreadable or empty file, missing required
+    columns, empty `video_path`/`dataset` cells, bad `fps` values, duplicate (dataset, video_id).
+    `video_id` defaults to `Path(video_path).stem` (`a/clip.v2.mp4` -> `clip.v2`).
+    """
+    csv_path = Path(csv_path)
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv_path}: the CSV is empty (expected columns {list(REQUIRED_COLUMNS)})") from None
+    except (OSError, pd.errors.ParserError) as exc:
+        raise ValueError(f"{csv_path}: cannot read the CSV: {exc}") from exc
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{csv_path}: missing required column(s) {missing}; found {list(table.columns)}")
+    if len(table) == 0:
+        raise ValueError(f"{csv_path}: the CSV has a header but no rows")
+    for column in REQUIRED_COLUMNS:
+        empty = [i for i, v in enumerate(table[column]) if not v.strip()]
+        if empty:
+            raise ValueError(f"{csv_path}: column {column!r} is empty in row(s) {empty[:10]}")
+
+    csv_dir = csv_path.resolve().parent
+    rows: list[VideoRow] = []
+    for i, rec in enumerate(table.to_dict("records")):
+        video_path = rec["video_path"].strip()
+        video_id = rec.get("video_id", "").strip() or Path(video_path).stem
+        fps = _parse_fps(rec.get("fps", ""), csv_path, i)
+        rows.append(VideoRow(i, _resolve(video_path, csv_dir), video_id, rec["dataset"].strip(), fps))
+
+    seen: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        seen.setdefault((row.dataset, row.video_id), []).append(row.index)
+    duplicates = {key: idx for key, idx in seen.items() if len(idx) > 1}
+    if duplicates:
+        shown = "; ".join(f"dataset={d!r} video_id={v!r} rows {idx}" for (d, v), idx in list(duplicates.items())[:10])
+        raise ValueError(
+            f"{csv_path}: {len(duplicates)} duplicate (dataset, video_id) pair(s) in columns "
+            f"('dataset', 'video_id'): {shown}. Outputs would overwrite each other; add a unique "
+            "'video_id' column."
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame selection (pure functions of timestamps)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tolerance(t: np.ndarray | float) -> np.ndarray | float:
+    """Seconds under which two distances count as equal: covers decord's float32 timestamps."""
+    return 1e-6 + 2e-7 * np.abs(t)
+
+
+def select_by_timestamp(times: np.ndarray, fps: float) -> np.ndarray:
+    """Indices (K,) int64 into `times` for target rate `fps` (module docstring rule).
+
+    `times`: (N,) float64 seconds, non-decreasing, times[0] == 0. Ties (within float32 precision)
+    go to the earlier frame; equal timestamps resolve to their first frame.
+    """
+    last = float(times[-1])
+    count = math.floor(last * fps + 0.5 + _tolerance(last) * fps) + 1
+    targets = np.arange(count, dtype=np.float64) / fps
+    hi = np.clip(np.searchsorted(times, targets, side="left"), 0, len(times) - 1)
+    lo = np.clip(hi - 1, 0, len(times) - 1)
+    later = (times[hi] - targets) < (targets - times[lo]) - _tolerance(targets)
+    chosen = np.where(later, hi, lo)
+    return np.searchsorted(times, times[chosen], side="left").astype(np.int64)
+
+
+def select_by_interval(num_frames: int, average_rate: float | None, fps: float | None) -> np.ndarray:
+    """Research rule (REFERENCE 4.2): frames 0, i, 2i, ... with i = int(round(average_rate / fps)).
+
+    Raises `_ItemError` when the rate is unknown or the interval is 0 (source rate <= fps / 2).
+    """
+    if fps is None:
+        return np.arange(num_frames, dtype=np.int64)
+    if average_rate is None or not math.isfinite(average_rate) or average_rate <= 0:
+        raise _ItemError(f"fps_rule='interval' needs the stream's average frame rate, got {average_rate}")
+    interval = int(round(average_rate / fps))
+    if interval == 0:
+        raise _ItemError(
+            f"fps_rule='interval': interval round({average_rate:g} / {fps:g}) = 0 "
+            "(source rate <= half the target rate); use fps_rule='timestamp'"
+        )
+    return np.arange(0, num_frames, interval, dtype=np.int64)
+
+
+def cluster_frame_indices(num_frames: int, num_frames_clustering: int) -> np.ndarray:
+    """`linspace(0, T-1, K)` truncated to int64, K = min(num_frames_clustering, T): (K,) indices into T."""
+    k = min(num_frames_clustering, num_frames)
+    return np.linspace(0, num_frames - 1, k).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which of the decoded frames (timestamps `times`) an item keeps."""
+
+    fps: float | None
+    fps_rule: str
+    max_frames: int | None
+
+    def __call__(self, times: np.ndarray, average_rate: float | None) -> tuple[np.ndarray, float | None]:
+        """-> (indices (T,) int64 into `times`, target rate actually used)."""
+        if self.fps_rule == "interval":
+            idx = select_by_interval(len(times), average_rate, self.fps)
+            if self.max_frames is not None and len(idx) > self.max_frames:
+                raise _ItemError(
+                    f"{len(idx)} frames exceed max_frames={self.max_frames}; fps_rule='interval' "
+                    "reproduces the research frames exactly and does not subsample further"
+                )
+            return idx, self.fps
+        fps = self.fps
+        idx = np.arange(len(times), dtype=np.int64) if fps is None else select_by_timestamp(times, fps)
+        if self.max_frames is not None and len(idx) > self.max_frames:
+            last = float(times[-1])
+            if last <= 0:
+                raise _ItemError(f"{len(idx)} frames exceed max_frames={self.max_frames} and all share one timestamp")
+            fps = (self.max_frames - 1) / last  # K = floor(last * fps + 0.5) + 1 = max_frames
+            idx = select_by_timestamp(times, fps)
+        return idx, fps
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    """First non-empty line of an exception message, without decord's "[hh:mm:ss] file.cc:N: " prefix."""
+    text = str(exc) or type(exc).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", lines[0] if lines else type(exc).__name__)
+    return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 3] + "..."
+
+
+def _decoder_threads() -> int:
+    """1 inside DataLoader workers (the workers are the parallelism), else 0 = decoder's choice."""
+    return 1 if get_worker_info() is not None else 0
+
+
+def _probe_stream(path: str) -> _StreamInfo:
+    """Read the container header with PyAV. Raises `_ItemError` if it has no video stream; other
+    exceptions (cannot open) propagate."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise _ItemError(f"no video stream (streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        tb = Fraction(stream.time_base) if stream.time_base else None
+        end_s = None
+        if tb is not None and stream.duration:
+            end_s = float(((stream.start_time or 0) + stream.duration) * tb)
+        rate = float(stream.average_rate) if stream.average_rate else None
+        return _StreamInfo(tb, end_s, rate)
+
+
+def _relative_seconds(stamps: np.ndarray, time_base: Fraction | None) -> np.ndarray:
+    """decord's float32 start times (N,) -> float64 seconds relative to the first frame, snapped to
+    the stream's time-base ticks when known (exact for normal lengths: 0.1 stays 0.1)."""
+    if time_base is None:
+        return stamps - stamps[0]
+    ticks = np.round(stamps / float(time_base))
+    return (ticks - ticks[0]) * time_base.numerator / time_base.denominator
+
+
+def _rate_from_times(times: np.ndarray) -> float:
+    return (len(times) - 1) / float(times[-1]) if len(times) > 1 and times[-1] > 0 else float("nan")
+
+
+def _decode_decord(path: str, info: _StreamInfo | None, plan: _Plan) -> _Decoded:
+    """decord: frame timestamps from its index, then one `get_batch` of the selected frames.
+
+    decord lists frames the decoder never outputs (packets past the end of an mp4 edit list) and
+    returns a stale image for them; those trailing frames (timestamp >= the stream's end) are dropped.
+    """
+    import decord
+
+    reader = decord.VideoReader(path, num_threads=_decoder_threads())
+    try:
+        stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0].astype(np.float64)  # (N,)
+        if info is not None and info.end_s is not None:
+            stamps = stamps[stamps < info.end_s - _tolerance(info.end_s)]
+        if len(stamps) == 0:
+            raise RuntimeError("decord found no frames before the stream's end")
+        if np.any(np.diff(stamps) < 0):
+            raise RuntimeError("decord frame timestamps are not in presentation order")
+        times = _relative_seconds(stamps, info.time_base if info else None)  # (N,)
+        rate = info.average_rate if info and info.average_rate else float(reader.get_avg_fps())
+        idx, fps = plan(times, rate)
+        frames = reader.get_batch(idx.tolist()).asnumpy()  # (T, H, W, 3) uint8
+    finally:
+        del reader
+    return _Decoded(frames, times[idx], rate, fps)
+
+
+def _decode_pyav(path: str, plan: _Plan) -> _Decoded:
+    """PyAV: timestamps of the decoded frames, converting only the selected frames to RGB.
+
+    Timestamps come from the demuxer (no decoding); if the decoder then drops frames the selection is
+    redone on the frames it did output (a second pass only in that case).
+    """
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        tb = Fraction(stream.time_base)
+        rate = float(stream.average_rate) if stream.average_rate else None
+        pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and not p.is_discard)
+    for _ in range(2):
+        if not pts:
+            raise _ItemError("no decodable video frames")
+        times = np.array([float((p - pts[0]) * tb) for p in pts], dtype=np.float64)
+        source_fps = rate if rate else _rate_from_times(times)
+        idx, fps = plan(times, source_fps)
+        wanted = {pts[i] for i in idx.tolist()}
+        kept: dict[int, np.ndarray] = {}
+        decoded: list[int] = []
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if _decoder_threads():
+                stream.codec_context.thread_count = 1
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    raise _ItemError("PyAV decoded a frame without a timestamp")
+                decoded.append(frame.pts)
+                if frame.pts in wanted and frame.pts not in kept:
+                    kept[frame.pts] = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+        decoded.sort()
+        if decoded == pts:  # the decoder output exactly the demuxed frames
+            frames = np.stack([kept[pts[i]] for i in idx.tolist()])
+            return _Decoded(frames, times[idx], source_fps, fps)
+        pts = decoded
+    raise _ItemError("PyAV frame timestamps changed between two decodes")
+
+
+def decode_video(path: str, plan: _Plan) -> tuple[_Decoded | None, str, str | None]:
+    """-> (decoded or None, decoder name, one-line error or None). Never raises for bad files."""
+    p = Path(path)
+    if not p.exists():
+        return None, "decord", f"file not found: {path}"
+    if p.is_dir():
+        return None, "decord", f"is a directory, not a video file: {path}"
+    if p.stat().st_size == 0:
+        return None, "decord", f"empty file (0 bytes): {path}"
+    info, probe_error = None, None
+    try:
+        info = _probe_stream(path)
+    except _ItemError as exc:
+        return None, "pyav", str(exc)
+    except Exception as exc:  # PyAV cannot open it; decord may still
+        probe_error = _one_line(exc)
+    try:
+        return _decode_decord(path, info, plan), "decord", None
+    except _ItemError as exc:
+        return None, "decord", str(exc)
+    except Exception as exc:
+        decord_error = _one_line(exc)
+    if probe_error is not None:
+        return None, "pyav", f"cannot open as video: decord: {decord_error}; pyav: {probe_error}"
+    try:
+        return _decode_pyav(path, plan), "pyav", None
+    except _ItemError as exc:
+        return None, "pyav", f"{exc} (decord: {decord_error})"
+    except Exception as exc:
+        return None, "pyav", f"cannot decode: decord: {decord_error}; pyav: {_one_line(exc)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset, collate, DataModule
+# ---------------------------------------------------------------------------------------------
+
+
+class VideoCSVDataset(Dataset):
+    """Map-style Dataset over a CSV of videos; each item is one decoded, resampled clip.
+
+    Args:
+        csv_path: CSV with columns `video_path`, `dataset` and optionally `video_id`, `fps`.
+        fps: target rate in frames per second (None: native rate for every video).
+        native_fps_datasets: dataset names (case-insensitive) kept at their native rate.
+        num_frames_clustering: number of clustering frames K (fewer if the clip is shorter).
+        fps_rule: "timestamp" (nearest timestamp to k / fps) or "interval" (research stride rule).
+        max_frames: cap on T; longer clips are resampled evenly in time at the rate that yields
+            max_frames frames (item `fps` records it); with fps_rule="interval" an error item.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        fps: float | None = 10.0,
+        native_fps_datasets: Iterable[str] = NATIVE_FPS_DATASETS,
+        num_frames_clustering: int = 32,
+        fps_rule: str = "timestamp",
+        max_frames: int | None = None,
+    ):
+        if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be a positive number or None, got {fps!r}")
+        if fps_rule not in FPS_RULES:
+            raise ValueError(f"fps_rule must be one of {FPS_RULES}, got {fps_rule!r}")
+        if not isinstance(num_frames_clustering, int) or num_frames_clustering < 1:
+            raise ValueError(f"num_frames_clustering must be an int >= 1, got {num_frames_clustering!r}")
+        if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 2):
+            raise ValueError(f"max_frames must be None or an int >= 2, got {max_frames!r}")
+        if isinstance(native_fps_datasets, str):
+            native_fps_datasets = (native_fps_datasets,)
+        self.csv_path = str(csv_path)
+        self.fps = None if fps is None else float(fps)
+        self.native_fps_datasets = frozenset(name.lower() for name in native_fps_datasets)
+        self.num_frames_clustering = num_frames_clustering
+        self.fps_rule = fps_rule
+        self.max_frames = max_frames
+        self.rows: list[VideoRow] = read_video_csv(csv_path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def target_fps(self, row: VideoRow) -> float | None:
+        """Per-row `fps` if given, else native for `native_fps_datasets`, else the dataset's `fps`."""
+        if row.fps is not ...:
+            return row.fps
+        if row.dataset.lower() in self.native_fps_datasets:
+            return None
+        return self.fps
+
+    def __getitem__(self, index: int) -> dict:
+        """-> dict: `video` (T, 3, H, W) uint8 (channels-last memory) or None; `frame_times` (T,) float64 seconds from the
+        first decoded frame; `source_fps` float (stream average rate, NaN if unknown);
+        `cluster_frames` (K,) int64 indices into T; `video_id`, `dataset`, `video_path` str;
+        `error` None or one line; `decoder` "decord"|"pyav"; `fps` target rate used (None=native);
+        `index` CSV row."""
+        row = self.rows[index]
+        plan = _Plan(self.target_fps(row), self.fps_rule, self.max_frames)
+        decoded, decoder, error = decode_video(row.video_path, plan)
+        item = {
+            "video": None,
+            "frame_times": torch.zeros(0, dtype=torch.float64),
+            "source_fps": float("nan"),
+            "cluster_frames": torch.zeros(0, dtype=torch.int64),
+            "video_id": row.video_id,
+            "dataset": row.dataset,
+            "video_path": row.video_path,
+            "error": error,
+            "decoder": decoder,
+            "fps": plan.fps,
+            "index": row.index,
+        }
+        if decoded is None:
+            return item
+        # (T, 3, H, W) uint8, channels-last strides: a zero-copy view of the decoder's (T, H, W, 3)
+        video = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2)
+        item.update(
+            video=video,
+            frame_times=torch.from_numpy(decoded.times),
+            source_fps=float(decoded.source_fps),
+            cluster_frames=torch.from_numpy(cluster_frame_indices(len(video), self.num_frames_clustering)),
+            fps=decoded.fps,
+        )
+        return item
+
+
+def collate_videos(items: Sequence[dict]) -> list[dict]:
+    """Pass-through collate: videos differ in size, failed items (video=None) are kept."""
+    return list(items)
+
+
+class VideoDataModule(L.LightningDataModule):
+    """LightningDataModule around `VideoCSVDataset` for `Trainer.predict`.
+
+    `predict_dataloader()` is a plain sequential DataLoader; under DDP Lightning replaces its sampler
+    with its unrepeated distributed sampler, so every CSV row goes to exactly one rank, no padding.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        **dataset_kwargs,
+    ):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        self.csv_path = str(csv_path)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.dataset_kwargs = dataset_kwargs
+        self.dataset: VideoCSVDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = VideoCSVDataset(self.csv_path, **self.dataset_kwargs)
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup("predict")
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_videos,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
