@@ -74,9 +74,11 @@ def merge_step(x: torch.Tensor, r: int) -> torch.Tensor:
     d = x.shape[-1]
     unm = xa.gather(1, unm_idx[..., None].expand(-1, -1, d))  # (B, nA - r, D)
     src = xa.gather(1, src_idx[..., None].expand(-1, -1, d))  # (B, r, D)
-    dst_idx = dst.gather(1, src_idx)[..., None].expand(-1, -1, d)  # (B, r, D)
-    xb = xb.scatter_reduce(1, dst_idx, src, reduce="mean", include_self=True)
-    return torch.cat([unm, xb], dim=1)
+    bsz, nb = xb.shape[:2]
+    dst_flat = (dst.gather(1, src_idx) + torch.arange(bsz, device=x.device)[:, None] * nb).flatten()  # (B*r,)
+    summed = xb.reshape(bsz * nb, d).index_add(0, dst_flat, src.reshape(-1, d))  # b + its sources
+    count = torch.ones(bsz * nb, dtype=x.dtype, device=x.device).index_add_(0, dst_flat, torch.ones_like(dst_flat, dtype=x.dtype))
+    return torch.cat([unm, (summed / count[:, None]).reshape(bsz, nb, d)], dim=1)
 
 
 def merge_frames(tokens: torch.Tensor, merge_ratio: float = 25, num_iters: int = 11) -> torch.Tensor:
