@@ -53,8 +53,16 @@ class _StreamInfo:
     """PyAV header facts about the first video stream (no decoding)."""
 
     time_base: Fraction | None
-    end_s: float | None  # (start_time + duration) * time_base, None if the stream has no duration
+    end_s: float | None  # mp4/mov edit-list end: (start_time + duration) * time_base; else None
+    frames: int | None  # mp4/mov: sample count in the header (decodable or not); else None
     average_rate: float | None
+    height: int
+    width: int
+
+    def check_complete(self, present: int) -> None:
+        """Raise `_ItemError` if fewer samples are in the file than its mp4 header lists."""
+        if self.frames and present < self.frames:
+            raise _ItemError(f"truncated file: the header lists {self.frames} frames, only {present} are present")
 
 
 @dataclass
@@ -255,11 +263,14 @@ def _probe_stream(path: str) -> _StreamInfo:
             raise _ItemError(f"no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
         tb = Fraction(stream.time_base) if stream.time_base else None
+        is_mov = container.format.name.startswith("mov")  # the mov,mp4,m4a,3gp,3g2,mj2 demuxer
         end_s = None
-        if tb is not None and stream.duration:
+        if is_mov and tb is not None and stream.duration:
             end_s = float(((stream.start_time or 0) + stream.duration) * tb)
+        frames = stream.frames if is_mov and stream.frames > 0 else None
         rate = float(stream.average_rate) if stream.average_rate else None
-        return _StreamInfo(tb, end_s, rate)
+        ctx = stream.codec_context
+        return _StreamInfo(tb, end_s, frames, rate, ctx.height, ctx.width)
 
 
 def _relative_seconds(stamps: np.ndarray, time_base: Fraction | None) -> np.ndarray:
@@ -275,6 +286,36 @@ def _rate_from_times(times: np.ndarray) -> float:
     return (len(times) - 1) / float(times[-1]) if len(times) > 1 and times[-1] > 0 else float("nan")
 
 
+def _available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, lowered by a cgroup v2 limit; None if
+    unknown (not Linux)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    available = next((int(ln.split()[1]) * 1024 for ln in meminfo.splitlines() if ln.startswith("MemAvailable:")), None)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available or 2**63, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _check_memory(count: int, height: int, width: int) -> None:
+    """Refuse (error item) a decode whose (count, H, W, 3) uint8 output would take more than half of
+    the memory still available, instead of letting the worker be killed."""
+    need = count * height * width * 3
+    available = _available_memory()
+    if available is not None and need > available // 2:
+        raise _ItemError(
+            f"{count} frames of {height}x{width} need {need / 2**30:.1f} GiB, more than half the "
+            f"available memory ({available / 2**30:.1f} GiB); set max_frames"
+        )
+
+
 def _decode_decord(path: str, info: _StreamInfo | None, plan: _Plan) -> _Decoded:
     """decord: frame timestamps from its index, then one `get_batch` of the selected frames.
 
@@ -285,6 +326,8 @@ def _decode_decord(path: str, info: _StreamInfo | None, plan: _Plan) -> _Decoded
 
     reader = decord.VideoReader(path, num_threads=_decoder_threads())
     try:
+        if info is not None:
+            info.check_complete(len(reader))
         stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0].astype(np.float64)  # (N,)
         if info is not None and info.end_s is not None:
             stamps = stamps[stamps < info.end_s - _tolerance(info.end_s)]
@@ -295,13 +338,15 @@ def _decode_decord(path: str, info: _StreamInfo | None, plan: _Plan) -> _Decoded
         times = _relative_seconds(stamps, info.time_base if info else None)  # (N,)
         rate = info.average_rate if info and info.average_rate else float(reader.get_avg_fps())
         idx, fps = plan(times, rate)
+        if info is not None:
+            _check_memory(len(idx), info.height, info.width)
         frames = reader.get_batch(idx.tolist()).asnumpy()  # (T, H, W, 3) uint8
     finally:
         del reader
     return _Decoded(frames, times[idx], rate, fps)
 
 
-def _decode_pyav(path: str, plan: _Plan) -> _Decoded:
+def _decode_pyav(path: str, info: _StreamInfo, plan: _Plan) -> _Decoded:
     """PyAV: timestamps of the decoded frames, converting only the selected frames to RGB.
 
     Timestamps come from the demuxer (no decoding); if the decoder then drops frames the selection is
@@ -312,14 +357,22 @@ def _decode_pyav(path: str, plan: _Plan) -> _Decoded:
     with av.open(path) as container:
         stream = container.streams.video[0]
         tb = Fraction(stream.time_base)
-        rate = float(stream.average_rate) if stream.average_rate else None
-        pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and not p.is_discard)
+        present, pts = 0, []
+        for packet in container.demux(stream):
+            if packet.pts is not None:
+                present += 1
+                if not packet.is_discard:  # outside the mp4 edit list: never decoded
+                    pts.append(packet.pts)
+        info.check_complete(present)
+        pts.sort()
+    rate, height, width = info.average_rate, info.height, info.width
     for _ in range(2):
         if not pts:
             raise _ItemError("no decodable video frames")
         times = np.array([float((p - pts[0]) * tb) for p in pts], dtype=np.float64)
         source_fps = rate if rate else _rate_from_times(times)
         idx, fps = plan(times, source_fps)
+        _check_memory(len(idx), height, width)
         wanted = {pts[i] for i in idx.tolist()}
         kept: dict[int, np.ndarray] = {}
         decoded: list[int] = []
@@ -367,7 +420,7 @@ def decode_video(path: str, plan: _Plan) -> tuple[_Decoded | None, str, str | No
     if probe_error is not None:
         return None, "pyav", f"cannot open as video: decord: {decord_error}; pyav: {probe_error}"
     try:
-        return _decode_pyav(path, plan), "pyav", None
+        return _decode_pyav(path, info, plan), "pyav", None
     except _ItemError as exc:
         return None, "pyav", f"{exc} (decord: {decord_error})"
     except Exception as exc:
@@ -431,8 +484,9 @@ class VideoCSVDataset(Dataset):
         return self.fps
 
     def __getitem__(self, index: int) -> dict:
-        """-> dict: `video` (T, 3, H, W) uint8 (channels-last memory) or None; `frame_times` (T,) float64 seconds from the
-        first decoded frame; `source_fps` float (stream average rate, NaN if unknown);
+        """-> dict: `video` (T, 3, H, W) uint8 (channels-last memory) or None; `frame_times` (T,)
+        float64 seconds from the first decoded frame; `source_fps` float (stream average rate, NaN if
+        unknown);
         `cluster_frames` (K,) int64 indices into T; `video_id`, `dataset`, `video_path` str;
         `error` None or one line; `decoder` "decord"|"pyav"; `fps` target rate used (None=native);
         `index` CSV row."""

@@ -252,14 +252,14 @@ def test_item_video_is_uint8_t3hw_and_matches_pyav_pixels(csv_dir, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_clip(path: Path, frames: int = 6, size=(48, 64)) -> Path:
-    """A tiny mpeg4 clip at 10 fps (frame i has grey level 40 * i)."""
-    with av.open(str(path), "w") as container:
+def make_clip(path: Path, frames: int = 6, size=(48, 64), options=None) -> Path:
+    """A tiny mpeg4 clip at 10 fps (frame i has grey level 12 * i)."""
+    with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.height, stream.width = size
         stream.pix_fmt = "yuv420p"
         for i in range(frames):
-            img = np.full((*size, 3), 40 * i, np.uint8)
+            img = np.full((*size, 3), 12 * i, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         container.mux(stream.encode(None))
     return path
@@ -291,22 +291,32 @@ def make_undecodable(path: Path) -> Path:
     return path
 
 
+def make_truncated(path: Path) -> Path:
+    """An mp4 with its header first ("faststart") cut in half: opens, but half the frames are gone."""
+    full = make_clip(path.with_name("full_" + path.name), frames=20, options={"movflags": "faststart"})
+    data = full.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
 @pytest.fixture(scope="module")
 def broken_csv(csv_dir):
     (csv_dir / "empty.mp4").write_bytes(b"")
     (csv_dir / "a_folder.mp4").mkdir()
     make_audio_only(csv_dir / "audio_only.mp4")
     make_undecodable(csv_dir / "undecodable.mkv")
+    make_truncated(csv_dir / "truncated.mp4")
     paths = [VIDEOS / n for n in BROKEN] + [csv_dir / "missing.mp4", csv_dir / "empty.mp4",
                                              csv_dir / "a_folder.mp4", csv_dir / "audio_only.mp4",
-                                             csv_dir / "undecodable.mkv"]
+                                             csv_dir / "undecodable.mkv", csv_dir / "truncated.mp4"]
     return write_csv(csv_dir / "broken.csv", "video_path,dataset", [f"{p},test" for p in paths])
 
 
 def test_every_broken_input_is_an_error_item(broken_csv):
     loader = DataLoader(VideoCSVDataset(broken_csv), batch_size=4, collate_fn=collate_videos)
     items = [it for batch in loader for it in batch]
-    assert len(items) == 7
+    assert len(items) == 8
     reasons = {Path(it["video_path"]).name: it["error"] for it in items}
     for it in items:
         assert it["video"] is None
@@ -318,8 +328,31 @@ def test_every_broken_input_is_an_error_item(broken_csv):
     assert "directory" in reasons["a_folder.mp4"]
     assert "no video stream" in reasons["audio_only.mp4"]
     assert "no decodable video frames" in reasons["undecodable.mkv"]
+    assert "truncated file: the header lists 20 frames, only" in reasons["truncated.mp4"]
     for name in BROKEN:
         assert "cannot open" in reasons[name] and "decord" in reasons[name] and "pyav" in reasons[name]
+
+
+def test_truncated_file_is_also_an_error_for_the_fallback_decoder(broken_csv, csv_dir, monkeypatch):
+    def broken_decord(*args, **kwargs):
+        raise RuntimeError("simulated decord failure")
+
+    monkeypatch.setattr(video_mod, "_decode_decord", broken_decord)
+    csv = write_csv(csv_dir / "trunc.csv", "video_path,dataset",
+                    [f"{csv_dir / 'truncated.mp4'},test", f"{csv_dir / 'full_truncated.mp4'},test"])
+    cut, full = VideoCSVDataset(csv, fps=None)[0], VideoCSVDataset(csv, fps=None)[1]
+    assert cut["video"] is None and cut["decoder"] == "pyav" and "truncated" in cut["error"]
+    assert full["error"] is None and full["video"].shape == (20, 3, 48, 64)
+    levels = full["video"][:, :, 24, 32].float().mean(dim=1)  # (T,) grey level 12 * i
+    assert torch.allclose(levels, 12 * torch.arange(20.0), atol=5)  # lossy mpeg4, steps of 12
+
+
+def test_a_clip_too_large_for_memory_is_an_error_item(csv_dir, monkeypatch):
+    csv = write_csv(csv_dir / "mem.csv", "video_path,dataset", [f"{VIDEOS / 'tiny_25fps.mp4'},test"])
+    monkeypatch.setattr(video_mod, "_available_memory", lambda: 10 * 240 * 320 * 3)
+    item = VideoCSVDataset(csv, fps=10.0)[0]  # 17 frames of 240x320 > half of 10 frames' worth
+    assert item["video"] is None and "max_frames" in item["error"] and "17 frames of 240x320" in item["error"]
+    assert VideoCSVDataset(csv, fps=10.0, max_frames=5)[0]["video"].shape[0] == 5
 
 
 def test_collate_passes_items_through():
