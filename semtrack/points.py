@@ -179,10 +179,18 @@ def _entities(labels: torch.Tensor, clip_size: tuple[int, int], use_cc: bool) ->
     return _Entities(cells, frames, ids, comp, peak_frames_used, row_start, row_size, col_start, col_size, row_of_pixel, col_of_pixel)
 
 
-def _closest_pixel(pixels: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """pixels (M, 2) row-major, centres (n, 2) -> (n, 2): per centre the closest pixel (squared
-    distance rounded to 1e-9, first in row-major order on ties)."""
-    out = np.empty((len(centres), 2), dtype=np.int64)
+def exact_pixel_points(pixels: np.ndarray, n: int, n_init: int = 1) -> np.ndarray:
+    """The research rule for one entity (REFERENCE.md 8.2 step 3 with fixes 10 and 11).
+
+    pixels: (M, 2) int (y, x) in row-major order, M >= n -> (n, 2) int64 (y, x): scikit-learn
+    `KMeans(n_clusters=n, n_init=n_init, random_state=42)` on the coordinates, then for each centre
+    (sklearn's order) the closest pixel, squared distances rounded to 1e-9 and the first pixel in
+    row-major order on ties."""
+    from sklearn.cluster import KMeans
+
+    pixels = np.asarray(pixels, dtype=np.int64)
+    centres = KMeans(n_clusters=n, n_init=n_init, random_state=42).fit(pixels.astype(np.float64)).cluster_centers_
+    out = np.empty((n, 2), dtype=np.int64)
     for i, c in enumerate(centres):
         d2 = np.round(((pixels - c) ** 2).sum(axis=1), 9)
         out[i] = pixels[int(np.argmin(d2))]
@@ -190,17 +198,11 @@ def _closest_pixel(pixels: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def _sample_exact(ent: _Entities, n: int, small: torch.Tensor, n_init: int) -> list[np.ndarray]:
-    """Per entity (y, x) int64 points (scikit-learn KMeans per entity, REFERENCE.md 8.2)."""
-    from sklearn.cluster import KMeans
-
+    """Per entity (y, x) int64 points: all pixels when small, else `exact_pixel_points`."""
     out = []
     for e in range(ent.cells.shape[0]):
         pixels = np.argwhere(ent.full_mask(e))  # (M, 2) (y, x) row-major
-        if bool(small[e]):
-            out.append(pixels)
-            continue
-        km = KMeans(n_clusters=n, n_init=n_init, random_state=42).fit(pixels.astype(np.float64))
-        out.append(_closest_pixel(pixels, km.cluster_centers_))
+        out.append(pixels if bool(small[e]) else exact_pixel_points(pixels, n, n_init))
     return out
 
 
