@@ -1,15 +1,20 @@
 """CSV of videos -> decoded, temporally resampled clips, decoded inside DataLoader workers.
 
 A row of the CSV becomes one item (a dict, see `VideoCSVDataset.__getitem__`). Decoding uses decord
-(one `get_batch` of only the selected frames); if decord cannot open or decode a file, PyAV is tried
-once. Any per-video failure (missing, empty, truncated, not a video, audio only, no decodable frames,
-unusable frame rate) is returned as an item with `video=None` and a one-line `error`, never raised.
+(its frame index for the timestamps, then one `get_batch` of only the selected frames); if decord
+cannot open or decode a file, PyAV is tried once and `decoder` records which one served. Any
+per-video failure (missing, empty, truncated, not a video, audio only, no decodable frames, unusable
+frame rate, too large for memory) is returned as an item with `video=None` and a one-line `error`.
 
-Temporal rule (`fps_rule="timestamp"`, default): with timestamps `t_i` (seconds, relative to the first
-frame) and target rate `f`, output frame k (k = 0 .. K-1, K = floor(t_last * f + 0.5) + 1) is the frame
-whose timestamp is nearest to k / f; ties go to the earlier frame. `fps_rule="interval"` reproduces the
-research code's integer stride: interval = round(average_rate / f) (Python round, half to even), keep
-decoded frames 0, interval, 2 * interval, ...
+Temporal rule (`fps_rule="timestamp"`, default): with frame timestamps `t_i` (seconds, relative to
+the first frame) and target rate `f`, output frame k (k = 0 .. K-1, K = floor(t_last * f + 0.5) + 1)
+is the frame whose timestamp is nearest to k / f; ties go to the earlier frame. `fps_rule="interval"`
+reproduces the research code's integer stride: interval = round(average_rate / f) (Python round,
+half to even), keep decoded frames 0, interval, 2 * interval, ...; interval 0 is an error item.
+
+Frames an mp4 lists past the end of its edit list never decode (decord still indexes them and hands
+back a stale image); they are not frames here. An mp4 whose header lists more samples than the file
+holds is truncated: an error item.
 """
 from __future__ import annotations
 
@@ -98,14 +103,12 @@ def _parse_fps(value: str, csv_path: Path, row: int) -> float | None | type(Elli
 
 def _resolve(video_path: str, csv_dir: Path) -> str:
     """As given (absolute, or relative to the working directory) if it exists there, else relative
-    to the CSV's folder if it exists there, else as given. Returned absolute."""
+    to the CSV's folder if it exists there, else as given. Returned absolute and normalised (`..`
+    removed, symlinks kept)."""
     given = Path(video_path).expanduser()
-    if given.is_absolute() or given.exists():
-        return str(given.absolute())
-    beside_csv = csv_dir / given
-    if beside_csv.exists():
-        return str(beside_csv.absolute())
-    return str(given.absolute())
+    if not given.is_absolute() and not given.exists() and (csv_dir / given).exists():
+        given = csv_dir / given
+    return os.path.abspath(given)
 
 
 def read_video_csv(csv_path: str | os.PathLike) -> list[VideoRow]:
@@ -113,7 +116,9 @@ def read_video_csv(csv_path: str | os.PathLike) -> list[VideoRow]:
 
     Raises ValueError naming the file and the culprit for: unreadable or empty file, missing required
     columns, empty `video_path`/`dataset` cells, bad `fps` values, duplicate (dataset, video_id).
-    `video_id` defaults to `Path(video_path).stem` (`a/clip.v2.mp4` -> `clip.v2`).
+    `video_id` defaults to `Path(video_path).stem` (`a/clip.v2.mp4` -> `clip.v2`). A relative
+    `video_path` is taken as given (relative to the working directory) if it exists there, else
+    relative to the CSV's folder; rows hold the absolute path.
     """
     csv_path = Path(csv_path)
     try:
@@ -239,11 +244,13 @@ class _Plan:
 # ---------------------------------------------------------------------------------------------
 
 
-def _one_line(exc: BaseException) -> str:
-    """First non-empty line of an exception message, without decord's "[hh:mm:ss] file.cc:N: " prefix."""
+def _one_line(exc: BaseException, path: str) -> str:
+    """First non-empty line of an exception message, without decord's "[hh:mm:ss] file.cc:N: " or an
+    "[Errno N] " prefix, the (already recorded) path shortened to its file name."""
     text = str(exc) or type(exc).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    line = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", lines[0] if lines else type(exc).__name__)
+    line = re.sub(r"^(\[[0-9:]+\] \S+:\d+: |\[Errno -?\d+\] )", "", lines[0] if lines else type(exc).__name__)
+    line = line.replace(path, Path(path).name)
     return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 3] + "..."
 
 
@@ -410,13 +417,13 @@ def decode_video(path: str, plan: _Plan) -> tuple[_Decoded | None, str, str | No
     except _ItemError as exc:
         return None, "pyav", str(exc)
     except Exception as exc:  # PyAV cannot open it; decord may still
-        probe_error = _one_line(exc)
+        probe_error = _one_line(exc, path)
     try:
         return _decode_decord(path, info, plan), "decord", None
     except _ItemError as exc:
         return None, "decord", str(exc)
     except Exception as exc:
-        decord_error = _one_line(exc)
+        decord_error = _one_line(exc, path)
     if probe_error is not None:
         return None, "pyav", f"cannot open as video: decord: {decord_error}; pyav: {probe_error}"
     try:
@@ -424,7 +431,7 @@ def decode_video(path: str, plan: _Plan) -> tuple[_Decoded | None, str, str | No
     except _ItemError as exc:
         return None, "pyav", f"{exc} (decord: {decord_error})"
     except Exception as exc:
-        return None, "pyav", f"cannot decode: decord: {decord_error}; pyav: {_one_line(exc)}"
+        return None, "pyav", f"cannot decode: decord: {decord_error}; pyav: {_one_line(exc, path)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,13 +443,18 @@ class VideoCSVDataset(Dataset):
     """Map-style Dataset over a CSV of videos; each item is one decoded, resampled clip.
 
     Args:
-        csv_path: CSV with columns `video_path`, `dataset` and optionally `video_id`, `fps`.
+        csv_path: CSV with columns `video_path`, `dataset` and optionally `video_id` (default: the
+            file stem, `a/clip.v2.mp4` -> `clip.v2`) and `fps` (per-row target rate; empty = the
+            default below, `native` = every frame). See `read_video_csv`.
         fps: target rate in frames per second (None: native rate for every video).
-        native_fps_datasets: dataset names (case-insensitive) kept at their native rate.
+        native_fps_datasets: dataset names (case-insensitive) kept at their native rate unless the
+            row sets `fps`.
         num_frames_clustering: number of clustering frames K (fewer if the clip is shorter).
         fps_rule: "timestamp" (nearest timestamp to k / fps) or "interval" (research stride rule).
-        max_frames: cap on T; longer clips are resampled evenly in time at the rate that yields
-            max_frames frames (item `fps` records it); with fps_rule="interval" an error item.
+        max_frames: cap on T (>= 2). A longer clip is resampled evenly over its whole duration at
+            the rate that gives exactly max_frames frames (the item's `fps` records that rate);
+            with fps_rule="interval" it is an error item instead. Independently, a clip whose
+            decoded frames would need more than half the available memory is an error item.
     """
 
     def __init__(
@@ -488,7 +500,9 @@ class VideoCSVDataset(Dataset):
         float64 seconds from the first decoded frame; `source_fps` float (stream average rate, NaN if
         unknown);
         `cluster_frames` (K,) int64 indices into T; `video_id`, `dataset`, `video_path` str;
-        `error` None or one line; `decoder` "decord"|"pyav"; `fps` target rate used (None=native);
+        `error` None or one line; `decoder` "decord"|"pyav" (for failures: the last one tried,
+        "decord" if the file was rejected before decoding); `fps` target rate used (None = native;
+        with fps_rule="interval" the requested rate, the kept rate being source_fps / interval);
         `index` CSV row."""
         row = self.rows[index]
         plan = _Plan(self.target_fps(row), self.fps_rule, self.max_frames)
