@@ -19,6 +19,7 @@ holds is truncated: an error item.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -439,6 +440,10 @@ def decode_video(path: str, plan: _Plan) -> tuple[_Decoded | None, str, str | No
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class VideoCSVDataset(Dataset):
     """Map-style Dataset over a CSV of videos; each item is one decoded, resampled clip.
 
@@ -470,18 +475,18 @@ class VideoCSVDataset(Dataset):
             raise ValueError(f"fps must be a positive number or None, got {fps!r}")
         if fps_rule not in FPS_RULES:
             raise ValueError(f"fps_rule must be one of {FPS_RULES}, got {fps_rule!r}")
-        if not isinstance(num_frames_clustering, int) or num_frames_clustering < 1:
+        if not _is_int(num_frames_clustering) or num_frames_clustering < 1:
             raise ValueError(f"num_frames_clustering must be an int >= 1, got {num_frames_clustering!r}")
-        if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 2):
+        if max_frames is not None and (not _is_int(max_frames) or max_frames < 2):
             raise ValueError(f"max_frames must be None or an int >= 2, got {max_frames!r}")
         if isinstance(native_fps_datasets, str):
             native_fps_datasets = (native_fps_datasets,)
         self.csv_path = str(csv_path)
         self.fps = None if fps is None else float(fps)
         self.native_fps_datasets = frozenset(name.lower() for name in native_fps_datasets)
-        self.num_frames_clustering = num_frames_clustering
+        self.num_frames_clustering = int(num_frames_clustering)
         self.fps_rule = fps_rule
-        self.max_frames = max_frames
+        self.max_frames = None if max_frames is None else int(max_frames)
         self.rows: list[VideoRow] = read_video_csv(csv_path)
 
     def __len__(self) -> int:
@@ -556,9 +561,9 @@ class VideoDataModule(L.LightningDataModule):
         **dataset_kwargs,
     ):
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
+        if not _is_int(num_workers) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.csv_path = str(csv_path)
         self.batch_size = batch_size
