@@ -57,6 +57,12 @@ def merge_schedule(num_tokens: int, merge_ratio: float = 25, num_iters: int = 11
     return schedule
 
 
+def _onehot_sums(device: torch.device) -> bool:
+    """Sum merged tokens with a one-hot matmul (deterministic) instead of index_add, whose GPU
+    atomics reorder the float sums from run to run. CPU keeps index_add (sequential)."""
+    return device.type != "cpu"
+
+
 def merge_step(x: torch.Tensor, r: int) -> torch.Tensor:
     """One bipartite merge iteration (REFERENCE.md 6.1) on a batch of token sequences.
 
@@ -74,11 +80,18 @@ def merge_step(x: torch.Tensor, r: int) -> torch.Tensor:
     d = x.shape[-1]
     unm = xa.gather(1, unm_idx[..., None].expand(-1, -1, d))  # (B, nA - r, D)
     src = xa.gather(1, src_idx[..., None].expand(-1, -1, d))  # (B, r, D)
-    bsz, nb = xb.shape[:2]
-    dst_flat = (dst.gather(1, src_idx) + torch.arange(bsz, device=x.device)[:, None] * nb).flatten()  # (B*r,)
-    summed = xb.reshape(bsz * nb, d).index_add(0, dst_flat, src.reshape(-1, d))  # b + its sources
-    count = torch.ones(bsz * nb, dtype=x.dtype, device=x.device).index_add_(0, dst_flat, torch.ones_like(dst_flat, dtype=x.dtype))
-    return torch.cat([unm, (summed / count[:, None]).reshape(bsz, nb, d)], dim=1)
+    dst_src = dst.gather(1, src_idx)  # (B, r) B position receiving each source
+    if not _onehot_sums(x.device):  # sequential index_add: the research code's summation order
+        bsz, nb = xb.shape[:2]
+        flat = (dst_src + torch.arange(bsz, device=x.device)[:, None] * nb).flatten()  # (B*r,)
+        summed = xb.reshape(bsz * nb, d).index_add(0, flat, src.reshape(-1, d)).reshape(bsz, nb, d)
+        count = torch.ones(bsz * nb, dtype=x.dtype, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=x.dtype))
+        count = count.reshape(bsz, nb, 1)
+    else:  # one-hot matmul: deterministic on GPUs (atomic adds would reorder the sums run to run)
+        onehot = F.one_hot(dst_src, xb.shape[1]).to(x.dtype).transpose(1, 2)  # (B, nB, r)
+        summed = xb + onehot @ src
+        count = 1 + onehot.sum(dim=2, keepdim=True)
+    return torch.cat([unm, summed / count], dim=1)
 
 
 def merge_frames(tokens: torch.Tensor, merge_ratio: float = 25, num_iters: int = 11) -> torch.Tensor:

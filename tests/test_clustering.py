@@ -70,6 +70,18 @@ def test_bipartite_intermediates(bip, tag, m, it, device):
     np.testing.assert_array_equal(labels.reshape(8, 16, 16).cpu().numpy(), bip[f"labels_{tag}"])
 
 
+def test_onehot_merge_path_gives_same_labels(bip, monkeypatch):
+    """The GPU merge path (one-hot matmul, deterministic) reproduces the fixture on CPU too."""
+    import semtrack.clustering as clustering
+
+    monkeypatch.setattr(clustering, "_onehot_sums", lambda device: True)
+    tokens = torch.from_numpy(bip["tokens"])
+    for tag, m, it in SETTINGS:
+        np.testing.assert_array_equal(bipartite_clusters(tokens, m, it).numpy(), bip[f"labels_{tag}"])
+    frames = merge_frames(tokens.reshape(8, 256, 768))
+    np.testing.assert_allclose(frames.numpy(), bip["frame_centroids_m25_i11"], atol=1e-4, rtol=0)
+
+
 def test_toy_merge_is_unweighted_average(bip):
     toy = torch.from_numpy(bip["toy_in"])[None]  # (1, 8, 4)
     one = merge_step(toy, 4)

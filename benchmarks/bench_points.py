@@ -1,0 +1,125 @@
+"""Per-video time of clustering and query-point sampling (issue 4b).
+
+Inputs: the planted DINOv2-like tokens of shared/spec/fixtures/bipartite.npz, extended to
+`--frames` clustering frames (frame t = fixture frame t mod 8 plus small noise), clustered into
+label maps and sampled at SSV2-like (240x428) and 720p (720x1296) clip sizes.
+
+Reports per device: bipartite clustering (one video, and per video in a batch of `--batch`),
+k-means (k=32), and sampling with `exact` (scikit-learn, CPU) and `fast` (batched, on the device),
+with the fast/exact speedup and the coverage ratio (mean pixel-to-nearest-point distance, fast /
+exact; < 1 means fast covers better).
+
+    python benchmarks/bench_points.py [--frames 32] [--repeats 5] [--threads N] [--devices cpu cuda] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+from _shared import shared_path  # noqa: E402
+
+from semtrack.clustering import bipartite_clusters, kmeans_clusters  # noqa: E402
+from semtrack.points import coverage, select_query_points  # noqa: E402
+
+CLIPS = {"ssv2_240x428": (240, 428), "720p_720x1296": (720, 1296)}
+
+
+def timed(fn, repeats: int, device: str) -> tuple[float, object]:
+    """Median wall time (s) of fn() over `repeats` runs after one warm-up, and its last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def weighted_coverage(cov: np.ndarray) -> float:
+    return float((cov[:, 0] * cov[:, 1]).sum() / cov[:, 1].sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=32, help="clustering frames per video")
+    ap.add_argument("--batch", type=int, default=8, help="videos per batched bipartite call")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--exact-repeats", type=int, default=1, help="runs of the slow exact sampler")
+    ap.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    ap.add_argument("--threads", type=int, default=0, help="torch and BLAS/OpenMP threads (0 = library default)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+    if args.threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
+
+    base = torch.from_numpy(np.load(shared_path("spec", "fixtures", "bipartite.npz"))["tokens"])  # (8, 16, 16, 768)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.arange(args.frames) % base.shape[0]
+    tokens = base[idx] + 0.05 * torch.randn(args.frames, *base.shape[1:], generator=gen)  # (T, 16, 16, 768)
+    cluster_frames = torch.from_numpy(np.floor(np.linspace(0, 3 * args.frames - 1, args.frames)).astype(np.int64))
+
+    results = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "frames": args.frames,
+        "devices": {},
+    }
+    for device in args.devices:
+        tok = tokens.to(device)
+        res: dict = {}
+        t_bip, labels = timed(lambda: bipartite_clusters(tok), args.repeats, device)
+        videos = [tok] * args.batch
+        t_batch, _ = timed(lambda: bipartite_clusters(videos), max(1, args.repeats // 2), device)
+        t_km, _ = timed(lambda: kmeans_clusters(tok, 32, seed=1234), args.repeats, device)
+        res["bipartite_s"] = t_bip
+        res[f"bipartite_batch{args.batch}_per_video_s"] = t_batch / args.batch
+        res["kmeans_k32_s"] = t_km
+        res["num_clusters"] = int(labels.unique().numel())
+        frames = cluster_frames.to(device)
+        for name, size in CLIPS.items():
+            t_fast, fast = timed(lambda: select_query_points(labels, frames, size), args.repeats, device)
+            t_exact, exact = timed(
+                lambda: select_query_points(labels.cpu(), frames.cpu(), size, sampler="exact"), args.exact_repeats, "cpu"
+            )
+            ratio = weighted_coverage(coverage(labels, size, fast)) / weighted_coverage(coverage(labels, size, exact))
+            res[name] = {
+                "points": len(fast),
+                "fast_s": t_fast,
+                "exact_s": t_exact,
+                "speedup": t_exact / t_fast,
+                "coverage_ratio_fast_over_exact": ratio,
+                "total_fast_s": t_bip + t_fast,
+            }
+        results["devices"][device] = res
+        print(f"[{device}] bipartite {t_bip * 1e3:.1f} ms/video ({args.frames} frames), batched "
+              f"{t_batch / args.batch * 1e3:.1f} ms/video, k-means k=32 {t_km * 1e3:.1f} ms, {res['num_clusters']} clusters")
+        for name in CLIPS:
+            r = res[name]
+            print(f"[{device}] {name}: {r['points']} points  fast {r['fast_s'] * 1e3:.1f} ms  exact "
+                  f"{r['exact_s'] * 1e3:.0f} ms  speedup x{r['speedup']:.0f}  coverage fast/exact "
+                  f"{r['coverage_ratio_fast_over_exact']:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
