@@ -55,7 +55,7 @@ def _how_to(url: str) -> str:
     return (
         f"Download {url} yourself and either put it at {target} (torch hub's cache, found "
         "automatically) or pass its path: load_tracker(weights='/path/to/file.pth'), or "
-        "`--tracker_weights /path/to/file.pth` on the command line."
+        "`--cotracker_checkpoint /path/to/file.pth` on the semtrack-extract command line."
     )
 
 
