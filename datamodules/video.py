@@ -102,6 +102,10 @@ def _parse_fps(value: str, csv_path: Path, row: int) -> float | None | type(Elli
     return fps
 
 
+def _is_plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
 def _resolve(video_path: str, csv_dir: Path) -> str:
     """As given (absolute, or relative to the working directory) if it exists there, else relative
     to the CSV's folder if it exists there, else as given. Returned absolute and normalised (`..`
@@ -116,7 +120,8 @@ def read_video_csv(csv_path: str | os.PathLike) -> list[VideoRow]:
     """Read and validate the input CSV (see the README for the columns).
 
     Raises ValueError naming the file and the culprit for: unreadable or empty file, missing required
-    columns, empty `video_path`/`dataset` cells, bad `fps` values, duplicate (dataset, video_id).
+    columns, empty `video_path`/`dataset` cells, bad `fps` values, a `dataset` or `video_id` that is
+    not a plain file name (they name output folders/files), duplicate (dataset, video_id).
     `video_id` defaults to `Path(video_path).stem` (`a/clip.v2.mp4` -> `clip.v2`). A relative
     `video_path` is taken as given (relative to the working directory) if it exists there, else
     relative to the CSV's folder; rows hold the absolute path.
@@ -147,6 +152,13 @@ def read_video_csv(csv_path: str | os.PathLike) -> list[VideoRow]:
         fps = _parse_fps(rec.get("fps", ""), csv_path, i)
         rows.append(VideoRow(i, _resolve(video_path, csv_dir), video_id, rec["dataset"].strip(), fps))
 
+    for column in ("dataset", "video_id"):  # both become output folder / file names
+        bad = [(r.index, getattr(r, column)) for r in rows if not _is_plain_name(getattr(r, column))]
+        if bad:
+            raise ValueError(
+                f"{csv_path}: column {column!r} must be a plain file name (no '/' or '\\', not '.' or '..'): "
+                + ", ".join(f"row {i} {v!r}" for i, v in bad[:10])
+            )
     seen: dict[tuple[str, str], list[int]] = {}
     for row in rows:
         seen.setdefault((row.dataset, row.video_id), []).append(row.index)

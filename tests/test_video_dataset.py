@@ -490,6 +490,9 @@ def test_csv_errors_name_the_file_and_the_culprit(tmp_path):
         "dup_ids.csv": ("video_path,dataset,video_id", [f"{clip},k400,x", f"{VIDEOS / 'cat.mp4'},k400,x"],
                         "video_id='x'"),
         "bad_fps.csv": ("video_path,dataset,fps", [f"{clip},k400,-3"], "column 'fps' row 0"),
+        "bad_id.csv": ("video_path,dataset,video_id", [f"{clip},k400,ok", f"{clip},k400,../../x"],
+                       r"column 'video_id' must be a plain file name .*row 1 '../../x'"),
+        "bad_dataset.csv": ("video_path,dataset", [f"{clip},k400/train"], r"column 'dataset' .*row 0 'k400/train'"),
     }
     for name, (header, lines, message) in cases.items():
         path = write_csv(tmp_path / name, header, lines)
