@@ -1,0 +1,606 @@
+"""Training data: clips with their semantic point tracks, frame-aligned.
+
+`PointTrackDataset` serves, for each CSV row whose track pickle exists, `num_frames` frames spread
+uniformly over the tracked frames (`linspace(0, T-1, num_frames)` truncated, as the research training
+did) together with the tracks, visibility, entity ids and query frames of a fixed number of points.
+
+Frame alignment: a semtrack pickle records `meta["frame_times"]`, the source timestamps (seconds from
+the first decoded frame) of its T tracked frames. The clip is decoded with `datamodules.video`'s
+decoder and, for each wanted track frame, the source frame with that timestamp is taken, so track
+frame t is exactly the video frame that was tracked, whatever resampling rule the extraction used.
+Research pickles carry no timestamps: the research training rule is used instead (source frames
+`linspace(0, n_decoded - 1, T)` truncated), which can be off by a few frames (REFERENCE 13.2); a
+warning says so.
+
+Coordinates are pixels of the decoded frame, pixel centres at integers (pixel i spans [i-0.5, i+0.5]);
+transforms keep that convention. `normalize_coords=True` maps them to [-1, 1] as the research
+training did: `x / W * 2 - 1`, `y / H * 2 - 1` with the size of the frames served.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.video import VideoRow, decode_video, read_video_csv
+from semtrack.trackfile import TrackFile, TrackFileError, load_tracks
+
+MODES = ("train", "eval")
+ON_MISSING = ("warn", "error")
+VERIFY = ("load", "exists")
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+_TIME_TOLERANCE_S = 1e-3  # a recorded frame time must match a decoded timestamp this closely
+_PAD = -1  # obj_ids / query_frames / point_indices of padded points
+
+
+def track_path(tracks_root: str | os.PathLike, dataset: str, video_id: str) -> Path:
+    """`<tracks_root>/<dataset>/feat_dump/<video_id>.pkl` (tracks_root = `<base_feat_path>/<dump_name>`)."""
+    return Path(tracks_root) / dataset / "feat_dump" / f"{video_id}.pkl"
+
+
+def uniform_frame_indices(num_track_frames: int, num_frames: int) -> torch.Tensor:
+    """`linspace(0, T-1, num_frames)` truncated to int64 (research rule; repeats frames if T is small)."""
+    return torch.from_numpy(np.linspace(0, num_track_frames - 1, num_frames).astype(np.int64))
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from a stable hash of `parts` (same on every machine and Python run)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Point sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _allocate(sizes: torch.Tensor, budget: int) -> torch.Tensor:
+    """Points per entity (E,) int64: 1 each, the remaining `budget - E` proportional to entity size,
+    never more than an entity has. Needs E <= budget < sizes.sum()."""
+    alloc = torch.ones_like(sizes)
+    left = budget - int(alloc.sum())
+    while left > 0:
+        room = sizes - alloc  # (E,)
+        share = left * sizes.double() / float(sizes[room > 0].sum()) * (room > 0)
+        add = torch.minimum(share.floor().long(), room)
+        if int(add.sum()) == 0:  # hand out the last few by largest fractional share, ties to the first
+            order = torch.argsort(-(share - share.floor()) - (room > 0).double(), stable=True)
+            add = torch.zeros_like(sizes)
+            add[order[:left]] = 1
+            add = torch.minimum(add, room)
+        alloc += add
+        left -= int(add.sum())
+    return alloc
+
+
+def sample_points(obj_ids: torch.Tensor, num_points: int, generator: torch.Generator | None = None):
+    """Choose `num_points` of N points, cluster-proportionally.
+
+    obj_ids: (N,) int64 entity id per point. N <= num_points: every point, then padding. Otherwise
+    each entity gets at least one point (if there are more entities than `num_points`, a random
+    `num_points` entities get one each) and the rest are shared in proportion to entity size; points
+    inside an entity are drawn uniformly without replacement. `generator` None = torch's global RNG.
+    -> (indices (num_points,) int64 into N, sorted, `-1` for padding; mask (num_points,) bool, True = real).
+    """
+    n = int(obj_ids.numel())
+    indices = torch.full((num_points,), _PAD, dtype=torch.int64)
+    if n <= num_points:
+        indices[:n] = torch.arange(n)
+        return indices, indices >= 0
+    entities, inverse, sizes = torch.unique(obj_ids, return_inverse=True, return_counts=True)
+    if len(entities) >= num_points:
+        alloc = torch.zeros_like(sizes)
+        alloc[torch.randperm(len(entities), generator=generator)[:num_points]] = 1
+    else:
+        alloc = _allocate(sizes, num_points)
+    chosen = []
+    for e in torch.nonzero(alloc).flatten().tolist():
+        members = torch.nonzero(inverse == e).flatten()  # (size_e,)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[: int(alloc[e])]])
+    return torch.cat(chosen).sort().values, torch.ones(num_points, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: callables (frames (F,3,H,W) uint8, tracks (F,P,2) float, visibility (F,P) bool) -> same
+# ---------------------------------------------------------------------------------------------
+
+
+def _resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (antialiased) resize of (F,3,H,W) uint8 to (F,3,h,w) uint8."""
+    out = F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _resize_tracks(tracks: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """Pixel-centre convention: x' = (x + 0.5) * w'/w - 0.5 (same for y)."""
+    scale = tracks.new_tensor([new[1] / old[1], new[0] / old[0]])
+    return (tracks + 0.5) * scale - 0.5
+
+
+def _crop(frames, tracks, visibility, top: int, left: int, height: int, width: int):
+    """Crop a window; points outside it become invisible (coordinates kept, in crop pixels)."""
+    frames = frames[..., top : top + height, left : left + width]
+    tracks = tracks - tracks.new_tensor([left, top])
+    x, y = tracks[..., 0], tracks[..., 1]
+    inside = (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
+    return frames, tracks, visibility & inside
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class Compose:
+    """Apply track transforms in order."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, frames, tracks, visibility):
+        for t in self.transforms:
+            frames, tracks, visibility = t(frames, tracks, visibility)
+        return frames, tracks, visibility
+
+
+class Resize:
+    """Resize to `size` = (h, w), or an int: the shorter side becomes `size` (aspect kept)."""
+
+    def __init__(self, size: int | tuple[int, int]):
+        self.size = size
+
+    def __call__(self, frames, tracks, visibility):
+        h, w = frames.shape[-2:]
+        if isinstance(self.size, int):
+            s = self.size / min(h, w)
+            new = (max(1, round(h * s)), max(1, round(w * s)))
+        else:
+            new = _pair(self.size)
+        return _resize_frames(frames, new), _resize_tracks(tracks, (h, w), new), visibility
+
+
+class CenterCrop:
+    """Central (h, w) window (an int: square). Points leaving it become invisible."""
+
+    def __init__(self, size: int | tuple[int, int]):
+        self.size = _pair(size)
+
+    def __call__(self, frames, tracks, visibility):
+        h, w = frames.shape[-2:]
+        ch, cw = self.size
+        if ch > h or cw > w:
+            raise ValueError(f"CenterCrop{self.size} is larger than the frames ({h}, {w})")
+        return _crop(frames, tracks, visibility, (h - ch) // 2, (w - cw) // 2, ch, cw)
+
+
+class HorizontalFlip:
+    """Mirror left-right with probability `p` (global torch RNG): x' = W - 1 - x."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, frames, tracks, visibility):
+        if self.p < 1 and float(torch.rand(())) >= self.p:
+            return frames, tracks, visibility
+        w = frames.shape[-1]
+        tracks = tracks.clone()
+        tracks[..., 0] = (w - 1) - tracks[..., 0]
+        return frames.flip(-1), tracks, visibility
+
+
+class RandomResizedCropFlip:
+    """Training augmentation: a random crop (area fraction in `scale`, aspect ratio in `ratio`, the
+    same window for every frame) resized to `size` = (h, w), then a horizontal flip with probability
+    `flip_p`. Global torch RNG (seeded per DataLoader worker)."""
+
+    def __init__(self, size: int | tuple[int, int], scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5):
+        self.size, self.scale, self.ratio = _pair(size), scale, ratio
+        self.flip = HorizontalFlip(flip_p)
+
+    def _window(self, h: int, w: int) -> tuple[int, int, int, int]:
+        for _ in range(10):
+            area = h * w * float(torch.empty(()).uniform_(*self.scale))
+            log_r = torch.empty(()).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+            aspect = math.exp(float(log_r))
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, ()))
+                left = int(torch.randint(0, w - cw + 1, ()))
+                return top, left, ch, cw
+        side = min(h, w)  # fallback: central square
+        return (h - side) // 2, (w - side) // 2, side, side
+
+    def __call__(self, frames, tracks, visibility):
+        top, left, ch, cw = self._window(*frames.shape[-2:])
+        frames, tracks, visibility = _crop(frames, tracks, visibility, top, left, ch, cw)
+        frames, tracks, visibility = _resize_frames(frames, self.size), _resize_tracks(tracks, (ch, cw), self.size), visibility
+        return self.flip(frames, tracks, visibility)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding exactly the tracked frames
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TrackedFrames:
+    """Frame selection handed to `datamodules.video.decode_video` (its `plan(times, rate)` protocol).
+
+    With `frame_times` (F,) seconds: for each, the decoded frame with that timestamp. Without
+    (research pickle): the research training rule, `linspace(0, n - 1, T)[track_frames]`.
+    """
+
+    frame_times: tuple[float, ...] | None
+    num_track_frames: int
+    track_frames: tuple[int, ...]
+
+    def __call__(self, times: np.ndarray, average_rate: float | None) -> tuple[np.ndarray, None]:
+        if self.frame_times is None:
+            idx = np.linspace(0, len(times) - 1, self.num_track_frames).astype(np.int64)
+            return idx[list(self.track_frames)], None
+        wanted = np.asarray(self.frame_times, dtype=np.float64)  # (F,)
+        hi = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
+        lo = np.clip(hi - 1, 0, len(times) - 1)
+        idx = np.where(np.abs(times[hi] - wanted) < np.abs(times[lo] - wanted), hi, lo)
+        gap = np.abs(times[idx] - wanted)
+        if np.any(gap > _TIME_TOLERANCE_S):
+            k = int(np.argmax(gap))
+            raise ValueError(
+                f"no decoded frame at the tracked time {wanted[k]:.4f} s (nearest {times[idx[k]]:.4f} s): "
+                "the video differs from the one the tracks were extracted from"
+            )
+        return idx.astype(np.int64), None
+
+
+class _ItemFailure(Exception):
+    """A row that cannot be served (its pickle or its video)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_split_column(csv_path, column: str) -> list[str] | None:
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    table.columns = [str(c).strip() for c in table.columns]
+    return None if column not in table.columns else [v.strip().lower() for v in table[column]]
+
+
+class PointTrackDataset(Dataset):
+    """Clips with their semantic point tracks, for training.
+
+    Args:
+        csv_path: the extraction CSV (`video_path`, `dataset`, optional `video_id`, `split`, ...).
+        tracks_root: `<base_feat_path>/<dump_name>`; pickles at `<tracks_root>/<dataset>/feat_dump/<video_id>.pkl`.
+        num_frames: F frames per item, `linspace(0, T-1, F)` over the T tracked frames.
+        num_points: P points per item (cluster-proportional sample, or all points then padding);
+            None = every point (items then differ in P; `collate_tracks` pads).
+        normalize_coords: map coordinates to [-1, 1] (`x / W * 2 - 1`, W of the frames served).
+        mode: "train" (points drawn from torch's global RNG, new each epoch) or "eval" (points seeded
+            per video from a stable hash of `seed`, dataset and video id: identical every time).
+        seed: see `mode`.
+        transform: callable (frames, tracks, visibility) -> same, e.g. `RandomResizedCropFlip`.
+        on_missing: "warn" (skip rows whose pickle is missing or invalid, with one warning giving
+            the count; a row that fails later, e.g. its video cannot be decoded, is replaced by the
+            next row, with a warning) or "error" (raise ValueError).
+        verify: "load" (validate every pickle at construction, exact `len`) or "exists" (only check
+            the files exist: fast start for very large datasets; invalid pickles surface per item).
+        split, split_column: keep only rows whose `split_column` is `split` ("train", "val", "test").
+        row_indices: keep only these CSV rows (0-based, after the header).
+
+    Attributes: `rows` (served `VideoRow`s), `skipped` [(video_id, reason)], `num_missing`
+    (= len(skipped): missing or invalid pickles).
+
+    Item (dict): `frames` (F,3,H,W) uint8; `tracks` (F,P,2) float32 (x, y); `visibility` (F,P) bool;
+    `obj_ids` (P,) int64; `query_frames` (P,) int64, each point's query frame as an index into the T
+    tracked frames; `point_mask` (P,) bool (False = padding; padded ids/query frames are -1, tracks
+    0, visibility False); `point_indices` (P,) int64 into the file's N points (-1 = padding);
+    `frame_indices` (F,) int64 into T; `frame_times` (F,) float64 seconds (source timestamps);
+    `num_track_frames` T; `video_id`, `dataset` str; `index` int (CSV row).
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        tracks_root: str | os.PathLike,
+        num_frames: int = 8,
+        num_points: int | None = 256,
+        normalize_coords: bool = False,
+        mode: str = "train",
+        seed: int = 0,
+        transform: Callable | None = None,
+        on_missing: str = "warn",
+        verify: str = "load",
+        split: str | None = None,
+        split_column: str = "split",
+        row_indices: Iterable[int] | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if on_missing not in ON_MISSING:
+            raise ValueError(f"on_missing must be one of {ON_MISSING}, got {on_missing!r}")
+        if verify not in VERIFY:
+            raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+        if num_points is not None and (not isinstance(num_points, int) or num_points < 1):
+            raise ValueError(f"num_points must be None or an int >= 1, got {num_points!r}")
+        self.csv_path, self.tracks_root = str(csv_path), Path(tracks_root)
+        self.num_frames, self.num_points = num_frames, num_points
+        self.normalize_coords, self.mode, self.seed = normalize_coords, mode, seed
+        self.transform, self.on_missing = transform, on_missing
+        self._warned_research = False
+        rows = read_video_csv(csv_path)
+        if split is not None:
+            values = _read_split_column(csv_path, split_column)
+            if values is None:
+                raise ValueError(f"{csv_path}: split={split!r} needs a {split_column!r} column")
+            names = SPLIT_NAMES.get(split, (split.lower(),))
+            rows = [r for r in rows if values[r.index] in names]
+        if row_indices is not None:
+            keep = set(row_indices)
+            rows = [r for r in rows if r.index in keep]
+        self.rows: list[VideoRow] = []
+        self.skipped: list[tuple[str, str]] = []
+        for row in rows:
+            path = track_path(self.tracks_root, row.dataset, row.video_id)
+            reason = None
+            if not path.is_file():
+                reason = f"missing pickle {path}"
+            elif verify == "load":
+                try:
+                    load_tracks(path)
+                except TrackFileError as exc:
+                    reason = str(exc)
+            if reason is None:
+                self.rows.append(row)
+            else:
+                self.skipped.append((row.video_id, reason))
+        if self.skipped:
+            shown = "; ".join(r for _, r in self.skipped[:3])
+            message = (
+                f"{csv_path}: {len(self.skipped)} of {len(rows)} rows have a missing or invalid track "
+                f"pickle under {self.tracks_root} (e.g. {shown})"
+            )
+            if on_missing == "error":
+                raise ValueError(message)
+            warnings.warn(message + "; they are skipped", stacklevel=2)
+        if not self.rows:
+            raise ValueError(f"{csv_path}: no row has a valid track pickle under {self.tracks_root}")
+
+    @property
+    def num_missing(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.rows)):
+            row = self.rows[(index + attempt) % len(self.rows)]
+            try:
+                return self._item(row)
+            except _ItemFailure as exc:
+                if self.on_missing == "error":
+                    raise ValueError(f"row {row.index} ({row.dataset}/{row.video_id}): {exc}") from None
+                nxt = self.rows[(index + attempt + 1) % len(self.rows)]
+                warnings.warn(f"row {row.index} ({row.dataset}/{row.video_id}) skipped: {exc}; serving row {nxt.index}")
+        raise RuntimeError(f"{self.csv_path}: no row could be served")
+
+    def _load(self, row: VideoRow) -> TrackFile:
+        try:
+            return load_tracks(track_path(self.tracks_root, row.dataset, row.video_id))
+        except TrackFileError as exc:
+            raise _ItemFailure(str(exc)) from None
+
+    def _decode(self, row: VideoRow, tf: TrackFile, frame_indices: torch.Tensor):
+        """-> (frames (F,3,H,W) uint8, frame times (F,) float64 seconds)."""
+        times = tf.meta.get("frame_times")
+        if times is None and not self._warned_research:
+            self._warned_research = True  # once per process
+            warnings.warn(
+                f"{row.dataset}/{row.video_id}: research pickle without frame times; frames are chosen with "
+                "the research rule linspace(0, n_decoded - 1, T), which can be off by a few frames (further "
+                "research pickles are not reported)"
+            )
+        plan = _TrackedFrames(
+            None if times is None else tuple(times[frame_indices].tolist()),
+            tf.num_frames,
+            tuple(frame_indices.tolist()),
+        )
+        decoded, decoder, error = decode_video(row.video_path, plan)
+        if decoded is None:
+            raise _ItemFailure(f"cannot decode {row.video_path} ({decoder}): {error}")
+        frames = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2).contiguous()  # (F, 3, H, W) uint8
+        return frames, torch.from_numpy(np.asarray(decoded.times, dtype=np.float64))
+
+    def _item(self, row: VideoRow) -> dict:
+        tf = self._load(row)
+        frame_indices = uniform_frame_indices(tf.num_frames, self.num_frames)  # (F,)
+        frames, frame_times = self._decode(row, tf, frame_indices)
+        if self.num_points is None:
+            point_idx = torch.arange(tf.num_points)
+            mask = torch.ones(tf.num_points, dtype=torch.bool)
+        else:
+            gen = None
+            if self.mode == "eval":
+                gen = torch.Generator().manual_seed(stable_seed(self.seed, row.dataset, row.video_id))
+            point_idx, mask = sample_points(tf.obj_ids, self.num_points, gen)
+        safe = point_idx.clamp(min=0)  # (P,) padded rows read point 0, then get blanked
+        tracks = tf.tracks[frame_indices][:, safe] * mask[None, :, None]  # (F, P, 2)
+        visibility = tf.visibility[frame_indices][:, safe] & mask[None]  # (F, P)
+        clip_size = tf.meta.get("clip_size")
+        height, width = frames.shape[-2:]
+        if clip_size is not None and tuple(clip_size) != (height, width):
+            tracks = _resize_tracks(tracks, tuple(clip_size), (height, width)) * mask[None, :, None]
+        if self.transform is not None:
+            frames, tracks, visibility = self.transform(frames, tracks, visibility)
+            visibility = visibility & mask[None]
+        if self.normalize_coords:
+            height, width = frames.shape[-2:]
+            tracks = tracks / tracks.new_tensor([width, height]) * 2 - 1
+            tracks = tracks * mask[None, :, None]
+        return {
+            "frames": frames,
+            "tracks": tracks.float(),
+            "visibility": visibility,
+            "obj_ids": torch.where(mask, tf.obj_ids[safe], _PAD),
+            "query_frames": torch.where(mask, tf.query_frames[safe], _PAD),
+            "point_mask": mask,
+            "point_indices": point_idx,
+            "frame_indices": frame_indices,
+            "frame_times": frame_times,
+            "num_track_frames": tf.num_frames,
+            "video_id": row.video_id,
+            "dataset": row.dataset,
+            "index": row.index,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate and DataModule
+# ---------------------------------------------------------------------------------------------
+
+
+def collate_tracks(items: Sequence[dict]) -> dict:
+    """Batch items of `PointTrackDataset` (same `num_frames`).
+
+    Points are padded to the largest P in the batch (`point_mask` False, ids/query frames -1), frames
+    to the largest (H, W) at the bottom/right with zeros (`frame_sizes` (B, 2) holds each item's
+    (H, W)). -> dict: `frames` (B,F,3,H,W) uint8, `tracks` (B,F,P,2), `visibility` (B,F,P),
+    `obj_ids`, `query_frames`, `point_mask`, `point_indices` (B,P), `frame_indices` (B,F),
+    `frame_times` (B,F), `frame_sizes` (B,2), `num_track_frames`, `index` (B,), `video_id`,
+    `dataset` lists.
+    """
+    if not items:
+        raise ValueError("collate_tracks got an empty batch")
+    counts = {it["frames"].shape[0] for it in items}
+    if len(counts) != 1:
+        raise ValueError(f"collate_tracks: items have different frame counts {sorted(counts)}")
+    b, p = len(items), max(it["point_mask"].numel() for it in items)
+    h = max(it["frames"].shape[-2] for it in items)
+    w = max(it["frames"].shape[-1] for it in items)
+    f = counts.pop()
+    frames = torch.zeros(b, f, 3, h, w, dtype=torch.uint8)
+    tracks = torch.zeros(b, f, p, 2, dtype=torch.float32)
+    visibility = torch.zeros(b, f, p, dtype=torch.bool)
+    per_point = {k: torch.full((b, p), _PAD, dtype=torch.int64) for k in ("obj_ids", "query_frames", "point_indices")}
+    point_mask = torch.zeros(b, p, dtype=torch.bool)
+    for i, it in enumerate(items):
+        n = it["point_mask"].numel()
+        ih, iw = it["frames"].shape[-2:]
+        frames[i, :, :, :ih, :iw] = it["frames"]
+        tracks[i, :, :n] = it["tracks"]
+        visibility[i, :, :n] = it["visibility"]
+        point_mask[i, :n] = it["point_mask"]
+        for k, v in per_point.items():
+            v[i, :n] = it[k]
+    return {
+        "frames": frames,
+        "tracks": tracks,
+        "visibility": visibility,
+        **per_point,
+        "point_mask": point_mask,
+        "frame_indices": torch.stack([it["frame_indices"] for it in items]),
+        "frame_times": torch.stack([it["frame_times"] for it in items]),
+        "frame_sizes": torch.tensor([list(it["frames"].shape[-2:]) for it in items], dtype=torch.int64),
+        "num_track_frames": torch.tensor([it["num_track_frames"] for it in items], dtype=torch.int64),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        "video_id": [it["video_id"] for it in items],
+        "dataset": [it["dataset"] for it in items],
+    }
+
+
+class PointTrackDataModule(L.LightningDataModule):
+    """Train/val(/test) loaders of `PointTrackDataset` batches (`collate_tracks`).
+
+    Splits: if the CSV has a `split_column` column, its values pick the rows ("train"; "val",
+    "valid" or "validation"; "test"). Otherwise a fixed-seed random `val_fraction` of the rows is
+    the validation set (same rows on every run and every rank), the rest is training.
+    The train set uses `mode="train"` and `train_transform`, val/test `mode="eval"` and `val_transform`.
+    `dataset_kwargs` go to every `PointTrackDataset` (num_frames, num_points, normalize_coords, ...).
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        tracks_root: str | os.PathLike,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        split_column: str = "split",
+        train_transform: Callable | None = None,
+        val_transform: Callable | None = None,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        **dataset_kwargs,
+    ):
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.csv_path, self.tracks_root = csv_path, tracks_root
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_fraction, self.split_seed, self.split_column = val_fraction, split_seed, split_column
+        self.train_transform, self.val_transform = train_transform, val_transform
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.dataset_kwargs = dataset_kwargs
+        self.datasets: dict[str, PointTrackDataset] = {}
+
+    def _split_rows(self) -> dict[str, dict]:
+        """-> {split: PointTrackDataset selection kwargs}."""
+        if _read_split_column(self.csv_path, self.split_column) is not None:
+            values = set(_read_split_column(self.csv_path, self.split_column))
+            return {
+                name: {"split": name, "split_column": self.split_column}
+                for name, aliases in SPLIT_NAMES.items()
+                if values & set(aliases)
+            }
+        n = len(read_video_csv(self.csv_path))
+        order = np.random.default_rng(self.split_seed).permutation(n)
+        n_val = int(round(self.val_fraction * n))
+        out = {"train": {"row_indices": order[n_val:].tolist()}}
+        if n_val:
+            out["val"] = {"row_indices": order[:n_val].tolist()}
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for name, selection in self._split_rows().items():
+            train = name == "train"
+            self.datasets[name] = PointTrackDataset(
+                self.csv_path, self.tracks_root,
+                mode="train" if train else "eval",
+                transform=self.train_transform if train else self.val_transform,
+                **selection, **self.dataset_kwargs,
+            )
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self.datasets:
+            raise ValueError(f"{self.csv_path}: no {name!r} rows (split column {self.split_column!r} or val_fraction)")
+        return DataLoader(
+            self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=collate_tracks, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
