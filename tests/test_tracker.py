@@ -351,14 +351,36 @@ def test_bf16_autocast_stays_close_to_fp32(model):
     assert _maxdiff(vis, ref["vis_iters"][1]) < 0.02  # measured 0.004
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """fp32 parity on CUDA needs true fp32 convolutions and matmuls (cuDNN defaults to TF32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 @pytest.mark.cuda
-def test_cuda_fp32_matches_fixture(model):
+def test_cuda_fp32_matches_model_fixture(model, no_tf32):
     ref = _fixture("model_small.npz")
     gpu = CoTrackerThreeOffline().cuda().eval()
     gpu.load_state_dict(model.state_dict())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
         coords, vis, conf = gpu(torch.from_numpy(ref["video"]).cuda(), torch.from_numpy(ref["queries"]).cuda(), iters=6)
     assert _maxdiff(coords, ref["coords"]) < COORD_TOL
     assert _maxdiff(vis, ref["vis"]) < PROB_TOL
+    assert _maxdiff(conf, ref["conf"]) < PROB_TOL
+
+
+@pytest.mark.cuda
+def test_cuda_predictor_fp32_matches_fixture_and_bf16_stays_close(model, no_tf32):
+    ref = _fixture("predictor_queries.npz")
+    video = torch.from_numpy(ref["video_uint8"]).float().cuda()
+    queries = torch.from_numpy(ref["queries"]).cuda()
+    fp32 = OfflineTracker(CoTrackerThreeOffline()).cuda().eval()
+    fp32.model.load_state_dict(model.state_dict())
+    tracks, visible = fp32(video, queries=queries, backward_tracking=True)
+    assert _maxdiff(tracks, ref["tracks"]) < COORD_TOL
+    assert torch.equal(visible.cpu(), torch.from_numpy(ref["visibility"]))
+    bf16 = OfflineTracker(fp32.model, precision="bf16").eval()
+    tracks16, visible16 = bf16(video, queries=queries, backward_tracking=True)
+    assert tracks16.dtype == torch.float32 and torch.isfinite(tracks16).all()
+    assert (tracks16 - tracks).abs().median() < 1.0

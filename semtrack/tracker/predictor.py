@@ -30,7 +30,8 @@ class OfflineTracker(nn.Module):
     segm_mask, which then also adds the support grid); neither -> dense mode (sec. 6.6).
 
     precision: "fp32" (reference, matches the official outputs) or "bf16" (autocast; sampling
-    coordinates, the coordinate/logit state and the normalisations stay float32).
+    coordinates, the coordinate/logit state and the normalisations stay float32). bf16 is meant
+    for CUDA: on CPUs without native bf16 convolutions it is much slower than fp32.
     encoder_chunk: frames per encoder call (bounds encoder memory for long clips).
     """
 
