@@ -298,9 +298,9 @@ def kmeans_clusters(
     for _ in range(max_iter):
         dist = torch.cdist(x, centroids)  # (N, k)
         labels = dist.argmin(dim=1)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        counts = torch.bincount(labels, minlength=n_clusters)
-        new = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
+        onehot = F.one_hot(labels, n_clusters).to(x.dtype)  # (N, k): matmul sums are deterministic on GPUs too
+        counts = onehot.sum(dim=0)  # (k,)
+        new = (onehot.T @ x) / counts.clamp_min(1)[:, None]
         if reseed_empty and bool((counts == 0).any()):
             own = dist.gather(1, labels[:, None])[:, 0]  # (N,) distance to own centroid
             far = own.argsort(descending=True, stable=True)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from _shared import shared_path
 from scipy import ndimage
 
+from semtrack.clustering import kmeans_clusters
 from semtrack.points import (
     _entities,
     coverage,
@@ -167,6 +168,22 @@ def test_fast_sampler_coverage_close_to_exact(fx, size, cc, device):
     assert torch.equal(labels[fast.source_frames, ry[y], rx[x]], fast.clusters)
 
 
+@pytest.mark.parametrize("cc", [False, True])
+def test_fast_sampler_coverage_on_real_frames(cc):
+    """Real-clip masks: 4 frames of bear.mp4 (480x854, shared/dinov2) split into 10 colour clusters
+    of their 16x16 patch means: irregular, fragmented entities (over 100 components with CC)."""
+    frames = np.load(shared_path("dinov2", "features_vitb14.npz"))["frames"]  # (4, 480, 854, 3) uint8
+    patches = F.adaptive_avg_pool2d(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, 16)
+    labels = kmeans_clusters(patches.permute(0, 2, 3, 1).contiguous(), 10, seed=0, init="kmeans++")  # (4, 16, 16)
+    frames_id = torch.tensor([0, 10, 20, 30])
+    fast = select_query_points(labels, frames_id, (480, 854), use_connected_components=cc)
+    exact = select_query_points(labels, frames_id, (480, 854), sampler="exact", use_connected_components=cc)
+    assert torch.equal(fast.obj_ids, exact.obj_ids)
+    cov_fast, cov_exact = coverage(labels, (480, 854), fast), coverage(labels, (480, 854), exact)
+    assert _weighted(cov_fast) <= 1.05 * _weighted(cov_exact)
+    assert (cov_fast[:, 0] <= 1.10 * cov_exact[:, 0] + 0.5).all()
+
+
 def test_fast_sampler_small_entities_take_all_pixels(fx):
     labels, frames = _inputs(fx)
     for cc in (False, True):
@@ -238,3 +255,5 @@ def test_errors(fx):
         select_query_points(labels, frames, (0, 32))
     with pytest.raises(ValueError, match="min_point_distance"):
         select_query_points(labels, frames, (24, 32), min_point_distance=-1)
+    with pytest.raises(ValueError, match="fast_samples"):
+        select_query_points(labels, frames, (24, 32), fast_samples=8)
