@@ -2,12 +2,14 @@
 
 Inputs: the planted DINOv2-like tokens of shared/spec/fixtures/bipartite.npz, extended to
 `--frames` clustering frames (frame t = fixture frame t mod 8 plus small noise), clustered into
-label maps and sampled at SSV2-like (240x428) and 720p (720x1296) clip sizes.
+label maps ("planted"); and 4 real bear.mp4 frames (shared/dinov2) split into 10 colour clusters of
+their 16x16 patch means ("bear_colour": irregular, fragmented, > 100 components with CC). Sampled
+at SSV2-like (240x428) and 720p (720x1296) clip sizes, without and with connected components.
 
-Reports per device: bipartite clustering (one video, and per video in a batch of `--batch`),
-k-means (k=32), and sampling with `exact` (scikit-learn, CPU) and `fast` (batched, on the device),
-with the fast/exact speedup and the coverage ratio (mean pixel-to-nearest-point distance, fast /
-exact; < 1 means fast covers better).
+Reports per device: bipartite clustering of the planted tokens (one video, and per video in a
+batch of `--batch`), k-means (k=32), and sampling with `exact` (scikit-learn, CPU) and `fast`
+(batched, on the device), with the fast/exact speedup and the coverage ratio (mean
+pixel-to-nearest-point distance, fast / exact; < 1 means fast covers better).
 
     python benchmarks/bench_points.py [--frames 32] [--repeats 5] [--threads N] [--devices cpu cuda] [--json OUT]
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -76,6 +79,12 @@ def main() -> None:
     tokens = base[idx] + 0.05 * torch.randn(args.frames, *base.shape[1:], generator=gen)  # (T, 16, 16, 768)
     cluster_frames = torch.from_numpy(np.floor(np.linspace(0, 3 * args.frames - 1, args.frames)).astype(np.int64))
 
+    labels_cpu = bipartite_clusters(tokens)
+    frames_bear = np.load(shared_path("dinov2", "features_vitb14.npz"))["frames"]  # (4, 480, 854, 3) real frames
+    patches = F.adaptive_avg_pool2d(torch.from_numpy(frames_bear).permute(0, 3, 1, 2).float() / 255, 16)
+    bear = kmeans_clusters(patches.permute(0, 2, 3, 1).contiguous(), 10, seed=0, init="kmeans++")  # (4, 16, 16)
+    label_maps = {"planted": (labels_cpu, cluster_frames), "bear_colour": (bear, torch.tensor([0, 10, 20, 30]))}
+
     results = {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -94,29 +103,33 @@ def main() -> None:
         res[f"bipartite_batch{args.batch}_per_video_s"] = t_batch / args.batch
         res["kmeans_k32_s"] = t_km
         res["num_clusters"] = int(labels.unique().numel())
-        frames = cluster_frames.to(device)
-        for name, size in CLIPS.items():
-            t_fast, fast = timed(lambda: select_query_points(labels, frames, size), args.repeats, device)
-            t_exact, exact = timed(
-                lambda: select_query_points(labels.cpu(), frames.cpu(), size, sampler="exact"), args.exact_repeats, "cpu"
-            )
-            ratio = weighted_coverage(coverage(labels, size, fast)) / weighted_coverage(coverage(labels, size, exact))
-            res[name] = {
-                "points": len(fast),
-                "fast_s": t_fast,
-                "exact_s": t_exact,
-                "speedup": t_exact / t_fast,
-                "coverage_ratio_fast_over_exact": ratio,
-                "total_fast_s": t_bip + t_fast,
-            }
-        results["devices"][device] = res
         print(f"[{device}] bipartite {t_bip * 1e3:.1f} ms/video ({args.frames} frames), batched "
               f"{t_batch / args.batch * 1e3:.1f} ms/video, k-means k=32 {t_km * 1e3:.1f} ms, {res['num_clusters']} clusters")
-        for name in CLIPS:
-            r = res[name]
-            print(f"[{device}] {name}: {r['points']} points  fast {r['fast_s'] * 1e3:.1f} ms  exact "
-                  f"{r['exact_s'] * 1e3:.0f} ms  speedup x{r['speedup']:.0f}  coverage fast/exact "
-                  f"{r['coverage_ratio_fast_over_exact']:.4f}")
+        res["sampling"] = {}
+        for source, (lab_cpu, frames_cpu) in label_maps.items():
+            lab, frames = lab_cpu.to(device), frames_cpu.to(device)
+            for name, size in CLIPS.items():
+                for cc in (False, True):
+                    key = f"{source}/{name}/{'cc' if cc else 'nocc'}"
+                    t_fast, fast = timed(
+                        lambda: select_query_points(lab, frames, size, use_connected_components=cc), args.repeats, device
+                    )
+                    t_exact, exact = timed(
+                        lambda: select_query_points(lab_cpu, frames_cpu, size, sampler="exact", use_connected_components=cc),
+                        args.exact_repeats,
+                        "cpu",
+                    )
+                    ratio = weighted_coverage(coverage(lab, size, fast)) / weighted_coverage(coverage(lab_cpu, size, exact))
+                    r = res["sampling"][key] = {
+                        "points": len(fast),
+                        "fast_s": t_fast,
+                        "exact_s": t_exact,
+                        "speedup": t_exact / t_fast,
+                        "coverage_ratio_fast_over_exact": ratio,
+                    }
+                    print(f"[{device}] {key:30s} {r['points']:5d} points  fast {t_fast * 1e3:7.1f} ms  exact "
+                          f"{t_exact * 1e3:6.0f} ms  speedup x{r['speedup']:4.0f}  coverage fast/exact {ratio:.4f}")
+        results["devices"][device] = res
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

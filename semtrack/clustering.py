@@ -115,8 +115,9 @@ def temporal_merge(
     """Temporal centroid merge (REFERENCE.md 6.2) for V videos at once.
 
     frame_centroids: (V, T, K, D) float; num_frames: (V,) int64 valid frames per video (default T).
-    Returns `centroids` (V, T*K, D) raw vectors of U (rows >= count are zero padding),
-    `provenance` (V, T*K, 2) int64 (frame, index in that frame; -1 padding) and `count` (V,) int64.
+    Returns `centroids` (V, U, D) raw vectors of U (U = max count; rows >= count[v] are zero
+    padding), `provenance` (V, U, 2) int64 (frame, index in that frame; -1 padding) and `count`
+    (V,) int64.
     U starts as all of frame 0; a later frame's vector is appended (after the whole frame was
     tested, in its order) if its best cosine to the current U is < threshold. One small batched
     matmul per frame; the loop over frames is the algorithm's sequential definition.
@@ -147,9 +148,11 @@ def temporal_merge(
         prov[rows[keep], pos[keep], 0] = ti
         prov[rows[keep], pos[keep], 1] = kk.expand(v, k)[keep]
         count = count + new.sum(dim=1)
-    valid = slots[None, :] < count[:, None]  # (V, cap)
+    width = int(count.max())  # trim the padding to the largest U
+    prov = prov[:, :width]
+    valid = slots[None, :width] < count[:, None]  # (V, U)
     f_idx, k_idx = prov[..., 0].clamp_min(0), prov[..., 1].clamp_min(0)
-    centroids = frame_centroids[rows[:, :1].expand(v, cap), f_idx, k_idx] * valid[..., None]
+    centroids = frame_centroids[rows[:, :1].expand(v, width), f_idx, k_idx] * valid[..., None]
     return centroids, prov, count
 
 
