@@ -58,7 +58,7 @@ class ExtractConfig:
     # tracker
     weights: Literal["official", "random"] = "official"
     cotracker_checkpoint: Optional[str] = None  # path or URL; overrides `weights` for the tracker
-    tracker_resolution: tuple[int, int] = (384, 512)  # (H, W) the tracker resizes frames to
+    tracker_resolution: tuple[int, int] = (384, 512)  # (H, W) frames are resized to for tracking
     # job
     batch_size: int = 1
     num_workers: int = 4
@@ -86,8 +86,8 @@ class ExtractConfig:
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be a positive integer or None, got {self.max_frames!r}")
         h_w = tuple(int(v) for v in self.tracker_resolution)
-        if len(h_w) != 2 or min(h_w) < 16 or h_w[0] % 8 or h_w[1] % 8:
-            raise ValueError(f"tracker_resolution must be (H, W), multiples of 8 and >= 16, got {self.tracker_resolution!r}")
+        if len(h_w) != 2 or min(h_w) < 32 or h_w[0] % 32 or h_w[1] % 32:
+            raise ValueError(f"tracker_resolution must be (H, W), positive multiples of 32, got {self.tracker_resolution!r}")
         self.tracker_resolution = h_w
         if self.native_fps_datasets is not None:
             self.native_fps_datasets = [str(d) for d in self.native_fps_datasets]
