@@ -104,22 +104,20 @@ def main() -> None:
         res["kmeans_k32_s"] = t_km
         res["num_clusters"] = int(labels.unique().numel())
         print(f"[{device}] bipartite {t_bip * 1e3:.1f} ms/video ({args.frames} frames), batched "
-              f"{t_batch / args.batch * 1e3:.1f} ms/video, k-means k=32 {t_km * 1e3:.1f} ms, {res['num_clusters']} clusters")
+              f"{t_batch / args.batch * 1e3:.1f} ms/video, k-means k=32 {t_km * 1e3:.1f} ms, "
+              f"{res['num_clusters']} clusters")
         res["sampling"] = {}
         for source, (lab_cpu, frames_cpu) in label_maps.items():
             lab, frames = lab_cpu.to(device), frames_cpu.to(device)
             for name, size in CLIPS.items():
                 for cc in (False, True):
                     key = f"{source}/{name}/{'cc' if cc else 'nocc'}"
-                    t_fast, fast = timed(
-                        lambda: select_query_points(lab, frames, size, use_connected_components=cc), args.repeats, device
-                    )
-                    t_exact, exact = timed(
-                        lambda: select_query_points(lab_cpu, frames_cpu, size, sampler="exact", use_connected_components=cc),
-                        args.exact_repeats,
-                        "cpu",
-                    )
-                    ratio = weighted_coverage(coverage(lab, size, fast)) / weighted_coverage(coverage(lab_cpu, size, exact))
+                    opts = dict(clip_size=size, use_connected_components=cc)
+                    t_fast, fast = timed(lambda: select_query_points(lab, frames, **opts), args.repeats, device)
+                    exact_fn = lambda: select_query_points(lab_cpu, frames_cpu, sampler="exact", **opts)  # noqa: E731
+                    t_exact, exact = timed(exact_fn, args.exact_repeats, "cpu")
+                    cov_fast, cov_exact = coverage(lab, size, fast), coverage(lab_cpu, size, exact)
+                    ratio = weighted_coverage(cov_fast) / weighted_coverage(cov_exact)
                     r = res["sampling"][key] = {
                         "points": len(fast),
                         "fast_s": t_fast,

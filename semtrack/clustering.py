@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -38,21 +39,24 @@ def merge_schedule(num_tokens: int, merge_ratio: float = 25, num_iters: int = 11
     ValueError for `merge_ratio` outside (0, 50], a negative `num_iters`, or a schedule that would
     start an iteration with fewer than 2 tokens (nothing left to merge into).
     """
-    if isinstance(merge_ratio, bool) or not isinstance(merge_ratio, (int, float)):
+    if isinstance(merge_ratio, bool) or not isinstance(merge_ratio, numbers.Real):
         raise ValueError(f"merge_ratio must be a number in (0, 50], got {merge_ratio!r}")
     if not 0 < merge_ratio <= 50:
         raise ValueError(f"merge_ratio must be in (0, 50] (percent of tokens merged per iteration), got {merge_ratio}")
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 0:
+    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral) or num_iters < 0:
         raise ValueError(f"num_iters must be a non-negative int, got {num_iters!r}")
     schedule = [int(num_tokens)]
-    for it in range(num_iters):
+    for it in range(int(num_iters)):
         n = schedule[-1]
         if n < 2:
             raise ValueError(
                 f"num_iters={num_iters} with merge_ratio={merge_ratio} merges {num_tokens} tokens down to "
                 f"{n} after {it} iterations; iteration {it + 1} would merge past one token"
             )
-        r = n * merge_ratio // 100 if isinstance(merge_ratio, int) else math.floor(n * merge_ratio / 100)
+        if isinstance(merge_ratio, numbers.Integral):
+            r = n * int(merge_ratio) // 100
+        else:
+            r = math.floor(n * merge_ratio / 100)
         schedule.append(n - int(r))
     return schedule
 
@@ -85,8 +89,8 @@ def merge_step(x: torch.Tensor, r: int) -> torch.Tensor:
         bsz, nb = xb.shape[:2]
         flat = (dst_src + torch.arange(bsz, device=x.device)[:, None] * nb).flatten()  # (B*r,)
         summed = xb.reshape(bsz * nb, d).index_add(0, flat, src.reshape(-1, d)).reshape(bsz, nb, d)
-        count = torch.ones(bsz * nb, dtype=x.dtype, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=x.dtype))
-        count = count.reshape(bsz, nb, 1)
+        ones = torch.ones_like(flat, dtype=x.dtype)
+        count = torch.ones(bsz * nb, dtype=x.dtype, device=x.device).index_add_(0, flat, ones).reshape(bsz, nb, 1)
     else:  # one-hot matmul: deterministic on GPUs (atomic adds would reorder the sums run to run)
         onehot = F.one_hot(dst_src, xb.shape[1]).to(x.dtype).transpose(1, 2)  # (B, nB, r)
         summed = xb + onehot @ src
@@ -213,7 +217,8 @@ def bipartite_clusters(
         _check_tokens(tokens, "tokens")
         return bipartite_clusters(tokens[None], merge_ratio, num_iters)[0]
     if tokens.dim() != 5 or not tokens.is_floating_point():
-        raise ValueError(f"tokens must be float (T, P, Q, D) or (V, T, P, Q, D), got {tokens.dtype} {tuple(tokens.shape)}")
+        shape = tuple(tokens.shape)
+        raise ValueError(f"tokens must be float (T, P, Q, D) or (V, T, P, Q, D), got {tokens.dtype} {shape}")
     v, t, p, q, d = tokens.shape
     _check_tokens(tokens[0], "tokens[0]")
     lengths = torch.as_tensor(t if num_frames is None else num_frames, dtype=torch.long, device=tokens.device)
@@ -278,10 +283,11 @@ def kmeans_clusters(
     t, p, q, d = tokens.shape
     x = tokens.float().reshape(-1, d)  # (N, D)
     n = x.shape[0]
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral) or n_clusters < 1:
         raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
     if n_clusters > n:
         raise ValueError(f"n_clusters={n_clusters} exceeds the number of tokens ({t}x{p}x{q} = {n})")
+    n_clusters = int(n_clusters)
     if init not in ("random", "kmeans++"):
         raise ValueError(f"init must be 'random' or 'kmeans++', got {init!r}")
     if max_iter < 1 or tol < 0:

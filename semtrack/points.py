@@ -28,13 +28,14 @@ identical (scipy's 4-connectivity components, numbered in raster order of their 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 SAMPLERS = ("fast", "exact")
-FAST_SAMPLES = 256  # weighted samples per entity for the fast sampler (coverage within ~2 % of exact; 1024: ~1 %, 4x slower)
+FAST_SAMPLES = 256  # weighted samples per entity (fast sampler): coverage within ~2 % of exact; 1024: ~1 %, 4x slower
 FAST_MAX_ITER = 20  # weighted Lloyd iterations at most (coverage within 0.1 % of converged; stops earlier when settled)
 
 
@@ -79,10 +80,11 @@ class GridPoints:
 def grid_query_points(grid_size: int, grid_query_frame: int = 0, device=None) -> GridPoints:
     """Ids and query frames for grid mode (see `GridPoints`); call the tracker with
     `queries=None, grid_size=grid_size, grid_query_frame=grid_query_frame` for the points."""
-    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
+    if isinstance(grid_size, bool) or not isinstance(grid_size, numbers.Integral) or grid_size < 1:
         raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
     if grid_query_frame < 0:
         raise ValueError(f"grid_query_frame must be >= 0, got {grid_query_frame}")
+    grid_size = int(grid_size)
     g2 = grid_size * grid_size
     return GridPoints(
         grid_size=grid_size,
@@ -176,7 +178,9 @@ def _entities(labels: torch.Tensor, clip_size: tuple[int, int], use_cc: bool) ->
         cells = cc.reshape(cells.shape)[plane] == comp_ids[:, None, None]  # (num, R, S)
         comp = comp_ids - first[plane]
         frames, ids = frames[plane], ids[plane]
-    return _Entities(cells, frames, ids, comp, peak_frames_used, row_start, row_size, col_start, col_size, row_of_pixel, col_of_pixel)
+    return _Entities(
+        cells, frames, ids, comp, peak_frames_used, row_start, row_size, col_start, col_size, row_of_pixel, col_of_pixel
+    )
 
 
 def exact_pixel_points(pixels: np.ndarray, n: int, n_init: int = 1) -> np.ndarray:
@@ -230,7 +234,8 @@ def _fast_samples(ent: _Entities, area: torch.Tensor, small: torch.Tensor, targe
     rank = flat // per[:, None]  # (E, M) which of the entity's cells
     sub = flat % per[:, None]
     u, v = sub // sx[:, None], sub % sx[:, None]
-    cell_order = torch.argsort((~ent.cells).flatten(1).to(torch.uint8), dim=1, stable=True)  # member cells first, raster
+    # member cells first, in raster order
+    cell_order = torch.argsort((~ent.cells).flatten(1).to(torch.uint8), dim=1, stable=True)  # (E, R*S)
     cell = cell_order.gather(1, rank.clamp_max(r * s - 1))  # (E, M)
     ci, cj = cell // s, cell % s
     h, w = ent.row_size[ci], ent.col_size[cj]
@@ -368,8 +373,9 @@ def select_query_points(
     if h < 1 or w < 1:
         raise ValueError(f"clip_size must be positive (H, W), got {tuple(clip_size)}")
     n = num_points_per_entity
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_points_per_entity must be a positive int, got {n!r}")
+    n = int(n)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if min_point_distance < 0:
@@ -422,7 +428,7 @@ def coverage(labels: torch.Tensor, clip_size: tuple[int, int], points: QueryPoin
     lab = torch.as_tensor(labels).cpu()
     h, w = clip_size
     ry, rx = nearest_source_index(h, lab.shape[1]).numpy(), nearest_source_index(w, lab.shape[2]).numpy()
-    key = np.stack([points.source_frames.cpu().numpy(), points.clusters.cpu().numpy(), points.components.cpu().numpy()], 1)
+    key = torch.stack([points.source_frames, points.clusters, points.components], 1).cpu().numpy()  # (N, 3)
     _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     xy = points.queries[:, 1:].cpu().double().numpy()

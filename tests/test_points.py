@@ -71,7 +71,8 @@ def test_peak_frames(fx):
 def test_exact_sampler_reproduces_reference(fx, case):
     labels, frames = _inputs(fx)
     cc = case.startswith("cc")
-    qp = select_query_points(labels, frames, tuple(fx[f"image_hw_{case}"]), sampler="exact", use_connected_components=cc)
+    hw = tuple(fx[f"image_hw_{case}"])
+    qp = select_query_points(labels, frames, hw, sampler="exact", use_connected_components=cc)
     n = len(fx[f"obj_ids_{case}"])
     assert len(qp) == n and qp.queries.dtype == torch.float32 and qp.obj_ids.dtype == torch.int64
     np.testing.assert_array_equal(qp.clusters.numpy(), fx[f"point_cluster_{case}"])
