@@ -261,7 +261,7 @@ def kmeans_clusters(
     init: str = "random",
     max_iter: int = 300,
     tol: float = 1e-4,
-    reseed_empty: bool = False,
+    reseed_empty: bool | None = None,
     init_indices: torch.Tensor | None = None,
     return_centroids: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -276,8 +276,9 @@ def kmeans_clusters(
     `init_indices` (k,) overrides both (Lloyd from given rows). Lloyd: Euclidean `cdist`, nearest
     centroid (first on ties), mean update, stop when no centroid coordinate moved by >= tol
     (absolute), labels recomputed from the final centroids. An empty cluster becomes the zero
-    vector (research behaviour) unless `reseed_empty`, which moves it to the token farthest from
-    its centroid.
+    vector (research behaviour) unless `reseed_empty`, which moves each empty centroid to one of
+    the tokens farthest from their own centroids. `reseed_empty=None` (default): reseed with
+    init="kmeans++", not with the research-compatible init="random".
     """
     _check_tokens(tokens, "tokens")
     t, p, q, d = tokens.shape
@@ -292,6 +293,8 @@ def kmeans_clusters(
         raise ValueError(f"init must be 'random' or 'kmeans++', got {init!r}")
     if max_iter < 1 or tol < 0:
         raise ValueError(f"need max_iter >= 1 and tol >= 0, got max_iter={max_iter}, tol={tol}")
+    if reseed_empty is None:
+        reseed_empty = init != "random"
     if init_indices is not None:
         idx = torch.as_tensor(init_indices, dtype=torch.long, device=x.device)
         if idx.shape != (n_clusters,):

@@ -176,7 +176,7 @@ def test_kmeans_seeding_and_options(bip, device):
     a = kmeans_clusters(tokens, 8, seed)
     assert torch.equal(a, kmeans_clusters(tokens, 8, seed))  # reproducible on a device
     assert a.shape == (8, 16, 16) and a.dtype == torch.int64 and 0 <= a.min() and a.max() < 8
-    pp = kmeans_clusters(tokens, 8, seed, init="kmeans++", reseed_empty=True)
+    pp = kmeans_clusters(tokens, 8, seed, init="kmeans++")  # reseeds empty clusters by default
     assert torch.equal(pp, kmeans_clusters(tokens, 8, seed, init="kmeans++", reseed_empty=True))
     assert bool((torch.bincount(pp.flatten(), minlength=8) > 0).all())
     reseeded = kmeans_clusters(tokens, 8, 1234, reseed_empty=True)
