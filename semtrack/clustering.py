@@ -220,6 +220,8 @@ def bipartite_clusters(
         shape = tuple(tokens.shape)
         raise ValueError(f"tokens must be float (T, P, Q, D) or (V, T, P, Q, D), got {tokens.dtype} {shape}")
     v, t, p, q, d = tokens.shape
+    if v < 1:
+        raise ValueError("tokens: empty batch of videos (V = 0)")
     _check_tokens(tokens[0], "tokens[0]")
     lengths = torch.as_tensor(t if num_frames is None else num_frames, dtype=torch.long, device=tokens.device)
     lengths = lengths.expand(v) if lengths.dim() == 0 else lengths

@@ -422,6 +422,8 @@ def select_query_points(
 def coverage(labels: torch.Tensor, clip_size: tuple[int, int], points: QueryPoints) -> np.ndarray:
     """Evaluation metric: for every (cluster, component) group of `points`, the mean Euclidean
     distance (px) from each pixel of its mask in its source frame to the nearest of its points.
+    The mask is the component's when any point has a component index > 0 (connected components
+    split some cluster), else the whole cluster's.
     -> (G, 2) float64 rows (mean distance, pixel count), groups in point order."""
     from scipy import ndimage
 
