@@ -1,0 +1,162 @@
+"""Unit tests of the extraction job's pieces: config naming, flag translation, GIF drawing,
+config sidecar, skip/redo decisions and report merging. No model runs here (see test_extract_e2e)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semtrack.cli import translate
+from semtrack.config import ExtractConfig
+from semtrack.gif import entity_colours, frame_durations_ms, jet, render_trails, save_trail_gif
+from semtrack.pipeline import ExtractionDataModule
+from semtrack.trackfile import save_tracks
+from semtrack.writer import check_sidecar, failures_csv, merge_parts
+
+
+# ------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ({}, "cotracker3_bip_fr_32"),
+        ({"clustering_method": "kmeans", "n_clusters": 16, "use_connected_components": True, "fps": 10},
+         "cotracker3_kmeans_n16_fr_32_concomp_fps_10"),
+        ({"merge_ratio": 40, "num_iters": 5}, "cotracker3_bip_fr_32_m40_i5"),
+        ({"clustering_method": "kmeans", "num_iters": 5}, "cotracker3_kmeans_n32_fr_32_m25_i5"),
+        ({"num_frames_clustering": 8, "fps": 12.5}, "cotracker3_bip_fr_8_fps_12.5"),
+        # not part of the name (REFERENCE.md 2.2)
+        ({"num_points_per_entity": 4, "use_grid": True, "cotracker_grid_size": 8}, "cotracker3_bip_fr_32"),
+    ],
+)
+def test_dump_name_matches_research_rule(options, name):
+    assert ExtractConfig(**options).dump_name() == name
+
+
+def test_config_rejects_bad_options_by_name():
+    with pytest.raises(ValueError, match="clustering_method"):
+        ExtractConfig(clustering_method="agglomerative")
+    with pytest.raises(ValueError, match="merge_ratio"):
+        ExtractConfig(merge_ratio=60)
+    with pytest.raises(ValueError, match="tracker_resolution"):
+        ExtractConfig(tracker_resolution=(100, 128))
+    with pytest.raises(ValueError, match="unknown extraction option"):
+        ExtractConfig.from_dict({"clusters": 3})
+
+
+def test_output_paths_follow_layout(tmp_path):
+    cfg = ExtractConfig(base_feat_path=str(tmp_path), fps=10)
+    assert cfg.pickle_path("ssv2", "123") == tmp_path / "cotracker3_bip_fr_32_fps_10" / "ssv2" / "feat_dump" / "123.pkl"
+
+
+# ------------------------------------------------------------------------------ command line
+def test_translate_research_flags():
+    argv = ["--clustering_method", "kmeans", "--csv_path", "v.csv", "--rerun", "--fps=10",
+            "--tracker_resolution", "96", "128", "--devices", "2", "--accelerator", "cpu", "--make_vis"]
+    assert translate(argv) == [
+        "predict", "--extract.clustering_method", "kmeans", "--extract.csv_path", "v.csv",
+        "--extract.rerun=true", "--extract.fps=10", "--extract.tracker_resolution=[96, 128]",
+        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--extract.make_vis=true",
+    ]
+
+
+def test_translate_keeps_lightning_form_and_is_idempotent():
+    argv = ["predict", "--config", "run.yaml", "--trainer.devices=8", "--extract.csv_path", "v.csv"]
+    assert translate(argv) == argv
+    assert translate(translate(["--use_grid", "--csv_path", "x.csv"])) == translate(["--use_grid", "--csv_path", "x.csv"])
+
+
+# ------------------------------------------------------------------------------ GIF
+def test_jet_colour_map_and_zero_ids():
+    assert jet(np.array([0.0, 0.5, 1.0])).tolist() == [[0, 0, 128], [128, 255, 128], [128, 0, 0]]
+    colours = entity_colours(np.zeros(5, dtype=np.int64))  # research: 0/0 -> NaN colour
+    assert colours == [(0, 0, 128)] * 5
+    assert entity_colours(np.array([0, 2]))[1] == (128, 0, 0)
+
+
+def test_gif_durations_follow_timestamps():
+    assert frame_durations_ms(np.array([0.0, 0.04, 0.08, 0.12])) == [40, 40, 40, 40]
+    assert frame_durations_ms(np.array([0.0, 0.1, 0.3])) == [100, 200, 150]
+
+
+def test_trails_show_only_the_last_four_segments(tmp_path):
+    t_len, n = 8, 1
+    frames = np.zeros((t_len, 40, 120, 3), dtype=np.uint8)
+    xs = 5.0 + 14.0 * np.arange(t_len)  # one point moving right along row 20
+    tracks = np.stack([xs, np.full(t_len, 20.0)], axis=-1)[:, None, :]  # (T, 1, 2)
+    visibility = np.ones((t_len, n), dtype=bool)
+    images = render_trails(frames, tracks, visibility, np.zeros(n, dtype=np.int64))
+    last = np.asarray(images[-1]).sum(axis=-1)[20]  # row 20 of frame 7
+    assert last[int(xs[0] + xs[1]) // 2] == 0  # segment 0->1 is 7 frames old: not drawn
+    assert last[int(xs[2] + xs[3]) // 2] == 0  # 5 frames old: not drawn
+    assert last[int(xs[6] + xs[5]) // 2] > 0  # the newest segment is drawn
+    assert last[int(xs[3] + xs[4]) // 2] > 0  # 4 frames old: still drawn, faded
+    assert last[int(xs[3] + xs[4]) // 2] < last[int(xs[6] + xs[5]) // 2]
+
+    path = tmp_path / "g.gif"
+    save_trail_gif(path, frames, tracks, visibility, np.zeros(n, dtype=np.int64), np.arange(t_len) / 25.0)
+    with Image.open(path) as gif:
+        assert gif.n_frames == t_len and gif.info["duration"] == 40 and gif.info["loop"] == 0
+
+
+# ------------------------------------------------------------------------------ sidecar
+def test_sidecar_created_then_refuses_a_different_configuration(tmp_path):
+    cfg = ExtractConfig(base_feat_path=str(tmp_path), weights="random")
+    path = check_sidecar(cfg, "32-true")
+    recorded = json.loads(path.read_text())["options"]
+    assert recorded["num_points_per_entity"] == 16 and recorded["tracker_weights"] == "random"
+    # run-only options may change between runs of one folder
+    check_sidecar(ExtractConfig(base_feat_path=str(tmp_path), weights="random", batch_size=4, rerun=True), "32-true")
+    with pytest.raises(ValueError, match="refusing.*num_points_per_entity"):
+        check_sidecar(ExtractConfig(base_feat_path=str(tmp_path), weights="random", num_points_per_entity=8), "32-true")
+    with pytest.raises(ValueError, match="precision"):
+        check_sidecar(cfg, "bf16-mixed")
+
+
+# ------------------------------------------------------------------------------ skip / redo
+def _tracks(t=3, n=2):
+    return {
+        "pred_tracks": torch.zeros(t, n, 2, dtype=torch.float16),
+        "pred_visibility": torch.ones(t, n, dtype=torch.bool),
+        "obj_ids": torch.zeros(n, dtype=torch.int64),
+        "point_queries": torch.zeros(n, dtype=torch.int64),
+    }
+
+
+def test_pending_rows_skip_valid_redo_corrupt_and_rerun(tmp_path, videos_dir):
+    csv = tmp_path / "v.csv"
+    names = ["tiny_ssv2.webm", "tiny_25fps.mp4", "cat.mp4"]
+    csv.write_text("video_path,dataset\n" + "".join(f"{videos_dir / n},clips\n" for n in names))
+    cfg = ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"))
+    save_tracks(cfg.pickle_path("clips", "tiny_ssv2"), _tracks())  # valid: skipped
+    corrupt = cfg.pickle_path("clips", "tiny_25fps")
+    save_tracks(corrupt, _tracks())
+    corrupt.write_bytes(corrupt.read_bytes()[:50])  # truncated: redone
+    dm = ExtractionDataModule(cfg)
+    assert dm.pending_rows(dm.make_dataset()) == ([1, 2], 1)
+    rerun = ExtractionDataModule(ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), rerun=True))
+    assert rerun.pending_rows(rerun.make_dataset()) == ([0, 1, 2], 0)
+    debug = ExtractionDataModule(ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), debug_mode=True))
+    assert debug.pending_rows(debug.make_dataset()) == ([], 1)  # first row only, and it is done
+
+
+# ------------------------------------------------------------------------------ report
+def test_merge_parts_sums_ranks_and_orders_failures(tmp_path):
+    fail = lambda row: {"row": row, "video_id": f"v{row}", "dataset": "d", "video_path": f"/x/v{row}.mp4",  # noqa: E731
+                        "stage": "decode", "reason": "bad, \"quoted\""}
+    parts = [
+        {"done": 3, "failed": 1, "failures": [fail(5)], "stage_totals": {"tracking": [6.0, 3]}, "wall_s": 10.0,
+         "data_wait_s": 1.0, "points_dropped": 2},
+        {"done": 2, "failed": 1, "failures": [fail(1)], "stage_totals": {"tracking": [2.0, 2], "write": [1.0, 2]},
+         "wall_s": 8.0, "data_wait_s": 0.5, "points_dropped": 0},
+    ]
+    report = merge_parts(parts, num_rows=9, num_skipped=2, config=ExtractConfig(base_feat_path=str(tmp_path)))
+    assert report["counts"] == {"rows": 9, "done": 5, "failed": 2, "skipped": 2}
+    assert [f["row"] for f in report["failures"]] == [1, 5]
+    assert report["stage_mean_s"] == {"tracking": 8.0 / 5, "write": 0.5}
+    assert report["videos_per_s"] == 7 / 10.0 and report["world_size"] == 2
+    text = failures_csv(report["failures"])
+    assert text.splitlines()[0] == "row,video_id,dataset,video_path,stage,reason"
+    assert text.splitlines()[1] == '1,v1,d,/x/v1.mp4,decode,"bad, ""quoted"""'
