@@ -42,7 +42,8 @@ def fx():
 
 
 def _inputs(fx, device="cpu"):
-    return torch.from_numpy(fx["labels"]).to(device), torch.from_numpy(fx["frames_id_dict"]).to(device)
+    """labels on `device`; cluster_frames stay on the CPU (as the dataset yields them)."""
+    return torch.from_numpy(fx["labels"]).to(device), torch.from_numpy(fx["frames_id_dict"])
 
 
 def _weighted(cov):
