@@ -108,8 +108,9 @@ def _check_meta_value(value, where: str) -> None:
     raise ValueError(f"{where}: {type(value).__name__} is not allowed (plain values, lists, dicts, tensors)")
 
 
-def _validate(data) -> TrackFile:
-    """Check a loaded/to-be-saved dict against the schema; -> TrackFile. Raises ValueError."""
+def _validate(data, squeeze: bool = True) -> TrackFile:
+    """Check a loaded/to-be-saved dict against the schema; -> TrackFile. Raises ValueError.
+    `squeeze`: accept (and drop) a leading batch dim of 1 on tracks/visibility (research files)."""
     if not isinstance(data, dict):
         raise ValueError(f"expected a dict of tensors, got {type(data).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -127,9 +128,9 @@ def _validate(data) -> TrackFile:
             raise ValueError(f"{key!r} must be a torch tensor, got {_describe(data[key])}")
     tracks, vis = data["pred_tracks"], data["pred_visibility"]
     obj_ids, queries = data["obj_ids"], data["point_queries"]
-    if tracks.dim() == 4 and tracks.shape[0] == 1:  # research files may keep the batch dim
+    if squeeze and tracks.dim() == 4 and tracks.shape[0] == 1:  # research files may keep the batch dim
         tracks = tracks[0]
-    if vis.dim() == 3 and vis.shape[0] == 1:
+    if squeeze and vis.dim() == 3 and vis.shape[0] == 1:
         vis = vis[0]
     if not tracks.is_floating_point() or tracks.dim() != 3 or tracks.shape[2] != 2:
         raise ValueError(f"'pred_tracks' must be a float (T, N, 2) tensor, got {_describe(data['pred_tracks'])}")
@@ -199,7 +200,7 @@ def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
     if isinstance(tracks, dict) and "per_point_queries" in tracks:
         raise ValueError(f"{path}: refusing to write 'per_point_queries' (it changes training behaviour)")
     try:
-        _validate(tracks)
+        _validate(tracks, squeeze=False)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     payload = _compact(tracks)

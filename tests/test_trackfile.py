@@ -75,6 +75,7 @@ def test_save_never_writes_per_point_queries(tmp_path):
     "change, message",
     [
         ({"pred_tracks": torch.zeros(T, N, 3, dtype=torch.float16)}, "pred_tracks"),
+        ({"pred_tracks": torch.zeros(1, T, N, 2, dtype=torch.float16)}, "pred_tracks"),
         ({"pred_visibility": torch.ones(T, N)}, "pred_visibility"),
         ({"obj_ids": torch.zeros(N + 1, dtype=torch.int64)}, "obj_ids"),
         ({"point_queries": torch.zeros(N, dtype=torch.int32)}, "point_queries"),
