@@ -316,3 +316,85 @@ def test_datamodule_splits(tmp_path, extracted):
         dm.setup("fit")
         picks.append(([r.index for r in dm.datasets["train"].rows], [r.index for r in dm.datasets["val"].rows]))
     assert picks[0] == picks[1] and sorted(picks[0][0] + picks[0][1]) == [0, 1] and len(picks[0][1]) == 1
+
+
+# ------------------------------------------------------------------ end to end with semtrack.extract
+
+
+@pytest.fixture(scope="module")
+def real_tracks(tmp_path_factory, videos_dir):
+    """Tracks extracted by `semtrack.extract` (stand-in weights, small settings) for two tiny clips.
+    -> (csv_path, tracks_root, options)."""
+    import semtrack
+
+    root = tmp_path_factory.mktemp("extract")
+    csv = root / "videos.csv"
+    pd.DataFrame(
+        {"video_path": [str(videos_dir / c[0]) for c in CLIPS], "dataset": [c[1] for c in CLIPS],
+         "video_id": [c[2] for c in CLIPS]}
+    ).to_csv(csv, index=False)
+    options = dict(fps=2.0, native_fps_datasets=[], num_frames_clustering=4, num_points_per_entity=2,
+                   dinov2_model="vits14")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # far faster than 2 contending threads on a shared 2-core machine
+    try:
+        report = semtrack.extract(
+            csv, root / "out", weights="random", tracker_resolution=(96, 128), num_workers=0,
+            accelerator="cpu", enable_progress_bar=False, **options,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert report["counts"]["done"] == 2 and report["counts"]["failed"] == 0
+    return csv, report["output_dir"], options
+
+
+def _independent_queries(csv, options):
+    """Query points recomputed from the public stages (decode, features, clusters, points):
+    {video_id: (queries (N, 3) (t, x, y), obj_ids (N,), extraction item)}."""
+    from semtrack.clustering import bipartite_clusters
+    from semtrack.features import DinoV2Extractor
+    from semtrack.points import select_query_points
+
+    extractor = DinoV2Extractor(options["dinov2_model"], checkpoint="random")
+    videos = VideoCSVDataset(csv, fps=options["fps"], native_fps_datasets=(),
+                             num_frames_clustering=options["num_frames_clustering"])
+    out = {}
+    for item in videos:
+        with torch.no_grad():
+            tokens = extractor(item["video"][item["cluster_frames"]])
+        labels = bipartite_clusters(tokens)
+        qp = select_query_points(labels, item["cluster_frames"], tuple(item["video"].shape[-2:]),
+                                 num_points_per_entity=options["num_points_per_entity"])
+        out[item["video_id"]] = (qp.queries, qp.obj_ids, item)
+    return out
+
+
+def test_end_to_end_extracted_tracks(real_tracks):
+    csv, root, options = real_tracks
+    ds = PointTrackDataset(csv, root, num_frames=4, num_points=20, mode="eval")
+    assert len(ds) == 2 and ds.num_missing == 0
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_tracks)
+    batch, again = next(iter(loader)), next(iter(loader))
+    for key, value in batch.items():  # eval mode: identical every time
+        assert torch.equal(value, again[key]) if isinstance(value, torch.Tensor) else value == again[key]
+    assert batch["frames"].shape == (2, 4, 3, 240, 320) and batch["tracks"].shape == (2, 4, 20, 2)
+    assert batch["frame_sizes"].tolist() == [[240, 320], [192, 256]]
+    expected = _independent_queries(csv, options)
+    for b, vid in enumerate(batch["video_id"]):
+        queries, obj_ids, extraction = expected[vid]
+        n = len(queries)
+        mask = batch["point_mask"][b]
+        assert int(mask.sum()) == min(n, 20) and (batch["obj_ids"][b][~mask] == -1).all()
+        t_idx = batch["frame_indices"][b]  # (F,) into T
+        h, w = batch["frame_sizes"][b].tolist()
+        assert torch.equal(batch["frames"][b, :, :, :h, :w], extraction["video"][t_idx])  # frame alignment
+        on_query_frame = 0
+        for p in torch.nonzero(mask).flatten().tolist():
+            k = int(batch["point_indices"][b, p])
+            t, x, y = queries[k].tolist()
+            assert int(batch["query_frames"][b, p]) == t and int(batch["obj_ids"][b, p]) == int(obj_ids[k])
+            for f in torch.nonzero(t_idx == int(t)).flatten().tolist():
+                # the track at its query frame is the query pixel, and visible there
+                assert batch["tracks"][b, f, p].tolist() == [x, y] and bool(batch["visibility"][b, f, p])
+                on_query_frame += 1
+        assert on_query_frame > 0
