@@ -142,6 +142,7 @@ def _validate(data, squeeze: bool = True) -> TrackFile:
     for key, value in (("obj_ids", obj_ids), ("point_queries", queries)):
         if value.dtype != torch.int64 or tuple(value.shape) != (n,):
             raise ValueError(f"{key!r} must be an int64 ({n},) tensor (N from 'pred_tracks'), got {_describe(value)}")
+    tracks = tracks.float()  # (T, N, 2) float32: what TrackFile holds
     if not bool(torch.isfinite(tracks).all()):
         raise ValueError("'pred_tracks' contains NaN or infinite coordinates")
     if n and (int(queries.min()) < 0 or int(queries.max()) >= t):
@@ -167,7 +168,7 @@ def _validate(data, squeeze: bool = True) -> TrackFile:
             if not (isinstance(value, torch.Tensor) and not value.is_floating_point() and value.shape[:1] == (n,)):
                 raise ValueError(f"{key!r} must be an integer tensor with N = {n} rows, got {_describe(value)}")
     extra = {k: data[k] for k in data if k not in REQUIRED_KEYS and k != META_KEY}
-    return TrackFile(tracks.float(), vis, obj_ids, queries, meta, extra)
+    return TrackFile(tracks, vis, obj_ids, queries, meta, extra)
 
 
 # ---------------------------------------------------------------------------------------------
