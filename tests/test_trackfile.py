@@ -243,3 +243,16 @@ def test_crafted_build_opcode_is_refused(tmp_path):
     path.write_bytes(data[:-1] + b"}b.")  # ... EMPTY_DICT BUILD STOP
     with pytest.raises(TrackFileError, match="forbidden pickle opcode BUILD"):
         load_tracks(path)
+
+
+def test_crafted_tensor_view_outside_its_storage_is_refused(tmp_path):
+    """torch's rebuild does not bound-check the view: it would read memory past the storage."""
+    storage = torch.storage.TypedStorage(
+        wrap_storage=torch.zeros(N, dtype=torch.int64).untyped_storage(), dtype=torch.int64, _internal=True
+    )
+    tensor = _Call(torch._utils._rebuild_tensor_v2, storage, 0, (N,), (1000,), False, collections.OrderedDict())
+    path = tmp_path / "oob.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({**_tracks(), "obj_ids": tensor}, f)
+    with pytest.raises(TrackFileError, match="outside its storage"):
+        load_tracks(path)
