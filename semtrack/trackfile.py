@@ -26,6 +26,7 @@ import os
 import pickle
 import pickletools
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,71 @@ def _validate(data, squeeze: bool = True) -> TrackFile:
 # ---------------------------------------------------------------------------------------------
 
 
+# dtypes torch pickles through `_rebuild_tensor_v2` + a typed storage (the research files' path)
+_V2_DTYPES = frozenset({
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+})
+_FIXED_STORAGE_KEY = "0"
+
+
+def _binunicode(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _storage_bytes(tensor: torch.Tensor) -> bytes:
+    """The legacy `torch.save` bytes torch embeds for a tensor's storage, with the storage key
+    (torch uses the storage's memory address) replaced by a fixed one, so that equal tensors give
+    equal bytes. The file layout is: 4 small pickles (magic, protocol, system info, the storage
+    record), a pickled list of storage keys, then the raw data. If the key cannot be located
+    exactly (twice, in the pickles), torch's bytes are returned unchanged."""
+    storage = torch.storage.TypedStorage(wrap_storage=tensor.untyped_storage(), dtype=tensor.dtype, _internal=True)
+    buf = io.BytesIO()
+    torch.save(storage, buf, _use_new_zipfile_serialization=False)
+    raw = buf.getvalue()
+    f = io.BytesIO(raw)
+    for _ in range(4):
+        for _ in pickletools.genops(f):
+            pass
+    keys = [arg for op, arg, _ in pickletools.genops(f) if op.name == "BINUNICODE"]
+    header_end = f.tell()
+    if len(keys) != 1:
+        return raw
+    old, new = _binunicode(keys[0]), _binunicode(_FIXED_STORAGE_KEY)
+    header = raw[:header_end]
+    if header.count(old) != 2:
+        return raw
+    return header.replace(old, new) + raw[header_end:]
+
+
+class _StorageBytes:
+    """Pickles as `torch.storage._load_from_bytes(data)`, as torch pickles a typed storage."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce__(self):
+        return torch.storage._load_from_bytes, (self.data,)
+
+
+class _DeterministicPickler(pickle.Pickler):
+    """The standard pickler, with plain CPU tensors reduced exactly as torch reduces them
+    (`_rebuild_tensor_v2(_load_from_bytes(b), offset, size, stride, False, OrderedDict())`) except
+    for the storage key inside `b`: the same dict gives the same bytes in every process."""
+
+    def reducer_override(self, obj):
+        if (
+            type(obj) is not torch.Tensor or obj.dtype not in _V2_DTYPES or obj.device.type != "cpu"
+            or obj.layout != torch.strided or obj.requires_grad or obj.is_conj() or obj.is_neg()
+            or obj.untyped_storage().nbytes() != obj.numel() * obj.element_size() or not obj.is_contiguous()
+        ):
+            return NotImplemented  # anything unusual: torch's own reduce
+        args = (_StorageBytes(_storage_bytes(obj)), obj.storage_offset(), tuple(obj.shape), obj.stride(),
+                False, collections.OrderedDict())
+        return torch._utils._rebuild_tensor_v2, args
+
+
 def _compact(value):
     """CPU copies with their own storage (pickling a view would write the whole base storage)."""
     if isinstance(value, torch.Tensor):
@@ -193,7 +259,8 @@ def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
     Writes `<path>.tmp-<pid>` in the same folder (created if needed), flushes and fsyncs it, then
     `os.replace`s it onto `path`: a crash leaves either the old file, the complete new one, or no
     file, never a partial one. The temporary file is removed on any error. Tensors are written as
-    compact CPU copies with the standard `pickle` module (protocol 4), as the research script did.
+    compact CPU copies with the standard `pickle` module (protocol 4) in torch's own tensor format,
+    as the research script did, but with a fixed storage key: equal dicts give identical files.
     Raises ValueError (naming `path`) for a dict that does not match the schema, including any
     `per_point_queries` key.
     """
@@ -209,7 +276,7 @@ def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            pickle.dump(payload, f, protocol=4)
+            _DeterministicPickler(f, protocol=4).dump(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -64,6 +64,19 @@ def test_save_writes_views_compactly(tmp_path):
     assert (tmp_path / "a.pkl").stat().st_size == (tmp_path / "b.pkl").stat().st_size
 
 
+def test_save_is_byte_deterministic(tmp_path):
+    """torch's own tensor pickling embeds the storage's memory address; save_tracks does not."""
+    first, second = {**_tracks(), "semtrack": _meta()}, {**_tracks(), "semtrack": _meta()}
+    assert first["obj_ids"].data_ptr() != second["obj_ids"].data_ptr()
+    assert pickle.dumps(first["obj_ids"]) != pickle.dumps(second["obj_ids"])  # torch's reduce differs
+    save_tracks(tmp_path / "a.pkl", first)
+    save_tracks(tmp_path / "b.pkl", second)
+    assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
+    with open(tmp_path / "a.pkl", "rb") as f:
+        raw = pickle.load(f)  # torch's own loader reads it
+    assert all(torch.equal(raw[k], first[k]) for k in ("pred_tracks", "pred_visibility", "obj_ids", "point_queries"))
+
+
 def test_save_never_writes_per_point_queries(tmp_path):
     data = {**_tracks(), "per_point_queries": torch.zeros(N, dtype=torch.int64)}
     with pytest.raises(ValueError, match="per_point_queries"):
