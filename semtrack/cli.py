@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the program on `argv` (default `sys.argv[1:]`); returns the exit status."""
     args = translate(list(sys.argv[1:] if argv is None else argv))
     # Lightning's DDP launcher re-runs sys.argv for the other ranks: hand it the translated form.
-    sys.argv = [sys.argv[0], *args]
+    saved, sys.argv = sys.argv, [sys.argv[0], *args]
     try:
         cli = ExtractCLI(
             SemanticTracker,
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = getattr(getattr(cli, "writer", None), "report", None)
-    if report is None:  # --print_config / --help never reach here; a run without a report is odd
-        return 0
-    return 1 if report["counts"]["failed"] else 0
+    finally:
+        sys.argv = saved
+    report = cli.writer.report
+    return 1 if report is None or report["counts"]["failed"] else 0
