@@ -111,13 +111,16 @@ def test_atomic_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
     save_tracks(path, _tracks())
     before = path.read_bytes()
 
-    def broken_dump(obj, f, protocol=None):
-        f.write(b"\x80\x04partial")
+    written = []
+
+    def failing_fsync(fd):  # the new data is in the temporary file when the disk fails
+        written.extend(p.name for p in tmp_path.iterdir())
         raise OSError("disk full")
 
-    monkeypatch.setattr(trackfile.pickle, "dump", broken_dump)
+    monkeypatch.setattr(trackfile.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         save_tracks(path, {**_tracks(), "semtrack": _meta()})
+    assert sorted(written) == ["cat.pkl", f"cat.pkl.tmp-{os.getpid()}"]
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["cat.pkl"]
 
