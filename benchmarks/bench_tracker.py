@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -53,8 +54,8 @@ def queries_for(video: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([frames[:, None], xy], axis=1)).float()[None]
 
 
-def run_cpu(video, queries, weights) -> tuple[dict, torch.Tensor]:
-    tracker = load_tracker(weights, device="cpu")
+def run_cpu(video, queries, weights, encoder_chunk: int) -> tuple[dict, torch.Tensor]:
+    tracker = load_tracker(weights, device="cpu", encoder_chunk=encoder_chunk)
     start = time.perf_counter()
     tracks, visible = tracker(video, queries=queries, backward_tracking=True)
     elapsed = time.perf_counter() - start
@@ -62,8 +63,8 @@ def run_cpu(video, queries, weights) -> tuple[dict, torch.Tensor]:
     return {"time_s": round(elapsed, 2), "peak_rss_mb": round(peak_rss_mb), "threads": torch.get_num_threads()}, tracks
 
 
-def run_cuda(video, queries, weights, precision: str, repeats: int):
-    tracker = load_tracker(weights, device="cuda", precision=precision)
+def run_cuda(video, queries, weights, precision: str, repeats: int, encoder_chunk: int):
+    tracker = load_tracker(weights, device="cuda", precision=precision, encoder_chunk=encoder_chunk)
     video, queries = video.cuda(), queries.cuda()
     tracker(video, queries=queries, backward_tracking=True)  # warm-up
     torch.cuda.synchronize()
@@ -88,6 +89,7 @@ def main() -> None:
                         help="auto: CPU, plus CUDA when present")
     parser.add_argument("--repeats", type=int, default=5, help="timed CUDA calls per precision")
     parser.add_argument("--weights", default="random", help="load_tracker weights (default: stand-in)")
+    parser.add_argument("--encoder_chunk", type=int, default=16, help="frames per encoder call")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -95,17 +97,18 @@ def main() -> None:
     queries = queries_for(video)
     result = {
         "clip": {"frames": NUM_FRAMES, "queries": NUM_QUERIES, "size_hw": list(video.shape[-2:]),
-                 "backward_tracking": True, "weights": args.weights},
+                 "backward_tracking": True, "weights": args.weights, "encoder_chunk": args.encoder_chunk},
         "torch": torch.__version__,
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "load_avg_1min_at_start": round(os.getloadavg()[0], 2), "python": platform.python_version()},
     }
     if args.device in ("auto", "cpu"):
-        result["cpu_fp32"], _ = run_cpu(video, queries, args.weights)
+        result["cpu_fp32"], _ = run_cpu(video, queries, args.weights, args.encoder_chunk)
         print(f"CPU fp32: {result['cpu_fp32']}")
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         result["gpu"] = torch.cuda.get_device_name()
-        result["cuda_fp32"], tracks32, vis32 = run_cuda(video, queries, args.weights, "fp32", args.repeats)
-        result["cuda_bf16"], tracks16, vis16 = run_cuda(video, queries, args.weights, "bf16", args.repeats)
+        result["cuda_fp32"], tracks32, vis32 = run_cuda(video, queries, args.weights, "fp32", args.repeats, args.encoder_chunk)
+        result["cuda_bf16"], tracks16, vis16 = run_cuda(video, queries, args.weights, "bf16", args.repeats, args.encoder_chunk)
         dev = (tracks16 - tracks32).abs()
         result["bf16_vs_fp32"] = {
             "max_px": round(dev.max().item(), 4),

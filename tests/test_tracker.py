@@ -170,11 +170,11 @@ def test_encoder_chunking_does_not_change_features(model):
     video = torch.from_numpy(_fixture("model_small.npz")["video"])
     with torch.no_grad():
         whole = model.encode(video)
-        model.encoder_chunk = 5
+        previous, model.encoder_chunk = model.encoder_chunk, 5
         try:
             chunked = model.encode(video)
         finally:
-            model.encoder_chunk = 200
+            model.encoder_chunk = previous
     assert torch.allclose(whole, chunked, atol=1e-6)
 
 

@@ -32,7 +32,11 @@ class OfflineTracker(nn.Module):
     precision: "fp32" (reference, matches the official outputs) or "bf16" (autocast; sampling
     coordinates, the coordinate/logit state and the normalisations stay float32). bf16 is meant
     for CUDA: on CPUs without native bf16 convolutions it is much slower than fp32.
-    encoder_chunk: frames per encoder call (bounds encoder memory for long clips).
+    encoder_chunk: frames (over the whole batch) per encoder call; bounds the encoder's memory
+    (about 50 MB of activations per 384x512 frame in fp32) and does not change the result.
+    interp_shape: (H, W), multiples of 4, the frames are resized to; default the model resolution
+    (384, 512). Other sizes leave the official configuration (the motion features keep their
+    384x512 constants), so outputs then differ from the official predictor's.
     """
 
     def __init__(
@@ -42,14 +46,15 @@ class OfflineTracker(nn.Module):
         support_grid_size: int = 6,
         vis_threshold: float = 0.9,
         precision: str = "fp32",
-        encoder_chunk: int = 200,
+        encoder_chunk: int = 16,
+        interp_shape: tuple[int, int] | None = None,
     ):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model if model is not None else CoTrackerThreeOffline(encoder_chunk=encoder_chunk)
         self.model.encoder_chunk = encoder_chunk
-        self.interp_shape = self.model.model_resolution  # (Hm, Wm) = (384, 512)
+        self.interp_shape = tuple(interp_shape) if interp_shape is not None else self.model.model_resolution
         self.iters = iters
         self.support_grid_size = support_grid_size
         self.vis_threshold = vis_threshold

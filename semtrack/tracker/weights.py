@@ -99,13 +99,14 @@ def load_tracker(
     weights: str | os.PathLike = "official",
     device: str | torch.device | None = None,
     precision: str = "fp32",
-    encoder_chunk: int = 200,
+    encoder_chunk: int = 16,
+    interp_shape: tuple[int, int] | None = None,
 ) -> OfflineTracker:
     """An eval-mode `OfflineTracker` with `weights` loaded strictly (see `load_state_dict`).
 
     "random" gives the deterministic stand-in weights (tests and benchmarks only). device: where
-    to put the tracker (default CPU); precision and encoder_chunk: see `OfflineTracker`.
+    to put the tracker (default CPU); precision, encoder_chunk, interp_shape: see `OfflineTracker`.
     """
-    tracker = OfflineTracker(precision=precision, encoder_chunk=encoder_chunk)
+    tracker = OfflineTracker(precision=precision, encoder_chunk=encoder_chunk, interp_shape=interp_shape)
     tracker.model.load_state_dict(load_state_dict(weights), strict=True)
     return tracker.to(device if device is not None else "cpu").eval()
