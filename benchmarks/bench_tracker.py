@@ -107,8 +107,8 @@ def main() -> None:
         print(f"CPU fp32: {result['cpu_fp32']}")
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         result["gpu"] = torch.cuda.get_device_name()
-        result["cuda_fp32"], tracks32, vis32 = run_cuda(video, queries, args.weights, "fp32", args.repeats, args.encoder_chunk)
-        result["cuda_bf16"], tracks16, vis16 = run_cuda(video, queries, args.weights, "bf16", args.repeats, args.encoder_chunk)
+        runs = {p: run_cuda(video, queries, args.weights, p, args.repeats, args.encoder_chunk) for p in ("fp32", "bf16")}
+        (result["cuda_fp32"], tracks32, vis32), (result["cuda_bf16"], tracks16, vis16) = runs["fp32"], runs["bf16"]
         dev = (tracks16 - tracks32).abs()
         result["bf16_vs_fp32"] = {
             "max_px": round(dev.max().item(), 4),

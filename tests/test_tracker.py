@@ -21,7 +21,8 @@ MANIFEST = shared_path("cotracker3", "state_dict_manifest.tsv")
 
 
 def _reference_weights_module():
-    spec = importlib.util.spec_from_file_location("cotracker3_reference_weights", shared_path("cotracker3", "weights.py"))
+    path = shared_path("cotracker3", "weights.py")
+    spec = importlib.util.spec_from_file_location("cotracker3_reference_weights", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -136,7 +136,9 @@ class CoTrackerThreeOffline(nn.Module):
         patches = patches.view(b, t, c, n, -1)
         return torch.einsum("btcns,bcnr->bntsr", patches, track_feat)
 
-    def corr_embedding(self, pyramid: list[torch.Tensor], track_feats: list[torch.Tensor], coords: torch.Tensor) -> torch.Tensor:
+    def corr_embedding(
+        self, pyramid: list[torch.Tensor], track_feats: list[torch.Tensor], coords: torch.Tensor
+    ) -> torch.Tensor:
         """coords (B, T, N, 2) feature units -> corr_mlp embeddings of all levels (B, N, T, 256 * levels)."""
         embs = []
         for level, (fmap, feat) in enumerate(zip(pyramid, track_feats)):
