@@ -11,8 +11,8 @@ from PIL import Image
 
 from semtrack.cli import translate
 from semtrack.config import ExtractConfig
-from semtrack.gif import entity_colours, frame_durations_ms, jet, render_trails, save_trail_gif
-from semtrack.pipeline import ExtractionDataModule
+from semtrack.gif import entity_colours, frame_durations_ms, jet, render_trails, save_cluster_overlay, save_trail_gif
+from semtrack.pipeline import ExtractionDataModule, SemanticTracker, VideoResult, _StageClock, _Work
 from semtrack.trackfile import save_tracks
 from semtrack.writer import check_sidecar, failures_csv, merge_parts
 
@@ -99,6 +99,36 @@ def test_trails_show_only_the_last_four_segments(tmp_path):
     save_trail_gif(path, frames, tracks, visibility, np.zeros(n, dtype=np.int64), np.arange(t_len) / 25.0)
     with Image.open(path) as gif:
         assert gif.n_frames == t_len and gif.info["duration"] == 40 and gif.info["loop"] == 0
+
+
+def test_cluster_overlay_png(tmp_path):
+    frame = np.full((32, 48, 3), 200, dtype=np.uint8)
+    labels = np.arange(4).reshape(2, 2)
+    save_cluster_overlay(tmp_path / "o.png", frame, labels, np.array([[10.0, 10.0]]), np.array([3]))
+    image = np.asarray(Image.open(tmp_path / "o.png"))
+    assert image.shape == (32, 96, 3)
+    assert (image[:, :48] == 200).all()  # the frame as is, beside the blended label map
+    assert not (image[:, 48:] == 200).all()
+
+
+# ------------------------------------------------------------------------------ failure isolation
+def test_a_failing_group_is_retried_video_by_video():
+    """A stage that raises on a group call (as CUDA OOM would) pins the failure on the one video
+    that still fails alone; the others of the group go on."""
+    works = [_Work(VideoResult(i, f"v{i}", "d", f"/v{i}.mp4"), torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+                   torch.zeros(1, dtype=torch.long)) for i in range(3)]
+    calls = []
+
+    def stage(group):
+        calls.append([w.result.video_id for w in group])
+        if any(w.result.video_id == "v1" for w in group):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
+
+    alive = SemanticTracker(ExtractConfig())._run("tracking", works, lambda w: 0, stage, _StageClock(torch.device("cpu")))
+    assert [w.result.video_id for w in alive] == ["v0", "v2"]
+    assert calls == [["v0", "v1", "v2"], ["v0"], ["v1"], ["v2"]]
+    failed = works[1].result
+    assert (failed.stage, failed.reason) == ("tracking", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
 
 
 # ------------------------------------------------------------------------------ sidecar
