@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import semtrack
 from _shared import REPO_ROOT
 from datamodules.video import VideoCSVDataset
 from semtrack.cli import main
@@ -250,17 +251,20 @@ def test_hostile_csvs_give_clear_errors(tmp_path, videos_dir, capsys):
     assert main(["--csv_path", str(tmp_path / "absent.csv"), *base]) == 2
 
 
-def test_unicode_paths_and_a_directory_row(tmp_path, videos_dir):
+def test_unicode_paths_and_a_directory_row_through_the_python_api(tmp_path, videos_dir):
     folder = tmp_path / "clips with spaces ü"
     folder.mkdir()
     clip = folder / "mön clip.webm"
     shutil.copy(videos_dir / "tiny_ssv2.webm", clip)
     csv = write_csv(tmp_path / "odd.csv", [(clip, "my set"), (folder, "my set")])
-    assert main(["--csv_path", str(csv), "--base_feat_path", str(tmp_path / "out"), *GRID]) == 1
+    report = semtrack.extract(
+        csv, tmp_path / "out", weights="random", use_grid=True, cotracker_grid_size=2, max_frames=4,
+        tracker_resolution=(96, 128), num_workers=0, accelerator="cpu", enable_progress_bar=False,
+    )
     out = tmp_path / "out" / "cotracker3_bip_fr_32"
     assert load_tracks(out / "my set" / "feat_dump" / "mön clip.pkl").num_points == 4
-    report = json.loads((out / "run_report.json").read_text(encoding="utf-8"))
-    assert report["counts"]["done"] == 1 and report["counts"]["failed"] == 1
+    assert report == json.loads((out / "run_report.json").read_text(encoding="utf-8"))
+    assert report["counts"] == {"rows": 2, "done": 1, "failed": 1, "skipped": 0}
     assert report["failures"][0]["video_id"] == folder.name and "directory" in report["failures"][0]["reason"]
 
 
