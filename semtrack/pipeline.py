@@ -87,6 +87,24 @@ class _Work:
     visibility: torch.Tensor | None = None
 
 
+# Grouping keys: videos with equal keys share one call of a stage.
+def _together(w: _Work) -> int:
+    return 0
+
+
+def _frame_size(w: _Work) -> tuple[int, int]:
+    return tuple(w.video.shape[-2:])  # (H, W): one DINOv2 call
+
+
+def _clip_shape(w: _Work) -> tuple[int, ...]:
+    return tuple(w.video.shape)  # (T, 3, H, W): one tracker call (grid mode)
+
+
+def _clip_shape_and_points(w: _Work) -> tuple:
+    # The tracker's points attend to each other, so videos are only batched at equal N (no padding).
+    return tuple(w.video.shape), w.queries.shape[0]
+
+
 class _StageClock:
     """Per-stage seconds without synchronising the device: CUDA events, read after the step's copy."""
 
@@ -250,16 +268,14 @@ class SemanticTracker(L.LightningModule):
                 item["video"].to(self.device, non_blocking=True),
                 item["cluster_frames"].to(self.device, non_blocking=True),
             ))
-        shape = lambda w: tuple(w.video.shape[-2:])  # noqa: E731 - (H, W)
         if cfg.use_grid:
-            works = self._run("points", works, shape, self._grid_points, clock)
-            track_key = lambda w: tuple(w.video.shape)  # noqa: E731 - (T, 3, H, W)
+            works = self._run("points", works, _together, self._grid_points, clock)
+            works = self._run("tracking", works, _clip_shape, self._tracking, clock)
         else:
-            works = self._run("features", works, shape, self._features, clock)
-            works = self._run("clustering", works, lambda w: 0, self._clustering, clock)
-            works = self._run("points", works, lambda w: 0, self._points, clock)
-            track_key = lambda w: (tuple(w.video.shape), w.queries.shape[0])  # noqa: E731
-        works = self._run("tracking", works, track_key, self._tracking, clock)
+            works = self._run("features", works, _frame_size, self._features, clock)
+            works = self._run("clustering", works, _together, self._clustering, clock)
+            works = self._run("points", works, _together, self._points, clock)
+            works = self._run("tracking", works, _clip_shape_and_points, self._tracking, clock)
         for w in works:  # the one device -> host copy per video
             r = w.result
             r.tracks, r.visibility = w.tracks.cpu(), w.visibility.cpu()
