@@ -89,6 +89,11 @@ class ExtractCLI(LightningCLI):
     def before_predict(self) -> None:
         preflight(self._get(self.config_init, "extract"), self.trainer.precision)
 
+    def predict(self, **kwargs) -> None:
+        """`Trainer.predict` without collecting predictions: the writer has them, memory stays flat."""
+        kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program on `argv` (default `sys.argv[1:]`); returns the exit status."""
