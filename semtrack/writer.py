@@ -253,7 +253,7 @@ class TrackWriter(BasePredictionWriter):
             write_text_atomic(out / REPORT, json.dumps(report, indent=2) + "\n")
             for stale in out.glob("run_report.rank*.json"):
                 stale.unlink(missing_ok=True)
-            print(format_report(report), file=sys.stderr, flush=True)
+            print("\n" + format_report(report), file=sys.stderr, flush=True)  # after the bar line
         self.report = trainer.strategy.broadcast(report, src=0)
 
 
