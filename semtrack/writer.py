@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -157,6 +158,8 @@ class TrackWriter(BasePredictionWriter):
         self._reset()
         self.report = None
         self._options = run_options(self.config, trainer.precision)
+        # Names this run's per-rank report parts, so jobs sharing an output folder never mix them.
+        self._run_id = trainer.strategy.broadcast(uuid.uuid4().hex[:12] if trainer.is_global_zero else None, src=0)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         now = time.perf_counter()
@@ -242,17 +245,18 @@ class TrackWriter(BasePredictionWriter):
             "stage_totals": {k: list(v) for k, v in self.stage_totals.items()}, "wall_s": self.elapsed,
             "data_wait_s": self.data_wait, "points_dropped": self.points_dropped,
         }
-        write_text_atomic(out / f"run_report.rank{trainer.global_rank}.json", json.dumps(part))
+        part_name = f"run_report.{self._run_id}.rank{{}}.json"
+        write_text_atomic(out / part_name.format(trainer.global_rank), json.dumps(part))
         trainer.strategy.barrier("semtrack_report")
         report = None
         if trainer.is_global_zero:
-            parts = [json.loads((out / f"run_report.rank{r}.json").read_text()) for r in range(trainer.world_size)]
+            parts = [json.loads((out / part_name.format(r)).read_text()) for r in range(trainer.world_size)]
             dm = trainer.datamodule
             report = merge_parts(parts, getattr(dm, "num_rows", self.done + self.failed), getattr(dm, "num_skipped", 0), cfg)
             write_text_atomic(out / FAILURES, failures_csv(report["failures"]))
             write_text_atomic(out / REPORT, json.dumps(report, indent=2) + "\n")
-            for stale in out.glob("run_report.rank*.json"):
-                stale.unlink(missing_ok=True)
+            for r in range(trainer.world_size):
+                (out / part_name.format(r)).unlink(missing_ok=True)
             print("\n" + format_report(report), file=sys.stderr, flush=True)  # after the bar line
         self.report = trainer.strategy.broadcast(report, src=0)
 
