@@ -23,6 +23,7 @@ from datamodules.video import VideoCSVDataset, collate_videos
 from semtrack.clustering import bipartite_clusters, kmeans_clusters, video_seed
 from semtrack.config import ExtractConfig
 from semtrack.points import grid_query_points, select_query_points
+from semtrack.trackfile import TrackFileError, load_tracks
 
 STAGES = ("features", "clustering", "points", "tracking")
 TRACKER_PRECISION = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp32", "bf16-mixed": "bf16"}
@@ -152,6 +153,7 @@ class SemanticTracker(L.LightningModule):
     def configure_model(self) -> None:
         if self.tracker is not None:
             return
+        # Imported here: spawned DataLoader workers import this module (PendingRows) and need neither.
         from semtrack.features import DinoV2Extractor
         from semtrack.tracker import load_tracker
 
@@ -345,8 +347,6 @@ class ExtractionDataModule(L.LightningDataModule):
         for row in rows:
             path = self.config.pickle_path(row.dataset, row.video_id)
             if not self.config.rerun and path.is_file():
-                from semtrack.trackfile import TrackFileError, load_tracks
-
                 try:
                     load_tracks(path)
                     skipped += 1

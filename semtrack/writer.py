@@ -25,6 +25,7 @@ import semtrack
 from semtrack.config import ExtractConfig
 from semtrack.gif import save_cluster_overlay, save_trail_gif
 from semtrack.pipeline import STAGES, VideoResult, dinov2_weights_id, one_line, tracker_weights_id
+from semtrack.trackfile import save_tracks
 
 SIDECAR = "semtrack_config.json"
 FAILURES = "failures.csv"
@@ -162,8 +163,7 @@ class TrackWriter(BasePredictionWriter):
         self._run_id = trainer.strategy.broadcast(uuid.uuid4().hex[:12] if trainer.is_global_zero else None, src=0)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        now = time.perf_counter()
-        self.data_wait += now - self._last
+        self.data_wait += time.perf_counter() - self._last  # waiting for the DataLoader
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         items = {int(item["index"]): item for item in batch}
@@ -191,8 +191,6 @@ class TrackWriter(BasePredictionWriter):
         self._last = time.perf_counter()
 
     def _write_video(self, r: VideoResult, item: dict) -> None:
-        from semtrack.trackfile import save_tracks
-
         cfg = self.config
         video = item["video"]  # (T, 3, H, W) uint8, CPU
         meta = {
