@@ -164,9 +164,9 @@ class SemanticTracker(L.LightningModule):
         if not cfg.use_grid:
             checkpoint = cfg.dinov2_checkpoint or ("random" if cfg.weights == "random" else None)
             self.features = DinoV2Extractor(cfg.dinov2_model, checkpoint=checkpoint)
-        tracker = load_tracker(tracker_weights_id(cfg), precision=TRACKER_PRECISION[precision])
-        tracker.interp_shape = tuple(cfg.tracker_resolution)  # frames are resized to this before tracking
-        self.tracker = tracker
+        self.tracker = load_tracker(
+            tracker_weights_id(cfg), precision=TRACKER_PRECISION[precision], interp_shape=tuple(cfg.tracker_resolution)
+        )
 
     # ------------------------------------------------------------------ stage plumbing
     def _run(self, stage: str, works: list[_Work], key: Callable[[_Work], Hashable], fn, clock) -> list[_Work]:
