@@ -17,7 +17,8 @@ What it reports (per precision; printed and written to `--json`):
 
 * `videos_per_s`: videos (done + failed) / wall time of the predict loop (`on_predict_start` to
   the last batch written); `steady_videos_per_s` leaves out the first batch (worker start-up,
-  lazy initialisation, autotuning).
+  lazy initialisation, autotuning). `loop` (these and the stage times) is rank 0's; with several
+  devices `all_ranks.videos_per_s` = all ranks' videos / the slowest rank's loop wall time.
 * `stage_s_per_video`: `decode_wait` (the loop waiting for the DataLoader between batches, first
   batch excluded; 0 means decoding is hidden), `features`, `clustering`, `sampling` (the pipeline's
   "points"), `tracking` (the pipeline's own stage clocks: CUDA events on a GPU, wall time on CPU,
@@ -147,15 +148,19 @@ class LoopProbe(Callback):
             "cuda_max_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if self.cuda else None,
             "cpu_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # KiB on Linux
         }
+        loop = self.summary()
         per_rank = trainer.strategy.all_gather(torch.tensor(
             [local["rank"], local["cuda_max_allocated_gb"] or -1.0, local["cuda_max_reserved_gb"] or -1.0,
-             local["cpu_max_rss_gb"]], dtype=torch.float64, device=device))
-        per_rank = per_rank.reshape(-1, 4).cpu().tolist()
+             local["cpu_max_rss_gb"], loop["videos"], loop["wall_s"]], dtype=torch.float64, device=device))
+        per_rank = per_rank.reshape(-1, 6).cpu().tolist()
+        videos, wall = sum(row[4] for row in per_rank), max(row[5] for row in per_rank)
         self.result = {
-            "loop": self.summary(),
+            "loop": loop,
+            "all_ranks": {"ranks": len(per_rank), "videos": int(videos), "wall_s": wall,
+                          "videos_per_s": videos / wall if wall > 0 else None},
             "per_rank_memory": [
                 {"rank": int(r), "cuda_max_allocated_gb": _gb(a), "cuda_max_reserved_gb": _gb(m), "cpu_max_rss_gb": _gb(c)}
-                for r, a, m, c in per_rank
+                for r, a, m, c, _, _ in per_rank
             ],
             "nvml_utilization": round(sum(self.nvml) / len(self.nvml) / 100, 3) if self.nvml else None,
         }
@@ -375,6 +380,9 @@ def print_summary(result: dict) -> None:
         loop, counts = run["loop"], run["run_report"]["counts"]
         print(f"[{precision}] {counts['done']} done, {counts['failed']} failed in {loop['wall_s']:.1f} s: "
               f"{_fmt(loop['videos_per_s'])} videos/s (steady {_fmt(loop['steady_videos_per_s'])})")
+        if run["all_ranks"]["ranks"] > 1:
+            print(f"  all {run['all_ranks']['ranks']} ranks: {_fmt(run['all_ranks']['videos_per_s'])} videos/s "
+                  "(stage times below are rank 0's)")
         stages = ", ".join(f"{k} {_fmt(v)}" for k, v in loop["stage_s_per_video"].items())
         print(f"  s/video: {stages}")
         print(f"  startup wait {_fmt(loop['startup_wait_s'], '.2f')} s; decode in-process "
