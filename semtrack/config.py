@@ -14,8 +14,10 @@ from typing import Literal, Optional
 CLUSTERING_METHODS = ("bipartite", "kmeans")
 
 # Options that never change what a pickle contains (where/how the job runs, what else it writes).
+# The memory budget only decides whether a video is tracked (and with which others), never how.
 RUN_ONLY_OPTIONS = frozenset(
-    {"csv_path", "base_feat_path", "batch_size", "num_workers", "make_vis", "debug_mode", "rerun"}
+    {"csv_path", "base_feat_path", "batch_size", "num_workers", "make_vis", "debug_mode", "rerun",
+     "max_tracking_memory_gb"}
 )
 
 
@@ -59,6 +61,10 @@ class ExtractConfig:
     weights: Literal["official", "random"] = "official"
     cotracker_checkpoint: Optional[str] = None  # path or URL; overrides `weights` for the tracker
     tracker_resolution: tuple[int, int] = (384, 512)  # (H, W) frames are resized to for tracking
+    # Estimated tracking memory above which a video is a recorded failure (and batched groups are
+    # split). None: on CUDA 10 GB per rank minus what the models hold; elsewhere half the memory
+    # still available to the process (cgroup-aware). GB = 1e9 bytes.
+    max_tracking_memory_gb: Optional[float] = None
     # job
     batch_size: int = 1
     num_workers: int = 4
@@ -85,6 +91,9 @@ class ExtractConfig:
             raise ValueError("num_workers and min_point_distance must be >= 0")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be a positive integer or None, got {self.max_frames!r}")
+        budget = self.max_tracking_memory_gb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+            raise ValueError(f"max_tracking_memory_gb must be a positive number of GB or None, got {budget!r}")
         h_w = tuple(int(v) for v in self.tracker_resolution)
         if len(h_w) != 2 or min(h_w) < 32 or h_w[0] % 32 or h_w[1] % 32:
             raise ValueError(f"tracker_resolution must be (H, W), positive multiples of 32, got {self.tracker_resolution!r}")

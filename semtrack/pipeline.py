@@ -6,13 +6,20 @@ go through DINOv2 and the tracker in one call; every stage runs per group, and w
 raises (CUDA out of memory included) its videos are retried one by one, so a failure is pinned on
 one video (stage + one-line reason) and the others go on. Results leave the device once, at the
 end of the step, for the writer.
+
+Before tracking, each group's tracking memory is estimated (`tracking_bytes`) against the budget
+`config.max_tracking_memory_gb` (`tracking_budget`): a group over it is split into smaller groups,
+and a video that alone is over it is a recorded failure that names the fix, without being tried —
+a CPU rank would otherwise be killed by the kernel with nothing recorded.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Hashable
 
 import lightning as L
@@ -27,6 +34,8 @@ from semtrack.trackfile import TrackFileError, load_tracks
 
 STAGES = ("features", "clustering", "points", "tracking")
 TRACKER_PRECISION = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp32", "bf16-mixed": "bf16"}
+GB = 1e9
+CUDA_BUDGET_BYTES = 10 * GB  # issue 6: peak GPU memory <= 10 GB per rank
 
 
 def one_line(exc: BaseException) -> str:
@@ -46,6 +55,60 @@ def dinov2_weights_id(config: ExtractConfig) -> str:
     if config.dinov2_checkpoint:
         return config.dinov2_checkpoint
     return "random" if config.weights == "random" else "timm-hub"
+
+
+# ---------------------------------------------------------------------------- tracking memory
+# Until the tracker publishes `estimate_tracking_bytes`: its peak live memory as counted in
+# benchmarks/NOTES.md ("Long clips", fp32, 384x512, 36 support points added to the queries): per
+# frame 25 MB that scale with the tracker resolution (feature pyramids, their reversed copy for
+# the backward pass, the resized video) plus 70 kB per tracked point (correlation patches, their
+# einsum copy, the two bmm products). Rounded up from 24.3 MB and 69.4 kB.
+_SUPPORT_POINTS = 36
+_FRAME_BYTES = 25e6
+_POINT_FRAME_BYTES = 70e3
+
+
+def _fallback_tracking_bytes(T: int, N: int, H: int = 384, W: int = 512, backward: bool = True,
+                             dtype_bytes: int = 4, batch: int = 1) -> float:
+    """Conservative tracker peak bytes for `batch` clips of T frames and N queries at H x W. Counts
+    fp32 and the backward pass whatever `backward` and `dtype_bytes` say (an upper bound for both)."""
+    per_frame = _FRAME_BYTES * (H * W) / (384 * 512) + _POINT_FRAME_BYTES * (N + _SUPPORT_POINTS)
+    return batch * T * per_frame
+
+
+def _tracker_estimate() -> Callable[..., float]:
+    try:
+        from semtrack.tracker import estimate_tracking_bytes
+    except ImportError:
+        return _fallback_tracking_bytes
+    return estimate_tracking_bytes
+
+
+def tracking_bytes(frames: int, points: int, clip_size: tuple[int, int], resolution: tuple[int, int],
+                   backward: bool, dtype_bytes: int, batch: int = 1) -> float:
+    """Estimated peak bytes of one tracking call on `batch` clips of (frames, 3, *clip_size) uint8
+    with `points` queries each: the tracker's estimate at `resolution` (H, W) plus the float32 video
+    (and its uint8 stack) that `SemanticTracker._tracking` hands it."""
+    tracker = _tracker_estimate()(frames, points, *resolution, backward=backward, dtype_bytes=dtype_bytes, batch=batch)
+    return float(tracker) + batch * frames * 3 * clip_size[0] * clip_size[1] * (1 + 4)
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, lowered by a cgroup v2 limit; None if
+    unknown (not Linux). Same rule as the Dataset's decode check (`datamodules.video`)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    available = next((int(ln.split()[1]) * 1024 for ln in meminfo.splitlines() if ln.startswith("MemAvailable:")), None)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available or 2**63, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 @dataclass
@@ -149,6 +212,8 @@ class SemanticTracker(L.LightningModule):
         self.config = config if config is not None else ExtractConfig()
         self.features: torch.nn.Module | None = None
         self.tracker: torch.nn.Module | None = None
+        self.tracker_precision = "fp32"  # set from the Trainer's precision in configure_model
+        self._model_bytes = 0  # CUDA memory the models hold, read at predict start
 
     def configure_model(self) -> None:
         if self.tracker is not None:
@@ -164,18 +229,81 @@ class SemanticTracker(L.LightningModule):
         if not cfg.use_grid:
             checkpoint = cfg.dinov2_checkpoint or ("random" if cfg.weights == "random" else None)
             self.features = DinoV2Extractor(cfg.dinov2_model, checkpoint=checkpoint)
+        self.tracker_precision = TRACKER_PRECISION[precision]
         self.tracker = load_tracker(
-            tracker_weights_id(cfg), precision=TRACKER_PRECISION[precision], interp_shape=tuple(cfg.tracker_resolution)
+            tracker_weights_id(cfg), precision=self.tracker_precision, interp_shape=tuple(cfg.tracker_resolution)
         )
 
+    def on_predict_start(self) -> None:
+        if self.device.type == "cuda":
+            self._model_bytes = torch.cuda.memory_allocated(self.device)
+
+    # ------------------------------------------------------------------ tracking memory
+    def tracking_budget(self) -> float | None:
+        """Bytes one tracking call may use: `max_tracking_memory_gb`, else on CUDA 10 GB minus what
+        the models hold, elsewhere half the memory still available (None: unknown, no guard)."""
+        if self.config.max_tracking_memory_gb is not None:
+            return self.config.max_tracking_memory_gb * GB
+        if self.device.type == "cuda":
+            return max(0.0, CUDA_BUDGET_BYTES - self._model_bytes)
+        available = available_memory()
+        return None if available is None else available / 2
+
+    def _num_points(self, w: _Work) -> int:
+        return self.config.cotracker_grid_size**2 if self.config.use_grid else w.queries.shape[0]
+
+    def _tracking_need(self, w: _Work, batch: int = 1, frames: int | None = None) -> float:
+        """Estimated bytes to track `batch` videos shaped like `w` (optionally cut to `frames`)."""
+        cfg = self.config
+        t, _, h, wd = w.video.shape
+        return tracking_bytes(
+            frames or t, self._num_points(w), (h, wd), cfg.tracker_resolution, backward=not cfg.use_grid,
+            dtype_bytes=2 if self.tracker_precision == "bf16" else 4, batch=batch,
+        )
+
+    def _over_budget(self, w: _Work, budget: float) -> str:
+        """The failure reason for a video that alone needs more than `budget` bytes, naming the fix:
+        the largest --max_frames that fits, or a budget that would."""
+        need, frames = self._tracking_need(w), w.video.shape[0]
+        lo, hi = 1, frames  # lo: the largest frame count that fits (estimates grow with frames), or 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self._tracking_need(w, frames=mid) <= budget else (lo, mid - 1)
+        h, wd = self.config.tracker_resolution
+        fix = f"use --max_frames {lo} or " if lo >= 2 else "use "  # the Dataset needs max_frames >= 2
+        return (
+            f"needs ≈{need / GB:.3g} GB to track {frames} frames x {self._num_points(w)} points at {h}x{wd}; "
+            f"budget {budget / GB:.3g} GB; {fix}--max_tracking_memory_gb {math.ceil(need / GB * 100) / 100:g}"
+        )
+
+    def _fit_budget(self, group: list[_Work]) -> list[list[_Work]]:
+        """Split a tracking group (videos of one shape and point count) into calls that fit the
+        budget; videos that do not fit alone are failed here, untried."""
+        budget = self.tracking_budget()
+        if budget is None:
+            return [group]
+        if self._tracking_need(group[0]) > budget:
+            reason = self._over_budget(group[0], budget)
+            for w in group:
+                self._fail(w, "tracking", reason)
+            return []
+        size = len(group)
+        while self._tracking_need(group[0], batch=size) > budget:
+            size -= 1
+        calls = math.ceil(len(group) / size)
+        return [group[i::calls] for i in range(calls)]
+
     # ------------------------------------------------------------------ stage plumbing
-    def _run(self, stage: str, works: list[_Work], key: Callable[[_Work], Hashable], fn, clock) -> list[_Work]:
-        """Apply `fn(group)` to the groups of live works sharing `key`; on an exception retry each
-        video alone and mark the ones that still fail. Returns the works still alive."""
+    def _run(self, stage: str, works: list[_Work], key: Callable[[_Work], Hashable], fn, clock,
+             split: Callable[[list[_Work]], list[list[_Work]]] | None = None) -> list[_Work]:
+        """Apply `fn(group)` to the groups of live works sharing `key` (each cut into calls by
+        `split`, which may also fail videos); on an exception retry each video alone and mark the
+        ones that still fail. Returns the works still alive."""
         groups: dict[Hashable, list[_Work]] = defaultdict(list)
         for w in works:
             groups[key(w)].append(w)
-        for group in groups.values():
+        calls = [call for group in groups.values() for call in (split(group) if split else [group])]
+        for group in calls:
             try:
                 with clock(stage, len(group)):
                     fn(group)
@@ -272,12 +400,12 @@ class SemanticTracker(L.LightningModule):
             ))
         if cfg.use_grid:
             works = self._run("points", works, _together, self._grid_points, clock)
-            works = self._run("tracking", works, _clip_shape, self._tracking, clock)
+            works = self._run("tracking", works, _clip_shape, self._tracking, clock, self._fit_budget)
         else:
             works = self._run("features", works, _frame_size, self._features, clock)
             works = self._run("clustering", works, _together, self._clustering, clock)
             works = self._run("points", works, _together, self._points, clock)
-            works = self._run("tracking", works, _clip_shape_and_points, self._tracking, clock)
+            works = self._run("tracking", works, _clip_shape_and_points, self._tracking, clock, self._fit_budget)
         for w in works:  # the one device -> host copy per video
             r = w.result
             r.tracks, r.visibility = w.tracks.cpu(), w.visibility.cpu()
