@@ -290,8 +290,8 @@ class SemanticTracker(L.LightningModule):
         size = len(group)
         while self._tracking_need(group[0], batch=size) > budget:
             size -= 1
-        calls = math.ceil(len(group) / size)
-        return [group[i::calls] for i in range(calls)]
+        chunk = math.ceil(len(group) / math.ceil(len(group) / size))  # balanced calls of <= size videos
+        return [group[i:i + chunk] for i in range(0, len(group), chunk)]
 
     # ------------------------------------------------------------------ stage plumbing
     def _run(self, stage: str, works: list[_Work], key: Callable[[_Work], Hashable], fn, clock,
