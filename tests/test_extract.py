@@ -1,18 +1,22 @@
 """Unit tests of the extraction job's pieces: config naming, flag translation, GIF drawing,
-config sidecar, skip/redo decisions and report merging. No model runs here (see test_extract_e2e)."""
+config sidecar, skip/redo decisions, report merging and the tracking memory guard. Models run only in
+the guard's one small grid-mode job (stand-in weights); the rest of the end-to-end runs live in
+test_extract_e2e."""
 from __future__ import annotations
 
+import csv as csv_module
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from semtrack.cli import translate
+from semtrack.cli import main, translate
 from semtrack.config import ExtractConfig
 from semtrack.gif import entity_colours, frame_durations_ms, jet, render_trails, save_cluster_overlay, save_trail_gif
-from semtrack.pipeline import ExtractionDataModule, SemanticTracker, VideoResult, _StageClock, _Work
+from semtrack.pipeline import ExtractionDataModule, SemanticTracker, VideoResult, _StageClock, _Work, tracking_bytes
 from semtrack.trackfile import save_tracks
 from semtrack.writer import check_sidecar, failures_csv, merge_parts
 
@@ -190,3 +194,63 @@ def test_merge_parts_sums_ranks_and_orders_failures(tmp_path):
     text = failures_csv(report["failures"])
     assert text.splitlines()[0] == "row,video_id,dataset,video_path,stage,reason"
     assert text.splitlines()[1] == '1,v1,d,/x/v1.mp4,decode,"bad, ""quoted"""'
+
+
+# ------------------------------------------------------------------------------ tracking memory guard
+def _meta_work(i: int, frames: int = 50, size=(240, 428), points: int = 300) -> _Work:
+    """A video of (frames, 3, *size) on the meta device (no memory) with `points` queries."""
+    w = _Work(VideoResult(i, f"v{i}", "d", f"/v{i}.mp4"), torch.empty(frames, 3, *size, dtype=torch.uint8, device="meta"),
+              torch.zeros(1, dtype=torch.long))
+    w.queries = torch.zeros(points, 3)
+    return w
+
+
+def test_tracking_guard_splits_groups_and_refuses_what_does_not_fit_alone():
+    one = tracking_bytes(50, 300, (240, 428), (384, 512), backward=True, dtype_bytes=4)
+    assert tracking_bytes(50, 300, (240, 428), (384, 512), backward=True, dtype_bytes=4, batch=5) == pytest.approx(5 * one)
+    works = [_meta_work(i) for i in range(5)] + [_meta_work(5, frames=3000, size=(480, 640))]
+    tracker = SemanticTracker(ExtractConfig(max_tracking_memory_gb=2.5 * one / 1e9))  # two 50-frame clips per call
+    calls = []
+    alive = tracker._run("tracking", works, lambda w: w.video.shape, lambda g: calls.append([w.result.index for w in g]),
+                         _StageClock(torch.device("cpu")), tracker._fit_budget)
+    assert calls == [[0, 1], [2, 3], [4]]  # the long clip is never tried
+    assert [w.result.index for w in alive] == [0, 1, 2, 3, 4]
+    refused = works[5].result
+    assert refused.stage == "tracking"
+    assert refused.reason.startswith("needs ≈") and "to track 3000 frames x 300 points at 384x512; budget" in refused.reason
+    suggested = int(re.search(r"use --max_frames (\d+) or --max_tracking_memory_gb [\d.]+$", refused.reason).group(1))
+    fits = lambda t: tracker._tracking_need(works[5], frames=t) <= 2.5 * one  # noqa: E731
+    assert fits(suggested) and not fits(suggested + 1)
+
+
+def test_tracking_budget_default_is_half_the_available_memory_on_cpu():
+    from semtrack.pipeline import available_memory
+
+    budget, available = SemanticTracker(ExtractConfig()).tracking_budget(), available_memory()
+    assert available is not None and 0 < budget <= available / 2 * 1.1  # memory use moves between the reads
+    assert SemanticTracker(ExtractConfig(max_tracking_memory_gb=1.5)).tracking_budget() == 1.5e9
+    with pytest.raises(ValueError, match="max_tracking_memory_gb"):
+        ExtractConfig(max_tracking_memory_gb=0)
+
+
+def test_over_budget_video_is_a_recorded_tracking_failure(tmp_path, videos_dir):
+    """Grid mode, stand-in weights, 4 frames at 96x128: the larger clip is refused, the other is done
+    (exit 1); the option stays out of the sidecar and the pickles, and a run without it resumes."""
+    csv = tmp_path / "v.csv"
+    csv.write_text(f"video_path,dataset\n{videos_dir / 'tiny_ssv2.webm'},clips\n{videos_dir / 'tiny_25fps.mp4'},clips\n")
+    small, large = (tracking_bytes(4, 4, size, (96, 128), backward=False, dtype_bytes=4) for size in ((192, 256), (240, 320)))
+    args = ["--csv_path", str(csv), "--base_feat_path", str(tmp_path / "out"), "--weights", "random", "--use_grid",
+            "--cotracker_grid_size", "2", "--max_frames", "4", "--tracker_resolution", "96", "128", "--num_workers", "0",
+            "--accelerator", "cpu", "--trainer.enable_progress_bar=false"]
+    assert main([*args, "--max_tracking_memory_gb", str((small + large) / 2e9)]) == 1
+    out = tmp_path / "out" / "cotracker3_bip_fr_32"
+    rows = list(csv_module.DictReader((out / "failures.csv").open(encoding="utf-8")))
+    assert [(r["video_id"], r["stage"]) for r in rows] == [("tiny_25fps", "tracking")]
+    assert rows[0]["reason"].startswith("needs ≈") and "to track 4 frames x 4 points at 96x128" in rows[0]["reason"]
+    assert "--max_tracking_memory_gb" in rows[0]["reason"]
+    done = out / "clips" / "feat_dump" / "tiny_ssv2.pkl"
+    first = done.read_bytes()
+    assert "max_tracking_memory_gb" not in json.loads((out / "semtrack_config.json").read_text())["options"]
+    assert main([*args, "--rerun"]) == 0  # no budget given: the sidecar agrees, both are done
+    assert done.read_bytes() == first  # the budget never changes a pickle
+    assert (out / "clips" / "feat_dump" / "tiny_25fps.pkl").is_file()
