@@ -6,7 +6,10 @@ It builds the same objects as `scripts/extract.py` (`semtrack.cli`): `SemanticTr
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 
 from semtrack.config import ExtractConfig
 from semtrack.pipeline import ExtractionDataModule, SemanticTracker
@@ -35,14 +38,22 @@ def job_callbacks(config: ExtractConfig, progress_bar: bool = True) -> list:
     return [TrackWriter(config)] + ([ExtractionProgressBar()] if progress_bar else [])
 
 
-def run(config: ExtractConfig, **trainer_options) -> dict:
-    """Run the job for `config` with `Trainer(**TRAINER_DEFAULTS, **trainer_options)`; -> report."""
+def run(config: ExtractConfig, callbacks: Sequence[Callback | None] = (), **trainer_options) -> dict:
+    """Run the job for `config` with `Trainer(**TRAINER_DEFAULTS, **trainer_options)`; -> report.
+
+    `callbacks`: extra Lightning callbacks. The job's own (`job_callbacks`: the writer, the progress
+    bar) go where the list holds `None`, else after all of them — so `[before, None, after]` runs
+    `before`'s batch-end hook ahead of the writing and `after`'s once the batch is written.
+    """
     options = {**TRAINER_DEFAULTS, **trainer_options}
-    callbacks = job_callbacks(config, options.get("enable_progress_bar", True))
-    trainer = L.Trainer(**options, callbacks=callbacks)
+    if list(callbacks).count(None) > 1:
+        raise ValueError("callbacks: at most one None (where the job's writer and progress bar go)")
+    job = job_callbacks(config, options.get("enable_progress_bar", True))
+    extra = list(callbacks) if None in callbacks else [*callbacks, None]
+    trainer = L.Trainer(**options, callbacks=[c for cb in extra for c in (job if cb is None else [cb])])
     preflight(config, trainer.precision)
     trainer.predict(SemanticTracker(config), datamodule=ExtractionDataModule(config), return_predictions=False)
-    return callbacks[0].report
+    return job[0].report
 
 
 def extract(csv_path: str, base_feat_path: str = "./semtrack_out", **options) -> dict:
@@ -50,7 +61,7 @@ def extract(csv_path: str, base_feat_path: str = "./semtrack_out", **options) ->
 
     `options`: any `ExtractConfig` field (e.g. `clustering_method="kmeans"`, `fps=10`,
     `weights="random"`, `make_vis=True`) and any `Trainer` argument (`accelerator`, `devices`,
-    `precision`, ...). Returns the run report: counts (rows, done, failed, skipped), failures
+    `precision`, ...) and `callbacks` (placed as `run` says). Returns the run report: counts (rows, done, failed, skipped), failures
     with stage and reason, per-stage mean seconds, throughput.
 
     Several devices from Python: use `strategy="ddp_spawn"` (the default DDP launcher re-runs the

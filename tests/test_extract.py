@@ -254,3 +254,29 @@ def test_over_budget_video_is_a_recorded_tracking_failure(tmp_path, videos_dir):
     assert main([*args, "--rerun"]) == 0  # no budget given: the sidecar agrees, both are done
     assert done.read_bytes() == first  # the budget never changes a pickle
     assert (out / "clips" / "feat_dump" / "tiny_25fps.pkl").is_file()
+
+
+def test_api_run_places_extra_callbacks_around_the_writer(tmp_path, videos_dir):
+    from lightning.pytorch.callbacks import Callback
+
+    from semtrack.api import run
+
+    csv = tmp_path / "v.csv"
+    csv.write_text(f"video_path,dataset\n{videos_dir / 'tiny_ssv2.webm'},clips\n")
+    config = ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), weights="random", use_grid=True,
+                           cotracker_grid_size=2, max_frames=4, tracker_resolution=(96, 128), num_workers=0)
+    pickle_path = config.pickle_path("clips", "tiny_ssv2")
+    seen = []
+
+    class Probe(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            seen.append((self.name, pickle_path.is_file()))
+
+    report = run(config, callbacks=[Probe("before"), None, Probe("after")], accelerator="cpu", enable_progress_bar=False)
+    assert seen == [("before", False), ("after", True)]
+    assert report["counts"]["done"] == 1
+    with pytest.raises(ValueError, match="at most one None"):
+        run(config, callbacks=[None, None])
