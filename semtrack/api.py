@@ -61,8 +61,8 @@ def extract(csv_path: str, base_feat_path: str = "./semtrack_out", **options) ->
 
     `options`: any `ExtractConfig` field (e.g. `clustering_method="kmeans"`, `fps=10`,
     `weights="random"`, `make_vis=True`) and any `Trainer` argument (`accelerator`, `devices`,
-    `precision`, ...) and `callbacks` (placed as `run` says). Returns the run report: counts (rows, done, failed, skipped), failures
-    with stage and reason, per-stage mean seconds, throughput.
+    `precision`, ...) and `callbacks` (placed as `run` says). Returns the run report: counts (rows,
+    done, failed, skipped), failures with stage and reason, per-stage mean seconds, throughput.
 
     Several devices from Python: use `strategy="ddp_spawn"` (the default DDP launcher re-runs the
     calling script), or the command line (`scripts/extract.py --devices N`).
