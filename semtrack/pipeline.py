@@ -270,7 +270,8 @@ class SemanticTracker(L.LightningModule):
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if self._tracking_need(w, frames=mid) <= budget else (lo, mid - 1)
         h, wd = self.config.tracker_resolution
-        fix = f"use --max_frames {lo} or " if lo >= 2 else "use "  # the Dataset needs max_frames >= 2
+        # The Dataset needs max_frames >= 2; max_frames changes outputs, so the sidecar wants a new folder.
+        fix = f"use --max_frames {lo} (with a new --base_feat_path) or " if lo >= 2 else "use "
         return (
             f"needs ≈{need / GB:.3g} GB to track {frames} frames x {self._num_points(w)} points at {h}x{wd}; "
             f"budget {budget / GB:.3g} GB; {fix}--max_tracking_memory_gb {math.ceil(need / GB * 100) / 100:g}"

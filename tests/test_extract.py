@@ -218,7 +218,7 @@ def test_tracking_guard_splits_groups_and_refuses_what_does_not_fit_alone():
     refused = works[5].result
     assert refused.stage == "tracking"
     assert refused.reason.startswith("needs ≈") and "to track 3000 frames x 300 points at 384x512; budget" in refused.reason
-    suggested = int(re.search(r"use --max_frames (\d+) or --max_tracking_memory_gb [\d.]+$", refused.reason).group(1))
+    suggested = int(re.search(r"use --max_frames (\d+) \(with a new --base_feat_path\) or --max_tracking_memory_gb [\d.]+$", refused.reason).group(1))
     fits = lambda t: tracker._tracking_need(works[5], frames=t) <= 2.5 * one  # noqa: E731
     assert fits(suggested) and not fits(suggested + 1)
 
