@@ -306,7 +306,7 @@ def _rate_from_times(times: np.ndarray) -> float:
     return (len(times) - 1) / float(times[-1]) if len(times) > 1 and times[-1] > 0 else float("nan")
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """Bytes this process may still allocate: MemAvailable, lowered by a cgroup v2 limit; None if
     unknown (not Linux)."""
     try:
@@ -328,7 +328,7 @@ def _check_memory(count: int, height: int, width: int) -> None:
     """Refuse (error item) a decode whose (count, H, W, 3) uint8 output would take more than half of
     the memory still available, instead of letting the worker be killed."""
     need = count * height * width * 3
-    available = _available_memory()
+    available = available_memory()
     if available is not None and need > available // 2:
         raise _ItemError(
             f"{count} frames of {height}x{width} need {need / 2**30:.1f} GiB, more than half the "

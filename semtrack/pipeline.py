@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.video import VideoCSVDataset, collate_videos
+from datamodules.video import VideoCSVDataset, available_memory, collate_videos
 from semtrack.clustering import bipartite_clusters, kmeans_clusters, video_seed
 from semtrack.config import ExtractConfig
 from semtrack.points import grid_query_points, select_query_points
@@ -91,24 +91,6 @@ def tracking_bytes(frames: int, points: int, clip_size: tuple[int, int], resolut
     (and its uint8 stack) that `SemanticTracker._tracking` hands it."""
     tracker = _tracker_estimate()(frames, points, *resolution, backward=backward, dtype_bytes=dtype_bytes, batch=batch)
     return float(tracker) + batch * frames * 3 * clip_size[0] * clip_size[1] * (1 + 4)
-
-
-def available_memory() -> int | None:
-    """Bytes this process may still allocate: MemAvailable, lowered by a cgroup v2 limit; None if
-    unknown (not Linux). Same rule as the Dataset's decode check (`datamodules.video`)."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    available = next((int(ln.split()[1]) * 1024 for ln in meminfo.splitlines() if ln.startswith("MemAvailable:")), None)
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            available = min(available or 2**63, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return available
 
 
 @dataclass
