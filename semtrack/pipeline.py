@@ -19,7 +19,6 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Hashable
 
 import lightning as L
