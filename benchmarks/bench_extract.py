@@ -159,7 +159,8 @@ class LoopProbe(Callback):
             "all_ranks": {"ranks": len(per_rank), "videos": int(videos), "wall_s": wall,
                           "videos_per_s": videos / wall if wall > 0 else None},
             "per_rank_memory": [
-                {"rank": int(r), "cuda_max_allocated_gb": _gb(a), "cuda_max_reserved_gb": _gb(m), "cpu_max_rss_gb": _gb(c)}
+                {"rank": int(r), "cuda_max_allocated_gb": _gb(a), "cuda_max_reserved_gb": _gb(m),
+                 "cpu_max_rss_gb": _gb(c)}
                 for r, a, m, c, _, _ in per_rank
             ],
             "nvml_utilization": round(sum(self.nvml) / len(self.nvml) / 100, 3) if self.nvml else None,
@@ -375,7 +376,8 @@ def _fmt(value, spec: str = ".3f") -> str:
 def print_summary(result: dict) -> None:
     hw = result["hardware"]
     commit = (result["git_commit"] or "?")[:10] + (" (dirty)" if result["git_dirty"] else "")
-    print(f"bench_extract {result['date_utc']} commit {commit}; {hw['gpu'] or hw['cpu_model']}; torch {result['torch']}")
+    device = hw["gpu"] or hw["cpu_model"]
+    print(f"bench_extract {result['date_utc']} commit {commit}; {device}; torch {result['torch']}")
     for precision, run in result["runs"].items():
         loop, counts = run["loop"], run["run_report"]["counts"]
         print(f"[{precision}] {counts['done']} done, {counts['failed']} failed in {loop['wall_s']:.1f} s: "
@@ -395,7 +397,8 @@ def print_summary(result: dict) -> None:
     if "bf16_vs_fp32" in result:
         c = result["bf16_vs_fp32"]
         print(f"bf16 vs fp32: {c['videos_same_queries']}/{c['videos']} videos with the same queries, "
-              f"{c['matched_point_fraction']:.1%} of fp32 points matched; max {c['max_px']} px, mean {c['mean_px']} px, visibility agreement {c['visibility_agreement']}")
+              f"{c['matched_point_fraction']:.1%} of fp32 points matched; max {c['max_px']} px, "
+              f"mean {c['mean_px']} px, visibility agreement {c['visibility_agreement']}")
 
 
 def main(argv: list[str] | None = None) -> int:

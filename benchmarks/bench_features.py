@@ -10,6 +10,7 @@ preprocessing alone. Weights do not change the timing, so the default is checkpo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -24,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _shared import shared_path  # noqa: E402
-
 from semtrack.features import DinoV2Extractor  # noqa: E402
 
 CLIPS = {"ssv2_428x240": "bear_ssv2.webm", "720p_1296x720": "apple.mp4"}
@@ -82,12 +82,12 @@ def main() -> None:
             for precision in precisions:
                 for preprocess in ("tensor", "pil"):
                     ext.preprocess = preprocess
-                    def run(x=frames, bf16=precision == "bf16"):
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    def run(x=frames, bf16=precision == "bf16", device_type=device.type):
+                        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                             ext(x)
 
-                    total, total_cpu = timed(run, device, args.repeats, warmup=lambda: run(frames[:2]))
-                    prep, _ = timed(lambda: ext.preprocess_frames(frames), device, max(args.repeats, 5))
+                    total, total_cpu = timed(run, device, args.repeats, warmup=functools.partial(run, frames[:2]))
+                    prep, _ = timed(functools.partial(ext.preprocess_frames, frames), device, max(args.repeats, 5))
                     row = {
                         "device": dev_name, "precision": precision, "model": args.model, "clip": clip_name,
                         "frames": int(frames.shape[0]), "height": int(frames.shape[2]), "width": int(frames.shape[3]),
@@ -99,7 +99,9 @@ def main() -> None:
                     rows.append(row)
                     print(f"{dev_name:5s} {precision:4s} {clip_name:14s} {preprocess:6s} "
                           f"{row['seconds_per_video']:8.3f} s/video  ({row['ms_per_frame']:7.1f} ms/frame; "
-                          f"preprocess {1000 * row['preprocess_seconds']:7.1f} ms; process CPU {min(total_cpu):7.2f} s)", flush=True)
+                          f"preprocess {1000 * row['preprocess_seconds']:7.1f} ms; "
+                          f"process CPU {min(total_cpu):7.2f} s)",
+                          flush=True)
     report = {
         "benchmark": "features", "rows": rows,
         "env": {

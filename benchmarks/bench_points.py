@@ -16,6 +16,7 @@ pixel-to-nearest-point distance, fast / exact; < 1 means fast covers better).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -31,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 from _shared import shared_path  # noqa: E402
-
 from semtrack.clustering import bipartite_clusters, kmeans_clusters  # noqa: E402
 from semtrack.points import coverage, select_query_points  # noqa: E402
 
@@ -95,10 +95,10 @@ def main() -> None:
     for device in args.devices:
         tok = tokens.to(device)
         res: dict = {}
-        t_bip, labels = timed(lambda: bipartite_clusters(tok), args.repeats, device)
+        t_bip, labels = timed(functools.partial(bipartite_clusters, tok), args.repeats, device)
         videos = [tok] * args.batch
-        t_batch, _ = timed(lambda: bipartite_clusters(videos), max(1, args.repeats // 2), device)
-        t_km, _ = timed(lambda: kmeans_clusters(tok, 32, seed=1234), args.repeats, device)
+        t_batch, _ = timed(functools.partial(bipartite_clusters, videos), max(1, args.repeats // 2), device)
+        t_km, _ = timed(functools.partial(kmeans_clusters, tok, 32, seed=1234), args.repeats, device)
         res["bipartite_s"] = t_bip
         res[f"bipartite_batch{args.batch}_per_video_s"] = t_batch / args.batch
         res["kmeans_k32_s"] = t_km
@@ -113,8 +113,9 @@ def main() -> None:
                 for cc in (False, True):
                     key = f"{source}/{name}/{'cc' if cc else 'nocc'}"
                     opts = dict(clip_size=size, use_connected_components=cc)
-                    t_fast, fast = timed(lambda: select_query_points(lab, frames, **opts), args.repeats, device)
-                    exact_fn = lambda: select_query_points(lab_cpu, frames_cpu, sampler="exact", **opts)  # noqa: E731
+                    fast_fn = functools.partial(select_query_points, lab, frames, **opts)
+                    t_fast, fast = timed(fast_fn, args.repeats, device)
+                    exact_fn = functools.partial(select_query_points, lab_cpu, frames_cpu, sampler="exact", **opts)
                     t_exact, exact = timed(exact_fn, args.exact_repeats, "cpu")
                     cov_fast, cov_exact = coverage(lab, size, fast), coverage(lab_cpu, size, exact)
                     ratio = weighted_coverage(cov_fast) / weighted_coverage(cov_exact)

@@ -30,7 +30,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _shared import shared_path  # noqa: E402
-
 from semtrack.tracker import load_tracker  # noqa: E402
 
 NUM_FRAMES, NUM_QUERIES = 52, 224
@@ -107,7 +106,9 @@ def main() -> None:
         print(f"CPU fp32: {result['cpu_fp32']}")
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         result["gpu"] = torch.cuda.get_device_name()
-        runs = {p: run_cuda(video, queries, args.weights, p, args.repeats, args.encoder_chunk) for p in ("fp32", "bf16")}
+        runs = {
+            p: run_cuda(video, queries, args.weights, p, args.repeats, args.encoder_chunk) for p in ("fp32", "bf16")
+        }
         (result["cuda_fp32"], tracks32, vis32), (result["cuda_bf16"], tracks16, vis16) = runs["fp32"], runs["bf16"]
         dev = (tracks16 - tracks32).abs()
         result["bf16_vs_fp32"] = {

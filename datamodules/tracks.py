@@ -223,7 +223,7 @@ class RandomResizedCropFlip:
     def __call__(self, frames, tracks, visibility):
         top, left, ch, cw = self._window(*frames.shape[-2:])
         frames, tracks, visibility = _crop(frames, tracks, visibility, top, left, ch, cw)
-        frames, tracks, visibility = _resize_frames(frames, self.size), _resize_tracks(tracks, (ch, cw), self.size), visibility
+        frames, tracks = _resize_frames(frames, self.size), _resize_tracks(tracks, (ch, cw), self.size)
         return self.flip(frames, tracks, visibility)
 
 
@@ -395,7 +395,10 @@ class PointTrackDataset(Dataset):
                 if self.on_missing == "error":
                     raise ValueError(f"row {row.index} ({row.dataset}/{row.video_id}): {exc}") from None
                 nxt = self.rows[(index + attempt + 1) % len(self.rows)]
-                warnings.warn(f"row {row.index} ({row.dataset}/{row.video_id}) skipped: {exc}; serving row {nxt.index}")
+                warnings.warn(
+                    f"row {row.index} ({row.dataset}/{row.video_id}) skipped: {exc}; serving row {nxt.index}",
+                    stacklevel=2,
+                )
         raise RuntimeError(f"{self.csv_path}: no row could be served")
 
     def _load(self, row: VideoRow) -> TrackFile:
@@ -412,7 +415,7 @@ class PointTrackDataset(Dataset):
             warnings.warn(
                 f"{row.dataset}/{row.video_id}: research pickle without frame times; frames are chosen with "
                 "the research rule linspace(0, n_decoded - 1, T), which can be off by a few frames (further "
-                "research pickles are not reported)"
+                "research pickles are not reported)", stacklevel=2
             )
         plan = _TrackedFrames(
             None if times is None else tuple(times[frame_indices].tolist()),

@@ -96,7 +96,9 @@ class ExtractConfig:
             raise ValueError(f"max_tracking_memory_gb must be a positive number of GB or None, got {budget!r}")
         h_w = tuple(int(v) for v in self.tracker_resolution)
         if len(h_w) != 2 or min(h_w) < 32 or h_w[0] % 32 or h_w[1] % 32:
-            raise ValueError(f"tracker_resolution must be (H, W), positive multiples of 32, got {self.tracker_resolution!r}")
+            raise ValueError(
+                f"tracker_resolution must be (H, W), positive multiples of 32, got {self.tracker_resolution!r}"
+            )
         self.tracker_resolution = h_w
         if self.native_fps_datasets is not None:
             self.native_fps_datasets = [str(d) for d in self.native_fps_datasets]

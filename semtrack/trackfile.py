@@ -139,7 +139,8 @@ def _validate(data, squeeze: bool = True) -> TrackFile:
     if t < 1:
         raise ValueError("'pred_tracks' has no frames (T = 0)")
     if vis.dtype != torch.bool or tuple(vis.shape) != (t, n):
-        raise ValueError(f"'pred_visibility' must be a bool ({t}, {n}) tensor, got {_describe(data['pred_visibility'])}")
+        got = _describe(data["pred_visibility"])
+        raise ValueError(f"'pred_visibility' must be a bool ({t}, {n}) tensor, got {got}")
     for key, value in (("obj_ids", obj_ids), ("point_queries", queries)):
         if value.dtype != torch.int64 or tuple(value.shape) != (n,):
             raise ValueError(f"{key!r} must be an int64 ({n},) tensor (N from 'pred_tracks'), got {_describe(value)}")

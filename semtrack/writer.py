@@ -68,7 +68,9 @@ def check_sidecar(config: ExtractConfig, precision: str) -> Path:
         try:
             recorded = json.loads(path.read_text(encoding="utf-8"))["options"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: unreadable config sidecar ({one_line(exc)}); remove it or use another --base_feat_path") from None
+            raise ValueError(
+                f"{path}: unreadable config sidecar ({one_line(exc)}); remove it or use another --base_feat_path"
+            ) from None
         differing = sorted(k for k in set(recorded) | set(options) if recorded.get(k) != options.get(k))
         if differing:
             detail = "; ".join(f"{k}: folder has {recorded.get(k)!r}, this run {options.get(k)!r}" for k in differing)
@@ -165,7 +167,9 @@ class TrackWriter(BasePredictionWriter):
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.data_wait += time.perf_counter() - self._last  # waiting for the DataLoader
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         items = {int(item["index"]): item for item in batch}
         for stage, (seconds, videos) in prediction["timings"].items():
             self.stage_totals[stage][0] += seconds
@@ -250,7 +254,8 @@ class TrackWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             parts = [json.loads((out / part_name.format(r)).read_text()) for r in range(trainer.world_size)]
             dm = trainer.datamodule
-            report = merge_parts(parts, getattr(dm, "num_rows", self.done + self.failed), getattr(dm, "num_skipped", 0), cfg)
+            num_rows = getattr(dm, "num_rows", self.done + self.failed)
+            report = merge_parts(parts, num_rows, getattr(dm, "num_skipped", 0), cfg)
             write_text_atomic(out / FAILURES, failures_csv(report["failures"]))
             write_text_atomic(out / REPORT, json.dumps(report, indent=2) + "\n")
             for r in range(trainer.world_size):

@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_extract  # noqa: E402
 import make_ssv2_like  # noqa: E402
+
 from datamodules.video import select_by_timestamp  # noqa: E402
 from semtrack.trackfile import load_tracks, save_tracks  # noqa: E402
 
@@ -72,7 +73,8 @@ def test_bench_extract_json_on_tiny_csv(tmp_path, videos_dir):
         assert result[key]
     assert result["hardware"]["cpu_model"] and result["hardware"]["gpu"] is None
     settings = result["settings"]
-    assert settings["tracker_resolution"] == [64, 96] and settings["max_frames"] == 6 and settings["weights"] == "random"
+    assert settings["tracker_resolution"] == [64, 96] and settings["max_frames"] == 6
+    assert settings["weights"] == "random"
 
     run = result["runs"]["32-true"]
     loop = run["loop"]

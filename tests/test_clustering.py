@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from _shared import shared_path
 
+from _shared import shared_path
 from semtrack.clustering import (
     assign_labels,
     bipartite_clusters,

@@ -69,7 +69,8 @@ def test_translate_research_flags():
 def test_translate_keeps_lightning_form_and_is_idempotent():
     argv = ["predict", "--config", "run.yaml", "--trainer.devices=8", "--extract.csv_path", "v.csv"]
     assert translate(argv) == argv
-    assert translate(translate(["--use_grid", "--csv_path", "x.csv"])) == translate(["--use_grid", "--csv_path", "x.csv"])
+    flat = ["--use_grid", "--csv_path", "x.csv"]
+    assert translate(translate(flat)) == translate(flat)
 
 
 # ------------------------------------------------------------------------------ GIF
@@ -128,11 +129,13 @@ def test_a_failing_group_is_retried_video_by_video():
         if any(w.result.video_id == "v1" for w in group):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
 
-    alive = SemanticTracker(ExtractConfig())._run("tracking", works, lambda w: 0, stage, _StageClock(torch.device("cpu")))
+    clock = _StageClock(torch.device("cpu"))
+    alive = SemanticTracker(ExtractConfig())._run("tracking", works, lambda w: 0, stage, clock)
     assert [w.result.video_id for w in alive] == ["v0", "v2"]
     assert calls == [["v0", "v1", "v2"], ["v0"], ["v1"], ["v2"]]
     failed = works[1].result
-    assert (failed.stage, failed.reason) == ("tracking", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
+    reason = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert (failed.stage, failed.reason) == ("tracking", reason)
 
 
 # ------------------------------------------------------------------------------ sidecar
@@ -172,7 +175,9 @@ def test_pending_rows_skip_valid_redo_corrupt_and_rerun(tmp_path, videos_dir):
     assert dm.pending_rows(dm.make_dataset()) == ([1, 2], 1)
     rerun = ExtractionDataModule(ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), rerun=True))
     assert rerun.pending_rows(rerun.make_dataset()) == ([0, 1, 2], 0)
-    debug = ExtractionDataModule(ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), debug_mode=True))
+    debug = ExtractionDataModule(
+        ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), debug_mode=True)
+    )
     assert debug.pending_rows(debug.make_dataset()) == ([], 1)  # first row only, and it is done
 
 
@@ -199,26 +204,30 @@ def test_merge_parts_sums_ranks_and_orders_failures(tmp_path):
 # ------------------------------------------------------------------------------ tracking memory guard
 def _meta_work(i: int, frames: int = 50, size=(240, 428), points: int = 300) -> _Work:
     """A video of (frames, 3, *size) on the meta device (no memory) with `points` queries."""
-    w = _Work(VideoResult(i, f"v{i}", "d", f"/v{i}.mp4"), torch.empty(frames, 3, *size, dtype=torch.uint8, device="meta"),
-              torch.zeros(1, dtype=torch.long))
+    video = torch.empty(frames, 3, *size, dtype=torch.uint8, device="meta")
+    w = _Work(VideoResult(i, f"v{i}", "d", f"/v{i}.mp4"), video, torch.zeros(1, dtype=torch.long))
     w.queries = torch.zeros(points, 3)
     return w
 
 
 def test_tracking_guard_splits_groups_and_refuses_what_does_not_fit_alone():
     one = tracking_bytes(50, 300, (240, 428), (384, 512), backward=True, dtype_bytes=4)
-    assert tracking_bytes(50, 300, (240, 428), (384, 512), backward=True, dtype_bytes=4, batch=5) == pytest.approx(5 * one)
+    five = tracking_bytes(50, 300, (240, 428), (384, 512), backward=True, dtype_bytes=4, batch=5)
+    assert five == pytest.approx(5 * one)
     works = [_meta_work(i) for i in range(5)] + [_meta_work(5, frames=3000, size=(480, 640))]
     tracker = SemanticTracker(ExtractConfig(max_tracking_memory_gb=2.5 * one / 1e9))  # two 50-frame clips per call
     calls = []
-    alive = tracker._run("tracking", works, lambda w: w.video.shape, lambda g: calls.append([w.result.index for w in g]),
+    alive = tracker._run("tracking", works, lambda w: w.video.shape,
+                         lambda g: calls.append([w.result.index for w in g]),
                          _StageClock(torch.device("cpu")), tracker._fit_budget)
     assert calls == [[0, 1], [2, 3], [4]]  # the long clip is never tried
     assert [w.result.index for w in alive] == [0, 1, 2, 3, 4]
     refused = works[5].result
     assert refused.stage == "tracking"
-    assert refused.reason.startswith("needs ≈") and "to track 3000 frames x 300 points at 384x512; budget" in refused.reason
-    suggested = int(re.search(r"use --max_frames (\d+) \(with a new --base_feat_path\) or --max_tracking_memory_gb [\d.]+$", refused.reason).group(1))
+    assert refused.reason.startswith("needs ≈")
+    assert "to track 3000 frames x 300 points at 384x512; budget" in refused.reason
+    pattern = r"use --max_frames (\d+) \(with a new --base_feat_path\) or --max_tracking_memory_gb [\d.]+$"
+    suggested = int(re.search(pattern, refused.reason).group(1))
     fits = lambda t: tracker._tracking_need(works[5], frames=t) <= 2.5 * one  # noqa: E731
     assert fits(suggested) and not fits(suggested + 1)
 
@@ -237,11 +246,15 @@ def test_over_budget_video_is_a_recorded_tracking_failure(tmp_path, videos_dir):
     """Grid mode, stand-in weights, 4 frames at 96x128: the larger clip is refused, the other is done
     (exit 1); the option stays out of the sidecar and the pickles, and a run without it resumes."""
     csv = tmp_path / "v.csv"
-    csv.write_text(f"video_path,dataset\n{videos_dir / 'tiny_ssv2.webm'},clips\n{videos_dir / 'tiny_25fps.mp4'},clips\n")
-    small, large = (tracking_bytes(4, 4, size, (96, 128), backward=False, dtype_bytes=4) for size in ((192, 256), (240, 320)))
+    csv.write_text(
+        f"video_path,dataset\n{videos_dir / 'tiny_ssv2.webm'},clips\n{videos_dir / 'tiny_25fps.mp4'},clips\n"
+    )
+    small, large = (
+        tracking_bytes(4, 4, size, (96, 128), backward=False, dtype_bytes=4) for size in ((192, 256), (240, 320))
+    )
     args = ["--csv_path", str(csv), "--base_feat_path", str(tmp_path / "out"), "--weights", "random", "--use_grid",
-            "--cotracker_grid_size", "2", "--max_frames", "4", "--tracker_resolution", "96", "128", "--num_workers", "0",
-            "--accelerator", "cpu", "--trainer.enable_progress_bar=false"]
+            "--cotracker_grid_size", "2", "--max_frames", "4", "--tracker_resolution", "96", "128",
+            "--num_workers", "0", "--accelerator", "cpu", "--trainer.enable_progress_bar=false"]
     assert main([*args, "--max_tracking_memory_gb", str((small + large) / 2e9)]) == 1
     out = tmp_path / "out" / "cotracker3_bip_fr_32"
     rows = list(csv_module.DictReader((out / "failures.csv").open(encoding="utf-8")))
@@ -275,7 +288,8 @@ def test_api_run_places_extra_callbacks_around_the_writer(tmp_path, videos_dir):
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
             seen.append((self.name, pickle_path.is_file()))
 
-    report = run(config, callbacks=[Probe("before"), None, Probe("after")], accelerator="cpu", enable_progress_bar=False)
+    callbacks = [Probe("before"), None, Probe("after")]
+    report = run(config, callbacks=callbacks, accelerator="cpu", enable_progress_bar=False)
     assert seen == [("before", False), ("after", True)]
     assert report["counts"]["done"] == 1
     with pytest.raises(ValueError, match="at most one None"):

@@ -194,7 +194,8 @@ def test_yaml_config_run_succeeds(reference):
     proc, out = reference
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(pickles(out)) == 4
-    assert json.loads((out / "run_report.json").read_text())["counts"] == {"rows": 4, "done": 4, "failed": 0, "skipped": 0}
+    counts = json.loads((out / "run_report.json").read_text())["counts"]
+    assert counts == {"rows": 4, "done": 4, "failed": 0, "skipped": 0}
     assert (out / "failures.csv").read_text().splitlines() == ["row,video_id,dataset,video_path,stage,reason"]
     f = load_tracks(out / "ssv2/feat_dump/a.pkl")  # grid mode: ids and query frames match the tracks
     assert f.num_points == 4 and f.obj_ids.tolist() == [0] * 4 and f.query_frames.tolist() == [0] * 4

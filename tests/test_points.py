@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _shared import shared_path
 from scipy import ndimage
 
+from _shared import shared_path
 from semtrack.clustering import kmeans_clusters
 from semtrack.points import (
     _entities,

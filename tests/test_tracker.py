@@ -11,8 +11,8 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from _shared import shared_path
 
+from _shared import shared_path
 from semtrack.tracker import CoTrackerThreeOffline, OfflineTracker, load_tracker, random_state_dict
 from semtrack.tracker import weights as tracker_weights
 
