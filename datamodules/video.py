@@ -33,6 +33,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from semtrack.resources import available_memory
+
 NATIVE_FPS_DATASETS = ("somethingv2", "something-something-v2", "ssv2", "smth-smth-v2", "sthsthv2")
 FPS_RULES = ("timestamp", "interval")
 REQUIRED_COLUMNS = ("video_path", "dataset")
@@ -304,24 +306,6 @@ def _relative_seconds(stamps: np.ndarray, time_base: Fraction | None) -> np.ndar
 
 def _rate_from_times(times: np.ndarray) -> float:
     return (len(times) - 1) / float(times[-1]) if len(times) > 1 and times[-1] > 0 else float("nan")
-
-
-def available_memory() -> int | None:
-    """Bytes this process may still allocate: MemAvailable, lowered by a cgroup v2 limit; None if
-    unknown (not Linux)."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    available = next((int(ln.split()[1]) * 1024 for ln in meminfo.splitlines() if ln.startswith("MemAvailable:")), None)
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            available = min(available or 2**63, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return available
 
 
 def _check_memory(count: int, height: int, width: int) -> None:

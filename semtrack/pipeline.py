@@ -25,10 +25,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.video import VideoCSVDataset, available_memory, collate_videos
+from datamodules.video import VideoCSVDataset, collate_videos
 from semtrack.clustering import bipartite_clusters, kmeans_clusters, video_seed
 from semtrack.config import ExtractConfig
 from semtrack.points import grid_query_points, select_query_points
+from semtrack.resources import available_memory
 from semtrack.trackfile import TrackFileError, load_tracks
 
 STAGES = ("features", "clustering", "points", "tracking")
