@@ -1,5 +1,5 @@
 """End-to-end extraction throughput: the real job (`scripts/extract.py`'s objects, the writer
-included) on a CSV, stand-in weights, into a temporary output folder (issue 6).
+included) on a CSV, stand-in weights, into a temporary output folder.
 
     python benchmarks/bench_extract.py --csv_path CSV [--precision 32|bf16-mixed] [--batch_size B]
         [--num_workers W] [--devices N] [--compare_precision] [--json OUT] [extraction flags...]
@@ -9,9 +9,8 @@ Extraction flags are `ExtractConfig`'s, spelled as for `scripts/extract.py` (`--
 `--weights` defaults to `random` (the deterministic stand-ins: same work, no download).
 Make an SSV2-like input set with `benchmarks/make_ssv2_like.py`.
 
-The run is `Trainer(**semtrack.api.TRAINER_DEFAULTS, ...)` with `semtrack.api.job_callbacks` (the
-`TrackWriter`), `preflight`, `SemanticTracker` and `ExtractionDataModule` exactly as
-`semtrack.api.run` builds them, plus two timing callbacks around the writer.
+The run is built by `semtrack.api.build_trainer` and `semtrack.api.predict`, exactly as the command
+line builds it, plus a timing callback after the writer.
 
 What it reports (per precision; printed and written to `--json`):
 
@@ -73,9 +72,9 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from semtrack.api import TRAINER_DEFAULTS, job_callbacks, preflight  # noqa: E402
+from datamodules.extraction import ExtractionDataModule  # noqa: E402
+from semtrack.api import build_trainer, predict  # noqa: E402
 from semtrack.config import ExtractConfig  # noqa: E402
-from semtrack.pipeline import ExtractionDataModule, SemanticTracker  # noqa: E402
 from semtrack.trackfile import load_tracks  # noqa: E402
 
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16-mixed": "bf16-mixed"}
@@ -84,25 +83,13 @@ OWN_FLAGS = {"csv_path", "base_feat_path", "rerun"}  # set by the benchmark itse
 OUT_ENV = "SEMTRACK_BENCH_OUT"  # shares the output folder with DDP ranks Lightning re-launches
 
 
-# ---------------------------------------------------------------------------- timing callbacks
-class StepDone(Callback):
-    """Placed before the writer: stamps the end of each `predict_step` (before anything is written)."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self.stamps = []
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.stamps.append(time.perf_counter())
-
-
+# ---------------------------------------------------------------------------- timing callback
 class LoopProbe(Callback):
-    """Placed after the writer: batch start/end stamps, the steps' stage clocks, peak memory."""
+    """Runs after the writer: batch start/end stamps, the writer's time per batch, the steps' stage
+    clocks, peak memory."""
 
-    def __init__(self, step_done: StepDone):
-        self.step_done = step_done
+    def __init__(self, writer):
+        self.writer = writer
         self.result: dict | None = None
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -112,6 +99,7 @@ class LoopProbe(Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self.starts: list[float] = []
         self.ends: list[float] = []
+        self.writes: list[float] = []
         self.videos: list[int] = []
         self.stage_s: dict[str, float] = {}
         self.batch_compute: list[float] = []  # per batch: seconds of the compute stages
@@ -134,10 +122,11 @@ class LoopProbe(Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.ends.append(time.perf_counter())
+        self.writes.append(self.writer.last_write_s)
         self.videos.append(len(batch))
-        for stage, (seconds, _videos) in outputs["timings"].items():
+        for stage, (seconds, _videos) in outputs.timings.items():
             self.stage_s[stage] = self.stage_s.get(stage, 0.0) + seconds
-        self.batch_compute.append(sum(seconds for seconds, _ in outputs["timings"].values()))
+        self.batch_compute.append(sum(seconds for seconds, _ in outputs.timings.values()))
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._sampling.set()
@@ -168,8 +157,8 @@ class LoopProbe(Callback):
 
     def summary(self) -> dict:
         """This rank's loop timings (see the module docstring)."""
-        steps = [d - s for s, d in zip(self.starts, self.step_done.stamps)]
-        writes = [e - d for d, e in zip(self.step_done.stamps, self.ends)]
+        writes = self.writes
+        steps = [e - s - w for s, e, w in zip(self.starts, self.ends, writes)]
         waits = [s - e for s, e in zip(self.starts[1:], self.ends[:-1])]
         videos = sum(self.videos)
         wall = (self.ends[-1] if self.ends else time.perf_counter()) - self.t0
@@ -200,15 +189,12 @@ def _gb(value: float) -> float | None:
 
 # ---------------------------------------------------------------------------- one run
 def run_once(config: ExtractConfig, precision: str, trainer_options: dict) -> dict:
-    """One extraction run, built as `semtrack.api.run` builds it, plus the timing callbacks."""
-    step_done = StepDone()
-    probe = LoopProbe(step_done)
-    callbacks = job_callbacks(config, progress_bar=False)  # [TrackWriter]
-    options = {**TRAINER_DEFAULTS, **trainer_options, "precision": precision, "enable_progress_bar": False}
-    trainer = L.Trainer(**options, callbacks=[step_done, *callbacks, probe])
-    preflight(config, trainer.precision)
-    trainer.predict(SemanticTracker(config), datamodule=ExtractionDataModule(config), return_predictions=False)
-    report = callbacks[0].report
+    """One extraction run, built as `semtrack.api.run` builds it, plus the timing callback."""
+    probe = LoopProbe(None)
+    options = {**trainer_options, "precision": precision, "enable_progress_bar": False}
+    trainer, probe.writer = build_trainer(config, [probe], **options)
+    predict(trainer, config)
+    report = probe.writer.report
     return {"is_global_zero": trainer.is_global_zero, "precision": str(trainer.precision),
             "world_size": trainer.world_size, **probe.result, "run_report": report}
 
@@ -216,7 +202,7 @@ def run_once(config: ExtractConfig, precision: str, trainer_options: dict) -> di
 def clip_stats(config: ExtractConfig) -> list[dict]:
     """Per written pickle: frames, points, clip size (what the work per video was)."""
     out = []
-    for path in sorted(config.output_dir.glob("*/feat_dump/*.pkl")):
+    for path in sorted(config.layout.root.glob("*/feat_dump/*.pkl")):
         tf = load_tracks(path)
         out.append({"video_id": path.stem, "frames": tf.num_frames, "points": tf.num_points,
                     "clip_hw": tf.meta.get("clip_size")})
@@ -250,8 +236,8 @@ def compare_outputs(cfg32: ExtractConfig, cfg16: ExtractConfig) -> dict:
     Euclidean distance per (frame, point) in clip pixels, and visibility agreement.
     """
     per_video, devs, vis_same, vis_total = [], [], 0, 0
-    for p32 in sorted(cfg32.output_dir.glob("*/feat_dump/*.pkl")):
-        p16 = cfg16.output_dir / p32.relative_to(cfg32.output_dir)
+    for p32 in sorted(cfg32.layout.root.glob("*/feat_dump/*.pkl")):
+        p16 = cfg16.layout.root / p32.relative_to(cfg32.layout.root)
         if not p16.is_file():
             per_video.append({"video_id": p32.stem, "note": "no bf16 pickle"})
             continue

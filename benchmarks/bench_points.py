@@ -1,4 +1,4 @@
-"""Per-video time of clustering and query-point sampling (issue 4b).
+"""Per-video time of clustering and query-point sampling.
 
 Inputs: the planted DINOv2-like tokens of shared/spec/fixtures/bipartite.npz, extended to
 `--frames` clustering frames (frame t = fixture frame t mod 8 plus small noise), clustered into

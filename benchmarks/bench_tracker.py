@@ -1,4 +1,4 @@
-"""CoTracker3 offline tracker time and peak memory on one SSV2-like clip (issue 3 / issue 6).
+"""CoTracker3 offline tracker time and peak memory on one SSV2-like clip.
 
 Clip: bear_ssv2.webm (VP9, 428x240, 33 frames) played forward then backward to T = 52 frames,
 224 query points (fixed seed, query frames spread over the clip), backward tracking on, as the

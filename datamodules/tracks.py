@@ -18,12 +18,10 @@ training did: `x / W * 2 - 1`, `y / H * 2 - 1` with the size of the frames serve
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import lightning as L
@@ -34,7 +32,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.video import VideoRow, decode_video, read_video_csv
+from semtrack.layout import OutputLayout
 from semtrack.trackfile import TrackFile, TrackFileError, load_tracks
+from semtrack.util import stable_seed
 
 MODES = ("train", "eval")
 ON_MISSING = ("warn", "error")
@@ -44,20 +44,9 @@ _TIME_TOLERANCE_S = 1e-3  # a recorded frame time must match a decoded timestamp
 _PAD = -1  # obj_ids / query_frames / point_indices of padded points
 
 
-def track_path(tracks_root: str | os.PathLike, dataset: str, video_id: str) -> Path:
-    """`<tracks_root>/<dataset>/feat_dump/<video_id>.pkl` (tracks_root = `<base_feat_path>/<dump_name>`)."""
-    return Path(tracks_root) / dataset / "feat_dump" / f"{video_id}.pkl"
-
-
 def uniform_frame_indices(num_track_frames: int, num_frames: int) -> torch.Tensor:
     """`linspace(0, T-1, num_frames)` truncated to int64 (research rule; repeats frames if T is small)."""
     return torch.from_numpy(np.linspace(0, num_track_frames - 1, num_frames).astype(np.int64))
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from a stable hash of `parts` (same on every machine and Python run)."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +271,7 @@ class PointTrackDataset(Dataset):
 
     Args:
         csv_path: the extraction CSV (`video_path`, `dataset`, optional `video_id`, `split`, ...).
-        tracks_root: `<base_feat_path>/<dump_name>`; pickles at `<tracks_root>/<dataset>/feat_dump/<video_id>.pkl`.
+        tracks_root: `<base_feat_path>/<dump_name>`; pickles where `semtrack.layout.OutputLayout` puts them.
         num_frames: F frames per item, `linspace(0, T-1, F)` over the T tracked frames.
         num_points: P points per item (cluster-proportional sample, or all points then padding);
             None = every point (items then differ in P; `collate_tracks` pads).
@@ -336,7 +325,7 @@ class PointTrackDataset(Dataset):
             raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
         if num_points is not None and (not isinstance(num_points, int) or num_points < 1):
             raise ValueError(f"num_points must be None or an int >= 1, got {num_points!r}")
-        self.csv_path, self.tracks_root = str(csv_path), Path(tracks_root)
+        self.csv_path, self.layout = str(csv_path), OutputLayout(tracks_root)
         self.num_frames, self.num_points = num_frames, num_points
         self.normalize_coords, self.mode, self.seed = normalize_coords, mode, seed
         self.transform, self.on_missing = transform, on_missing
@@ -354,7 +343,7 @@ class PointTrackDataset(Dataset):
         self.rows: list[VideoRow] = []
         self.skipped: list[tuple[str, str]] = []
         for row in rows:
-            path = track_path(self.tracks_root, row.dataset, row.video_id)
+            path = self.layout.pickle(row.dataset, row.video_id)
             reason = None
             if not path.is_file():
                 reason = f"missing pickle {path}"
@@ -371,13 +360,13 @@ class PointTrackDataset(Dataset):
             shown = "; ".join(r for _, r in self.skipped[:3])
             message = (
                 f"{csv_path}: {len(self.skipped)} of {len(rows)} rows have a missing or invalid track "
-                f"pickle under {self.tracks_root} (e.g. {shown})"
+                f"pickle under {self.layout.root} (e.g. {shown})"
             )
             if on_missing == "error":
                 raise ValueError(message)
             warnings.warn(message + "; they are skipped", stacklevel=2)
         if not self.rows:
-            raise ValueError(f"{csv_path}: no row has a valid track pickle under {self.tracks_root}")
+            raise ValueError(f"{csv_path}: no row has a valid track pickle under {self.layout.root}")
 
     @property
     def num_missing(self) -> int:
@@ -403,7 +392,7 @@ class PointTrackDataset(Dataset):
 
     def _load(self, row: VideoRow) -> TrackFile:
         try:
-            return load_tracks(track_path(self.tracks_root, row.dataset, row.video_id))
+            return load_tracks(self.layout.pickle(row.dataset, row.video_id))
         except TrackFileError as exc:
             raise _ItemFailure(str(exc)) from None
 

@@ -1,21 +1,23 @@
-"""Python API: `semtrack.extract(csv_path, base_feat_path, **options)` runs the extraction job
-in this process and returns its run report (the dict saved as `run_report.json`).
+"""Assembling and running the extraction job: the one place that builds its Trainer.
 
-It builds the same objects as `scripts/extract.py` (`semtrack.cli`): `SemanticTracker`,
-`ExtractionDataModule`, a `Trainer` with `TrackWriter` and the progress bar.
+`semtrack.extract(csv_path, base_feat_path, **options)` runs the job in this process and returns
+its run report (the dict saved as `run_report.json`). The command line (`semtrack.cli`) and the
+benchmarks build the same objects through `build_trainer` and `run`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from datamodules.extraction import ExtractionDataModule
 from semtrack.config import ExtractConfig
-from semtrack.pipeline import ExtractionDataModule, SemanticTracker
-from semtrack.writer import ExtractionProgressBar, TrackWriter, check_sidecar
+from semtrack.module import SemanticTracker
+from semtrack.sidecar import check_sidecar
+from semtrack.writer import ExtractionProgressBar, TrackWriter
 
-TRAINER_OPTIONS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
 TRAINER_DEFAULTS = {
     "accelerator": "auto",
     "devices": 1,
@@ -26,6 +28,16 @@ TRAINER_DEFAULTS = {
 }
 
 
+def build_trainer(config: ExtractConfig, callbacks: Sequence[Callback] = (), **trainer_options
+                  ) -> tuple[L.Trainer, TrackWriter]:
+    """`Trainer(**TRAINER_DEFAULTS, **trainer_options)` with the job's writer (and, unless
+    `enable_progress_bar=False`, its progress bar) ahead of `callbacks`; -> (trainer, writer)."""
+    options = {**TRAINER_DEFAULTS, **trainer_options}
+    writer = TrackWriter(config)
+    job = [writer] + ([ExtractionProgressBar(writer)] if options.get("enable_progress_bar", True) else [])
+    return L.Trainer(**options, callbacks=[*job, *callbacks]), writer
+
+
 def preflight(config: ExtractConfig, precision: str) -> None:
     """Checks before any video is read: the CSV is valid (ValueError naming the file and the
     culprit) and the output folder's config sidecar agrees with this run (or is created)."""
@@ -33,46 +45,31 @@ def preflight(config: ExtractConfig, precision: str) -> None:
     check_sidecar(config, precision)
 
 
-def job_callbacks(config: ExtractConfig, progress_bar: bool = True) -> list:
-    """The writer (first) and, if wanted, the progress bar that reads its counts."""
-    return [TrackWriter(config)] + ([ExtractionProgressBar()] if progress_bar else [])
-
-
-def run(config: ExtractConfig, callbacks: Sequence[Callback | None] = (), **trainer_options) -> dict:
-    """Run the job for `config` with `Trainer(**TRAINER_DEFAULTS, **trainer_options)`; -> report.
-
-    `callbacks`: extra Lightning callbacks. The job's own (`job_callbacks`: the writer, the progress
-    bar) go where the list holds `None`, else after all of them — so `[before, None, after]` runs
-    `before`'s batch-end hook ahead of the writing and `after`'s once the batch is written.
-    """
-    options = {**TRAINER_DEFAULTS, **trainer_options}
-    if list(callbacks).count(None) > 1:
-        raise ValueError("callbacks: at most one None (where the job's writer and progress bar go)")
-    job = job_callbacks(config, options.get("enable_progress_bar", True))
-    extra = list(callbacks) if None in callbacks else [*callbacks, None]
-    trainer = L.Trainer(**options, callbacks=[c for cb in extra for c in (job if cb is None else [cb])])
+def predict(trainer: L.Trainer, config: ExtractConfig) -> None:
+    """Run the job on a built trainer (predictions are not collected: the writer has them)."""
     preflight(config, trainer.precision)
     trainer.predict(SemanticTracker(config), datamodule=ExtractionDataModule(config), return_predictions=False)
-    return job[0].report
+
+
+def run(config: ExtractConfig, callbacks: Sequence[Callback] = (), **trainer_options) -> dict:
+    """Run the job for `config`; `callbacks` run after the job's writer. -> the run report."""
+    trainer, writer = build_trainer(config, callbacks, **trainer_options)
+    predict(trainer, config)
+    return writer.report
 
 
 def extract(csv_path: str, base_feat_path: str = "./semtrack_out", **options) -> dict:
     """Extract semantic point tracks for every row of `csv_path` into `base_feat_path`.
 
     `options`: any `ExtractConfig` field (e.g. `clustering_method="kmeans"`, `fps=10`,
-    `weights="random"`, `make_vis=True`) and any `Trainer` argument (`accelerator`, `devices`,
-    `precision`, ...) and `callbacks` (placed as `run` says). Returns the run report: counts (rows,
+    `weights="random"`, `make_vis=True`), any `Trainer` argument (`accelerator`, `devices`,
+    `precision`, ...) and `callbacks` (run after the writer). Returns the run report: counts (rows,
     done, failed, skipped), failures with stage and reason, per-stage mean seconds, throughput.
 
     Several devices from Python: use `strategy="ddp_spawn"` (the default DDP launcher re-runs the
     calling script), or the command line (`scripts/extract.py --devices N`).
     """
-    trainer_options = {k: options.pop(k) for k in list(options) if k not in _config_fields()}
+    fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+    trainer_options = {k: options.pop(k) for k in list(options) if k not in fields}
     config = ExtractConfig.from_dict({"csv_path": str(csv_path), "base_feat_path": str(base_feat_path), **options})
     return run(config, **trainer_options)
-
-
-def _config_fields() -> set[str]:
-    import dataclasses
-
-    return {f.name for f in dataclasses.fields(ExtractConfig)}

@@ -19,9 +19,10 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from semtrack.api import TRAINER_DEFAULTS, job_callbacks, preflight
+from datamodules.extraction import ExtractionDataModule
+from semtrack.api import TRAINER_DEFAULTS, build_trainer, preflight
 from semtrack.config import ExtractConfig
-from semtrack.pipeline import ExtractionDataModule, SemanticTracker
+from semtrack.module import SemanticTracker
 
 TRAINER_FLAGS = ("devices", "num_nodes", "accelerator", "strategy", "precision")
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
@@ -79,12 +80,11 @@ class ExtractCLI(LightningCLI):
         parser.link_arguments("extract", "data.config", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs):
-        config = self._get(self.config_init, "extract")
-        trainer_cfg = self._get(self.config_init, "trainer", default={})
-        callbacks = job_callbacks(config, trainer_cfg.get("enable_progress_bar") is not False)
-        self.writer = callbacks[0]
-        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), *callbacks]
-        return super().instantiate_trainer(**kwargs)
+        """The job's Trainer, assembled by `semtrack.api.build_trainer` from the parsed trainer options."""
+        options = dict(self._get(self.config_init, "trainer", default={}))
+        callbacks = [*(options.pop("callbacks", None) or []), *kwargs.get("callbacks", [])]
+        trainer, self.writer = build_trainer(self._get(self.config_init, "extract"), callbacks, **options)
+        return trainer
 
     def before_predict(self) -> None:
         preflight(self._get(self.config_init, "extract"), self.trainer.precision)

@@ -11,11 +11,12 @@ Two methods, both on tensors on the tokens' device:
   research rule (first k of `randperm` from a generator seeded with `seed` on the tokens' device,
   zero-vector empty clusters, absolute tolerance). The permutation for a seed differs between CPU
   and CUDA, so CPU and GPU labels differ; each is reproducible on its own device. Seed per video
-  with `video_seed(video_id)` so results do not depend on processing order.
+  with `stable_seed(video_id)` so results do not depend on processing order.
+
+`cluster` is the pipeline's clustering stage: either method over several videos at once.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 from typing import Sequence
@@ -23,6 +24,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from semtrack.util import stable_seed
+
+CLUSTERING_METHODS = ("bipartite", "kmeans")
+KMEANS_INITS = ("random", "kmeans++")
+MERGE_RATIO = 25  # percent of a frame's tokens merged per bipartite iteration (research default)
+MAX_MERGE_RATIO = 50  # a bipartite step can merge at most the A half of the tokens
+NUM_ITERS = 11  # bipartite merge iterations (research default)
+N_CLUSTERS = 32  # k of k-means (research default)
 EPS = 1e-12  # normalisation floor: a zero token gets a zero direction instead of NaN
 TEMPORAL_THRESHOLD = 0.2  # a frame centroid is new if its best cosine to U is below this (strict)
 
@@ -32,17 +41,18 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
 
 
-def merge_schedule(num_tokens: int, merge_ratio: float = 25, num_iters: int = 11) -> list[int]:
+def merge_schedule(num_tokens: int, merge_ratio: float = MERGE_RATIO, num_iters: int = NUM_ITERS) -> list[int]:
     """Tokens per frame before each merge iteration and after the last: length `num_iters + 1`.
 
     Iteration with `n` tokens merges away `r = floor(n * merge_ratio / 100)` of them. Raises
-    ValueError for `merge_ratio` outside (0, 50], a negative `num_iters`, or a schedule that would
-    start an iteration with fewer than 2 tokens (nothing left to merge into).
+    ValueError for `merge_ratio` outside (0, MAX_MERGE_RATIO], a negative `num_iters`, or a schedule
+    that would start an iteration with fewer than 2 tokens (nothing left to merge into).
     """
+    bounds = f"(0, {MAX_MERGE_RATIO}]"
     if isinstance(merge_ratio, bool) or not isinstance(merge_ratio, numbers.Real):
-        raise ValueError(f"merge_ratio must be a number in (0, 50], got {merge_ratio!r}")
-    if not 0 < merge_ratio <= 50:
-        raise ValueError(f"merge_ratio must be in (0, 50] (percent of tokens merged per iteration), got {merge_ratio}")
+        raise ValueError(f"merge_ratio must be a number in {bounds}, got {merge_ratio!r}")
+    if not 0 < merge_ratio <= MAX_MERGE_RATIO:
+        raise ValueError(f"merge_ratio must be in {bounds} (percent of tokens merged per iteration), got {merge_ratio}")
     if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral) or num_iters < 0:
         raise ValueError(f"num_iters must be a non-negative int, got {num_iters!r}")
     schedule = [int(num_tokens)]
@@ -98,7 +108,7 @@ def merge_step(x: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat([unm, summed / count], dim=1)
 
 
-def merge_frames(tokens: torch.Tensor, merge_ratio: float = 25, num_iters: int = 11) -> torch.Tensor:
+def merge_frames(tokens: torch.Tensor, merge_ratio: float = MERGE_RATIO, num_iters: int = NUM_ITERS) -> torch.Tensor:
     """Per-frame bipartite merging of every frame at once.
 
     tokens: (B, N, D) float (B frames of N tokens in raster order) -> (B, K_f, D) float32 per-frame
@@ -184,8 +194,8 @@ def _check_tokens(x: torch.Tensor, name: str) -> None:
 
 def bipartite_clusters(
     tokens: torch.Tensor | Sequence[torch.Tensor],
-    merge_ratio: float = 25,
-    num_iters: int = 11,
+    merge_ratio: float = MERGE_RATIO,
+    num_iters: int = NUM_ITERS,
     num_frames: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Bipartite clustering (REFERENCE.md 6): patch tokens -> per-patch cluster labels.
@@ -237,11 +247,6 @@ def bipartite_clusters(
     return labels.masked_fill(~frame_valid[:, :, None, None], -1)
 
 
-def video_seed(video_id: str) -> int:
-    """Stable 63-bit seed from a video id (SHA-256), independent of process, order and platform."""
-    return int.from_bytes(hashlib.sha256(str(video_id).encode("utf-8")).digest()[:8], "little") >> 1
-
-
 def _kmeans_pp_init(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (D^2 sampling) -> (k,) int64 row indices of x (N, D)."""
     n = x.shape[0]
@@ -291,8 +296,8 @@ def kmeans_clusters(
     if n_clusters > n:
         raise ValueError(f"n_clusters={n_clusters} exceeds the number of tokens ({t}x{p}x{q} = {n})")
     n_clusters = int(n_clusters)
-    if init not in ("random", "kmeans++"):
-        raise ValueError(f"init must be 'random' or 'kmeans++', got {init!r}")
+    if init not in KMEANS_INITS:
+        raise ValueError(f"init must be one of {KMEANS_INITS}, got {init!r}")
     if max_iter < 1 or tol < 0:
         raise ValueError(f"need max_iter >= 1 and tol >= 0, got max_iter={max_iter}, tol={tol}")
     if reseed_empty is None:
@@ -326,3 +331,22 @@ def kmeans_clusters(
             break
     labels = torch.cdist(x, centroids).argmin(dim=1).reshape(t, p, q)
     return (labels, centroids) if return_centroids else labels
+
+
+def cluster(
+    tokens: Sequence[torch.Tensor],
+    video_ids: Sequence[str],
+    method: str = "bipartite",
+    n_clusters: int = N_CLUSTERS,
+    merge_ratio: float = MERGE_RATIO,
+    num_iters: int = NUM_ITERS,
+    kmeans_init: str = "random",
+) -> list[torch.Tensor]:
+    """The clustering stage for several videos: tokens (K_i, P, Q, D) float each -> labels (K_i, P, Q)
+    int64 each. Bipartite clusters all videos in one batched computation; k-means runs per video,
+    seeded with `stable_seed(video_id)` (results independent of which videos share the call)."""
+    if method not in CLUSTERING_METHODS:
+        raise ValueError(f"method must be one of {CLUSTERING_METHODS}, got {method!r}")
+    if method == "bipartite":
+        return bipartite_clusters(list(tokens), merge_ratio, num_iters)
+    return [kmeans_clusters(x, n_clusters, stable_seed(vid), init=kmeans_init) for x, vid in zip(tokens, video_ids)]

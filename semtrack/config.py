@@ -1,17 +1,34 @@
-"""Every option of the extraction job in one typed dataclass, and the research output naming.
+"""Every option of the extraction job, in one typed dataclass.
 
-`ExtractConfig` is what the command line (`semtrack.cli`), the Python API (`semtrack.api`), the
-LightningModule (`semtrack.pipeline`) and the writer (`semtrack.writer`) share. Trainer settings
-(devices, accelerator, strategy, precision, num_nodes) belong to the Lightning `Trainer`, not here.
+`ExtractConfig` is what the command line, the Python API, the pipeline and the writer share. Each
+field carries its group and a one-line description (`field_help`), which the command line shows.
+Defaults that belong to a stage (merge ratio, points per entity, ...) are that stage's constants;
+the frame-rate defaults are stated here and used by the video Dataset too. Trainer settings
+(devices, accelerator, strategy, precision, num_nodes) belong to the Lightning `Trainer`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
-CLUSTERING_METHODS = ("bipartite", "kmeans")
+from semtrack import clustering, points
+from semtrack.layout import OutputLayout, dump_name
+
+# Frames: defaults shared with datamodules.video.VideoCSVDataset.
+NATIVE_FPS_DATASETS = ("somethingv2", "something-something-v2", "ssv2", "smth-smth-v2", "sthsthv2")
+FPS_RULES = ("timestamp", "interval")
+NUM_FRAMES_CLUSTERING = 32  # research default
+MIN_FRAMES = 2  # the smallest `max_frames`: a track needs two frames
+TRACKER_RESOLUTION = (384, 512)  # CoTracker3's model resolution (H, W)
+
+GROUPS = ("input/output", "frames", "features", "clustering", "points", "tracker", "job")
+
+
+def _option(default, group: str, help: str, **kwargs):
+    return dataclasses.field(default=default, metadata={"group": group, "help": help}, **kwargs)
+
 
 # Options that never change what a pickle contains (where/how the job runs, what else it writes).
 # The memory budget only decides whether a video is tracked (and with which others), never how.
@@ -23,61 +40,64 @@ RUN_ONLY_OPTIONS = frozenset(
 
 @dataclass
 class ExtractConfig:
-    """All extraction options; names and defaults of the research script where it had them.
+    """All extraction options; names and defaults of the research script where it had them
+    (REFERENCE.md 2.1)."""
 
-    Research flags (REFERENCE.md 2.1): csv_path, base_feat_path, fps, num_frames_clustering,
-    clustering_method, n_clusters, merge_ratio, num_iters, num_points_per_entity,
-    use_connected_components, use_grid, cotracker_grid_size, make_vis, debug_mode, rerun.
-    `fps=None` keeps every decoded frame of every video (the research default).
-    """
-
-    # input and output
-    csv_path: str = "sample.csv"
-    base_feat_path: str = "./semtrack_out"
-    # decoding and temporal resampling (datamodules.VideoCSVDataset)
-    fps: Optional[float] = None
-    fps_rule: Literal["timestamp", "interval"] = "timestamp"
-    native_fps_datasets: Optional[list[str]] = None  # None: the Dataset's default (SSV2 names)
-    max_frames: Optional[int] = None
-    num_frames_clustering: int = 32
-    # DINOv2 features
-    dinov2_model: str = "vitb14"
-    dinov2_checkpoint: Optional[str] = None  # None: as `weights` says
-    # clustering
-    clustering_method: str = "bipartite"
-    n_clusters: int = 32
-    merge_ratio: int = 25
-    num_iters: int = 11
-    kmeans_init: Literal["random", "kmeans++"] = "random"
-    # query points
-    num_points_per_entity: int = 16
-    use_connected_components: bool = False
-    sampler: Literal["fast", "exact"] = "fast"
-    legacy_query_frames: bool = False
-    min_point_distance: float = 0.0
-    use_grid: bool = False
-    cotracker_grid_size: int = 16
-    # tracker
-    weights: Literal["official", "random"] = "official"
-    cotracker_checkpoint: Optional[str] = None  # path or URL; overrides `weights` for the tracker
-    tracker_resolution: tuple[int, int] = (384, 512)  # (H, W) frames are resized to for tracking
-    # Estimated tracking memory above which a video is a recorded failure (and batched groups are
-    # split). None: on CUDA 10 GB per rank minus what the models hold; elsewhere half the memory
-    # still available to the process (cgroup-aware). GB = 1e9 bytes.
-    max_tracking_memory_gb: Optional[float] = None
-    # job
-    batch_size: int = 1
-    num_workers: int = 4
-    make_vis: bool = False
-    debug_mode: bool = False
-    rerun: bool = False
+    csv_path: str = _option(
+        "sample.csv", "input/output", "CSV of videos: columns video_path, dataset [, video_id, fps]")
+    base_feat_path: str = _option("./semtrack_out", "input/output", "output root; outputs go to <base>/<dump_name>/")
+    fps: Optional[float] = _option(None, "frames", "target frame rate; none keeps every decoded frame")
+    fps_rule: Literal["timestamp", "interval"] = _option(
+        "timestamp", "frames", "timestamp: nearest frame to k/fps; interval: the research script's integer stride")
+    native_fps_datasets: Optional[list[str]] = _option(
+        None, "frames", f"datasets kept at their native rate (default: {' '.join(NATIVE_FPS_DATASETS)})")
+    max_frames: Optional[int] = _option(
+        None, "frames", f"at most this many frames (>= {MIN_FRAMES}), spread evenly over the whole clip")
+    num_frames_clustering: int = _option(NUM_FRAMES_CLUSTERING, "frames", "frames used for DINOv2 and clustering")
+    dinov2_model: str = _option("vitb14", "features", "DINOv2 backbone: vits14, vitb14, vitl14, vitg14, *_reg")
+    dinov2_checkpoint: Optional[str] = _option(
+        None, "features", "DINOv2 weights file (default: as --weights says)")
+    clustering_method: Literal["bipartite", "kmeans"] = _option(
+        "bipartite", "clustering", "bipartite token merging or k-means")
+    n_clusters: int = _option(clustering.N_CLUSTERS, "clustering", "k of k-means")
+    merge_ratio: int = _option(
+        clustering.MERGE_RATIO, "clustering",
+        f"bipartite: percent of tokens merged per iteration, in (0, {clustering.MAX_MERGE_RATIO}]")
+    num_iters: int = _option(clustering.NUM_ITERS, "clustering", "bipartite merge iterations")
+    kmeans_init: Literal["random", "kmeans++"] = _option(
+        "random", "clustering", "k-means start: random (research) or kmeans++")
+    num_points_per_entity: int = _option(
+        points.NUM_POINTS_PER_ENTITY, "points", "query points per entity (per component with components)")
+    use_connected_components: bool = _option(False, "points", "sample every 4-connected component of an entity")
+    sampler: Literal["fast", "exact"] = _option(
+        "fast", "points", "fast: batched on the device; exact: the research scikit-learn sampler")
+    legacy_query_frames: bool = _option(False, "points", "the research script's (wrong) query frames")
+    min_point_distance: float = _option(
+        0.0, "points", "drop points closer than this (px) to an earlier point of the same frame; 0 keeps all")
+    use_grid: bool = _option(False, "points", "track a regular grid instead of semantic points")
+    cotracker_grid_size: int = _option(points.GRID_SIZE, "points", "grid side for --use_grid")
+    weights: Literal["official", "random"] = _option(
+        "official", "tracker", "official: the published weights; random: stand-ins for tests only")
+    cotracker_checkpoint: Optional[str] = _option(
+        None, "tracker", "CoTracker3 weights file or URL (default: as --weights says)")
+    tracker_resolution: tuple[int, int] = _option(
+        TRACKER_RESOLUTION, "tracker", "H W frames are resized to for tracking (multiples of 32)")
+    max_tracking_memory_gb: Optional[float] = _option(
+        None, "tracker",
+        "a video needing more is a recorded failure (default: 10 GB per GPU, half the free memory on CPU)")
+    batch_size: int = _option(1, "job", "videos per step")
+    num_workers: int = _option(4, "job", "decoding processes")
+    make_vis: bool = _option(False, "job", "also write a trail GIF per video")
+    debug_mode: bool = _option(False, "job", "first row only, with timings and cluster overlays")
+    rerun: bool = _option(False, "job", "redo videos whose outputs exist")
 
     def __post_init__(self) -> None:
-        if self.clustering_method not in CLUSTERING_METHODS:
+        if self.clustering_method not in clustering.CLUSTERING_METHODS:
             raise ValueError(
-                f"clustering_method must be one of {CLUSTERING_METHODS}, got {self.clustering_method!r}"
+                f"clustering_method must be one of {clustering.CLUSTERING_METHODS}, got {self.clustering_method!r}"
             )
-        if self.fps is not None and not self.fps > 0:
+        fps = self.fps
+        if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be positive or None (native rate), got {self.fps!r}")
         positive = ("num_frames_clustering", "n_clusters", "num_points_per_entity", "cotracker_grid_size",
                     "num_iters", "batch_size")
@@ -85,12 +105,11 @@ class ExtractConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 < self.merge_ratio <= 50:
-            raise ValueError(f"merge_ratio must lie in (0, 50] percent, got {self.merge_ratio!r}")
+        clustering.merge_schedule(16 * 16, self.merge_ratio, self.num_iters)  # ValueError naming the option
         if self.num_workers < 0 or self.min_point_distance < 0:
             raise ValueError("num_workers and min_point_distance must be >= 0")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"max_frames must be a positive integer or None, got {self.max_frames!r}")
+        if self.max_frames is not None and (isinstance(self.max_frames, bool) or self.max_frames < MIN_FRAMES):
+            raise ValueError(f"max_frames must be an integer >= {MIN_FRAMES} or None, got {self.max_frames!r}")
         budget = self.max_tracking_memory_gb
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
             raise ValueError(f"max_tracking_memory_gb must be a positive number of GB or None, got {budget!r}")
@@ -103,31 +122,26 @@ class ExtractConfig:
         if self.native_fps_datasets is not None:
             self.native_fps_datasets = [str(d) for d in self.native_fps_datasets]
 
-    # ------------------------------------------------------------------ naming and paths
+    # ------------------------------------------------------------------ naming and provenance
     def dump_name(self) -> str:
         """The research output folder name (REFERENCE.md 2.2), e.g. `cotracker3_bip_fr_32_fps_10`."""
-        method = "bip" if self.clustering_method == "bipartite" else f"kmeans_n{self.n_clusters}"
-        name = f"cotracker3_{method}_fr_{self.num_frames_clustering}"
-        if self.merge_ratio != 25 or self.num_iters != 11:
-            name += f"_m{self.merge_ratio}_i{self.num_iters}"
-        if self.use_connected_components:
-            name += "_concomp"
-        if self.fps is not None:
-            fps = float(self.fps)
-            name += f"_fps_{int(fps) if fps.is_integer() else fps}"
-        return name
+        return dump_name(self.clustering_method, self.n_clusters, self.num_frames_clustering, self.merge_ratio,
+                         self.num_iters, self.use_connected_components, self.fps)
 
     @property
-    def output_dir(self) -> Path:
-        """`<base_feat_path>/<dump_name>`: sidecar, failures.csv, run_report.json live here."""
-        return Path(self.base_feat_path) / self.dump_name()
+    def layout(self) -> OutputLayout:
+        """The paths under `<base_feat_path>/<dump_name>`."""
+        return OutputLayout(f"{self.base_feat_path}/{self.dump_name()}")
 
-    def video_dir(self, dataset: str) -> Path:
-        """`<output_dir>/<dataset>` (the dataset column verbatim, as the research script)."""
-        return self.output_dir / dataset
+    @property
+    def tracker_weights(self) -> str:
+        """What the tracker loads: the `cotracker_checkpoint` path/URL, else `weights`."""
+        return self.cotracker_checkpoint or self.weights
 
-    def pickle_path(self, dataset: str, video_id: str) -> Path:
-        return self.video_dir(dataset) / "feat_dump" / f"{video_id}.pkl"
+    @property
+    def dinov2_weights(self) -> str:
+        """What DINOv2 loads (grid mode loads none): the `dinov2_checkpoint` path, else `weights`."""
+        return self.dinov2_checkpoint or self.weights
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -141,10 +155,16 @@ class ExtractConfig:
         return {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_OPTIONS}
 
     @classmethod
-    def from_dict(cls, options: dict) -> "ExtractConfig":
+    def from_dict(cls, options: dict) -> ExtractConfig:
         """Build from a dict, naming unknown keys in the error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"unknown extraction option(s) {unknown}; known: {sorted(names)}")
         return cls(**options)
+
+
+def field_help(name: str) -> tuple[str, str]:
+    """(group, one-line description) of an `ExtractConfig` field."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(ExtractConfig)}[name]
+    return meta["group"], meta["help"]

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 SAMPLERS = ("fast", "exact")
+NUM_POINTS_PER_ENTITY = 16  # points per cluster, or per component (research default)
+GRID_SIZE = 16  # grid mode: a GRID_SIZE x GRID_SIZE grid of tracks (research default)
 FAST_SAMPLES = 256  # weighted samples per entity (fast sampler): coverage within ~2 % of exact; 1024: ~1 %, 4x slower
 FAST_MAX_ITER = 20  # weighted Lloyd iterations at most (coverage within 0.1 % of converged; stops earlier when settled)
 
@@ -337,7 +339,7 @@ def select_query_points(
     labels: torch.Tensor,
     cluster_frames: torch.Tensor,
     clip_size: tuple[int, int],
-    num_points_per_entity: int = 16,
+    num_points_per_entity: int = NUM_POINTS_PER_ENTITY,
     sampler: str = "fast",
     use_connected_components: bool = False,
     legacy_query_frames: bool = False,

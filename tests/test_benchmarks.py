@@ -1,4 +1,4 @@
-"""Smoke tests of the throughput benchmark tools (issue 6): the SSV2-like re-encoder and
+"""Smoke tests of the throughput benchmark tools: the SSV2-like re-encoder and
 bench_extract's JSON on a tiny CSV (tiny settings: a few seconds of CPU per video)."""
 from __future__ import annotations
 
@@ -112,13 +112,13 @@ def test_compare_outputs_matches_points_by_query(tmp_path):
     t, frames = 5, [0, 2, 4]
     tracks = torch.arange(t * 3 * 2, dtype=torch.float32).view(t, 3, 2)
     visible = torch.ones(t, 3, dtype=torch.bool)
-    _write(cfg32.pickle_path("ssv2", "v"), tracks, visible, [0, 1, 2], frames)
+    _write(cfg32.layout.pickle("ssv2", "v"), tracks, visible, [0, 1, 2], frames)
     moved = tracks.clone()
     moved[1, 0] += torch.tensor([3.0, 4.0])  # point 0 off by 5 px on frame 1 (not its query frame)
     moved[:, 2] += 100.0  # point 2 has another query pixel: not matched
     hidden = visible.clone()
     hidden[3, 0] = False
-    _write(cfg16.pickle_path("ssv2", "v"), moved, hidden, [0, 1, 2], frames)
+    _write(cfg16.layout.pickle("ssv2", "v"), moved, hidden, [0, 1, 2], frames)
 
     out = bench_extract.compare_outputs(cfg32, cfg16)
     (video,) = out["per_video"]

@@ -9,13 +9,14 @@ from _shared import shared_path
 from semtrack.clustering import (
     assign_labels,
     bipartite_clusters,
+    cluster,
     kmeans_clusters,
     merge_frames,
     merge_schedule,
     merge_step,
     temporal_merge,
-    video_seed,
 )
+from semtrack.util import stable_seed
 
 SETTINGS = [("m25_i11", 25, 11), ("m40_i5", 40, 5)]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -172,7 +173,7 @@ def test_kmeans_lloyd_from_recorded_init(bip, km, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kmeans_seeding_and_options(bip, device):
     tokens = torch.from_numpy(bip["tokens"]).to(device)
-    seed = video_seed("somethingv2/12345")
+    seed = stable_seed("somethingv2/12345")
     a = kmeans_clusters(tokens, 8, seed)
     assert torch.equal(a, kmeans_clusters(tokens, 8, seed))  # reproducible on a device
     assert a.shape == (8, 16, 16) and a.dtype == torch.int64 and 0 <= a.min() and a.max() < 8
@@ -183,10 +184,15 @@ def test_kmeans_seeding_and_options(bip, device):
     assert bool((torch.bincount(reseeded.flatten(), minlength=8) > 0).all())  # no dead cluster
 
 
-def test_video_seed_is_stable():
-    assert video_seed("abc") == video_seed("abc") == 8459872020976057437
-    assert video_seed("abc") != video_seed("abd")
-    assert 0 <= video_seed("") < 2**63
+def test_cluster_stage_equals_the_methods_per_video(bip):
+    tokens = torch.from_numpy(bip["tokens"])
+    videos, ids = [tokens, tokens[:5]], ["a", "b"]
+    bipartite = cluster(videos, ids, "bipartite")
+    assert all(torch.equal(lab, bipartite_clusters(x)) for lab, x in zip(bipartite, videos))
+    kmeans = cluster(videos, ids, "kmeans", n_clusters=8)
+    assert all(torch.equal(lab, kmeans_clusters(x, 8, stable_seed(i))) for lab, x, i in zip(kmeans, videos, ids))
+    with pytest.raises(ValueError, match="method must be one of"):
+        cluster(videos, ids, "spectral")
 
 
 def test_kmeans_errors():

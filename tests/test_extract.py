@@ -1,24 +1,25 @@
-"""Unit tests of the extraction job's pieces: config naming, flag translation, GIF drawing,
-config sidecar, skip/redo decisions, report merging and the tracking memory guard. Models run only in
-the guard's one small grid-mode job (stand-in weights); the rest of the end-to-end runs live in
-test_extract_e2e."""
+"""Unit tests of the extraction job's pieces: config naming and layout, flag translation, GIF
+drawing, config sidecar, skip/redo decisions, report merging, the tracking memory guard in a job and
+the writer's place among callbacks. Models run only in two small grid-mode jobs (stand-in weights);
+the rest of the end-to-end runs live in test_extract_e2e."""
 from __future__ import annotations
 
 import csv as csv_module
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from datamodules.extraction import ExtractionDataModule
 from semtrack.cli import main, translate
 from semtrack.config import ExtractConfig
 from semtrack.gif import entity_colours, frame_durations_ms, jet, render_trails, save_cluster_overlay, save_trail_gif
-from semtrack.pipeline import ExtractionDataModule, SemanticTracker, VideoResult, _StageClock, _Work, tracking_bytes
+from semtrack.report import failures_csv, merge_parts
+from semtrack.sidecar import check_sidecar
+from semtrack.tracker import estimate_tracking_bytes
 from semtrack.trackfile import save_tracks
-from semtrack.writer import check_sidecar, failures_csv, merge_parts
 
 
 # ------------------------------------------------------------------------------ config
@@ -51,8 +52,14 @@ def test_config_rejects_bad_options_by_name():
 
 
 def test_output_paths_follow_layout(tmp_path):
-    cfg = ExtractConfig(base_feat_path=str(tmp_path), fps=10)
-    assert cfg.pickle_path("ssv2", "123") == tmp_path / "cotracker3_bip_fr_32_fps_10" / "ssv2" / "feat_dump" / "123.pkl"
+    layout = ExtractConfig(base_feat_path=str(tmp_path), fps=10).layout
+    root = tmp_path / "cotracker3_bip_fr_32_fps_10"
+    assert layout.root == root
+    assert layout.pickle("ssv2", "123") == root / "ssv2" / "feat_dump" / "123.pkl"
+    assert layout.gif("ssv2", "123") == root / "ssv2" / "gif_dump" / "123.gif"
+    assert layout.debug_png("ssv2", "123", 7) == root / "ssv2" / "debug_vis" / "123" / "debug_cluster_pts_7.png"
+    assert (layout.sidecar.name, layout.failures.name, layout.report.name) == (
+        "semtrack_config.json", "failures.csv", "run_report.json")
 
 
 # ------------------------------------------------------------------------------ command line
@@ -116,28 +123,6 @@ def test_cluster_overlay_png(tmp_path):
     assert not (image[:, 48:] == 200).all()
 
 
-# ------------------------------------------------------------------------------ failure isolation
-def test_a_failing_group_is_retried_video_by_video():
-    """A stage that raises on a group call (as CUDA OOM would) pins the failure on the one video
-    that still fails alone; the others of the group go on."""
-    works = [_Work(VideoResult(i, f"v{i}", "d", f"/v{i}.mp4"), torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
-                   torch.zeros(1, dtype=torch.long)) for i in range(3)]
-    calls = []
-
-    def stage(group):
-        calls.append([w.result.video_id for w in group])
-        if any(w.result.video_id == "v1" for w in group):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
-
-    clock = _StageClock(torch.device("cpu"))
-    alive = SemanticTracker(ExtractConfig())._run("tracking", works, lambda w: 0, stage, clock)
-    assert [w.result.video_id for w in alive] == ["v0", "v2"]
-    assert calls == [["v0", "v1", "v2"], ["v0"], ["v1"], ["v2"]]
-    failed = works[1].result
-    reason = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"
-    assert (failed.stage, failed.reason) == ("tracking", reason)
-
-
 # ------------------------------------------------------------------------------ sidecar
 def test_sidecar_created_then_refuses_a_different_configuration(tmp_path):
     cfg = ExtractConfig(base_feat_path=str(tmp_path), weights="random")
@@ -167,8 +152,8 @@ def test_pending_rows_skip_valid_redo_corrupt_and_rerun(tmp_path, videos_dir):
     names = ["tiny_ssv2.webm", "tiny_25fps.mp4", "cat.mp4"]
     csv.write_text("video_path,dataset\n" + "".join(f"{videos_dir / n},clips\n" for n in names))
     cfg = ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"))
-    save_tracks(cfg.pickle_path("clips", "tiny_ssv2"), _tracks())  # valid: skipped
-    corrupt = cfg.pickle_path("clips", "tiny_25fps")
+    save_tracks(cfg.layout.pickle("clips", "tiny_ssv2"), _tracks())  # valid: skipped
+    corrupt = cfg.layout.pickle("clips", "tiny_25fps")
     save_tracks(corrupt, _tracks())
     corrupt.write_bytes(corrupt.read_bytes()[:50])  # truncated: redone
     dm = ExtractionDataModule(cfg)
@@ -191,7 +176,7 @@ def test_merge_parts_sums_ranks_and_orders_failures(tmp_path):
         {"done": 2, "failed": 1, "failures": [fail(1)], "stage_totals": {"tracking": [2.0, 2], "write": [1.0, 2]},
          "wall_s": 8.0, "data_wait_s": 0.5, "points_dropped": 0},
     ]
-    report = merge_parts(parts, num_rows=9, num_skipped=2, config=ExtractConfig(base_feat_path=str(tmp_path)))
+    report = merge_parts(parts, num_rows=9, num_skipped=2, output_dir=str(tmp_path), csv_path="v.csv")
     assert report["counts"] == {"rows": 9, "done": 5, "failed": 2, "skipped": 2}
     assert [f["row"] for f in report["failures"]] == [1, 5]
     assert report["stage_mean_s"] == {"tracking": 8.0 / 5, "write": 0.5}
@@ -202,46 +187,6 @@ def test_merge_parts_sums_ranks_and_orders_failures(tmp_path):
 
 
 # ------------------------------------------------------------------------------ tracking memory guard
-def _meta_work(i: int, frames: int = 50, size=(240, 428), points: int = 300) -> _Work:
-    """A video of (frames, 3, *size) on the meta device (no memory) with `points` queries."""
-    video = torch.empty(frames, 3, *size, dtype=torch.uint8, device="meta")
-    w = _Work(VideoResult(i, f"v{i}", "d", f"/v{i}.mp4"), video, torch.zeros(1, dtype=torch.long))
-    w.queries = torch.zeros(points, 3)
-    return w
-
-
-def test_tracking_guard_splits_groups_and_refuses_what_does_not_fit_alone():
-    one = tracking_bytes(50, 300, (240, 428), (384, 512), backward=True, dtype_bytes=4)
-    five = tracking_bytes(50, 300, (240, 428), (384, 512), backward=True, dtype_bytes=4, batch=5)
-    assert five == pytest.approx(5 * one)
-    works = [_meta_work(i) for i in range(5)] + [_meta_work(5, frames=3000, size=(480, 640))]
-    tracker = SemanticTracker(ExtractConfig(max_tracking_memory_gb=2.5 * one / 1e9))  # two 50-frame clips per call
-    calls = []
-    alive = tracker._run("tracking", works, lambda w: w.video.shape,
-                         lambda g: calls.append([w.result.index for w in g]),
-                         _StageClock(torch.device("cpu")), tracker._fit_budget)
-    assert calls == [[0, 1], [2, 3], [4]]  # the long clip is never tried
-    assert [w.result.index for w in alive] == [0, 1, 2, 3, 4]
-    refused = works[5].result
-    assert refused.stage == "tracking"
-    assert refused.reason.startswith("needs ≈")
-    assert "to track 3000 frames x 300 points at 384x512; budget" in refused.reason
-    pattern = r"use --max_frames (\d+) \(with a new --base_feat_path\) or --max_tracking_memory_gb [\d.]+$"
-    suggested = int(re.search(pattern, refused.reason).group(1))
-    fits = lambda t: tracker._tracking_need(works[5], frames=t) <= 2.5 * one  # noqa: E731
-    assert fits(suggested) and not fits(suggested + 1)
-
-
-def test_tracking_budget_default_is_half_the_available_memory_on_cpu():
-    from semtrack.pipeline import available_memory
-
-    budget, available = SemanticTracker(ExtractConfig()).tracking_budget(), available_memory()
-    assert available is not None and 0 < budget <= available / 2 * 1.1  # memory use moves between the reads
-    assert SemanticTracker(ExtractConfig(max_tracking_memory_gb=1.5)).tracking_budget() == 1.5e9
-    with pytest.raises(ValueError, match="max_tracking_memory_gb"):
-        ExtractConfig(max_tracking_memory_gb=0)
-
-
 def test_over_budget_video_is_a_recorded_tracking_failure(tmp_path, videos_dir):
     """Grid mode, stand-in weights, 4 frames at 96x128: the larger clip is refused, the other is done
     (exit 1); the option stays out of the sidecar and the pickles, and a run without it resumes."""
@@ -249,9 +194,7 @@ def test_over_budget_video_is_a_recorded_tracking_failure(tmp_path, videos_dir):
     csv.write_text(
         f"video_path,dataset\n{videos_dir / 'tiny_ssv2.webm'},clips\n{videos_dir / 'tiny_25fps.mp4'},clips\n"
     )
-    small, large = (
-        tracking_bytes(4, 4, size, (96, 128), backward=False, dtype_bytes=4) for size in ((192, 256), (240, 320))
-    )
+    small, large = (estimate_tracking_bytes(4, 4, size, (96, 128), backward=False) for size in ((192, 256), (240, 320)))
     args = ["--csv_path", str(csv), "--base_feat_path", str(tmp_path / "out"), "--weights", "random", "--use_grid",
             "--cotracker_grid_size", "2", "--max_frames", "4", "--tracker_resolution", "96", "128",
             "--num_workers", "0", "--accelerator", "cpu", "--trainer.enable_progress_bar=false"]
@@ -269,7 +212,7 @@ def test_over_budget_video_is_a_recorded_tracking_failure(tmp_path, videos_dir):
     assert (out / "clips" / "feat_dump" / "tiny_25fps.pkl").is_file()
 
 
-def test_api_run_places_extra_callbacks_around_the_writer(tmp_path, videos_dir):
+def test_api_run_calls_extra_callbacks_after_the_writer(tmp_path, videos_dir):
     from lightning.pytorch.callbacks import Callback
 
     from semtrack.api import run
@@ -278,19 +221,13 @@ def test_api_run_places_extra_callbacks_around_the_writer(tmp_path, videos_dir):
     csv.write_text(f"video_path,dataset\n{videos_dir / 'tiny_ssv2.webm'},clips\n")
     config = ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), weights="random", use_grid=True,
                            cotracker_grid_size=2, max_frames=4, tracker_resolution=(96, 128), num_workers=0)
-    pickle_path = config.pickle_path("clips", "tiny_ssv2")
+    pickle_path = config.layout.pickle("clips", "tiny_ssv2")
     seen = []
 
     class Probe(Callback):
-        def __init__(self, name):
-            self.name = name
-
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            seen.append((self.name, pickle_path.is_file()))
+            seen.append((pickle_path.is_file(), [r.clip.video_id for r in outputs.results]))
 
-    callbacks = [Probe("before"), None, Probe("after")]
-    report = run(config, callbacks=callbacks, accelerator="cpu", enable_progress_bar=False)
-    assert seen == [("before", False), ("after", True)]
+    report = run(config, callbacks=[Probe()], accelerator="cpu", enable_progress_bar=False)
+    assert seen == [(True, ["tiny_ssv2"])]
     assert report["counts"]["done"] == 1
-    with pytest.raises(ValueError, match="at most one None"):
-        run(config, callbacks=[None, None])

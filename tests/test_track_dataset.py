@@ -21,10 +21,10 @@ from datamodules.tracks import (
     Resize,
     collate_tracks,
     sample_points,
-    track_path,
     uniform_frame_indices,
 )
 from datamodules.video import VideoCSVDataset
+from semtrack.layout import OutputLayout
 from semtrack.trackfile import save_tracks
 
 SIZES = (1, 4, 10)  # points per entity
@@ -73,7 +73,7 @@ def extracted(tmp_path_factory, videos_dir):
             "dataset": item["dataset"],
         }
         data = {**_synthetic_tracks(len(video)), "semtrack": meta}
-        save_tracks(track_path(tracks_root, item["dataset"], item["video_id"]), data)
+        save_tracks(OutputLayout(tracks_root).pickle(item["dataset"], item["video_id"]), data)
         decoded[item["video_id"]] = item
     return csv, tracks_root, decoded
 
@@ -246,8 +246,8 @@ def _broken_copy(tmp_path, extracted):
     )
     bad_csv = tmp_path / "with_broken.csv"
     pd.concat([table, extra]).to_csv(bad_csv, index=False)
-    good = track_path(root, "ucf101", "tiny25").read_bytes()
-    bad = track_path(root, "ucf101", "truncated")
+    good = OutputLayout(root).pickle("ucf101", "tiny25").read_bytes()
+    bad = OutputLayout(root).pickle("ucf101", "truncated")
     bad.write_bytes(good[: len(good) // 2])
     return bad_csv, root, bad
 
@@ -282,7 +282,7 @@ def test_research_pickle_uses_linspace_rule_with_warning(tmp_path, videos_dir, e
     pd.DataFrame({"video_path": [str(videos_dir / "tiny_ssv2.webm")], "dataset": ["ssv2"]}).to_csv(csv, index=False)
     data = _synthetic_tracks(12)
     research = {**data, "pred_tracks": data["pred_tracks"][None], "pred_visibility": data["pred_visibility"][None]}
-    path = track_path(tmp_path / "dump", "ssv2", "tiny_ssv2")
+    path = OutputLayout(tmp_path / "dump").pickle("ssv2", "tiny_ssv2")
     path.parent.mkdir(parents=True)
     with open(path, "wb") as f:
         pickle.dump(research, f)

@@ -1,6 +1,6 @@
 """CoTracker3 offline re-implementation vs the official golden fixtures (../shared/cotracker3).
 
-Tolerances (issue 3, fp32): coordinates 1e-3 px (raw 512-px model coords 2e-3), probabilities
+Tolerances (fp32): coordinates 1e-3 px (raw 512-px model coords 2e-3), probabilities
 2e-5, intermediates 1e-4, visibility flags identical.
 """
 from __future__ import annotations

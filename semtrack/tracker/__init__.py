@@ -4,6 +4,7 @@
 `OfflineTracker.model` is the `CoTrackerThreeOffline` module that loads `scaled_offline.pth`
 with strict=True.
 """
+from .memory import estimate_tracking_bytes
 from .model import CoTrackerThreeOffline
 from .predictor import OfflineTracker
 from .weights import OFFICIAL_URL, load_state_dict, load_tracker, random_state_dict
@@ -12,6 +13,7 @@ __all__ = [
     "CoTrackerThreeOffline",
     "OFFICIAL_URL",
     "OfflineTracker",
+    "estimate_tracking_bytes",
     "load_state_dict",
     "load_tracker",
     "random_state_dict",

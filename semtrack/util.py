@@ -1,0 +1,68 @@
+"""Three helpers every stage shares: one-line error reasons, atomic file writes, stable seeds."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+MAX_REASON_CHARS = 300
+TMP_MARK = ".tmp-"  # temporary files are `<name>.tmp-<pid>` beside their target
+
+
+def one_line(exc: BaseException) -> str:
+    """`TypeName: first non-empty line of the message`, at most `MAX_REASON_CHARS` characters."""
+    text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `atomic_write` writes `path` before renaming it: same folder, `TMP_MARK` + this pid."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def _fsync(path: Path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """`with atomic_write(p) as tmp: <write tmp>` -> `p` appears complete or not at all.
+
+    The body writes the temporary path (same folder, created if needed); on success it is fsynced,
+    renamed onto `path` and the rename made durable; on any error it is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        _fsync(tmp, os.O_RDONLY)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync(path.parent, os.O_RDONLY)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 `text` to `path` with `atomic_write`."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from the SHA-256 of `parts` joined by U+001F: the same on every machine, process
+    and Python run (`stable_seed(video_id)` seeds a video's k-means)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

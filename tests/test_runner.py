@@ -1,0 +1,89 @@
+"""The stage runner (calls, retries, failure pinning, clocks) and the tracking memory budget."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from semtrack.config import ExtractConfig
+from semtrack.pipeline import tracking_budget
+from semtrack.records import Clip, Failure
+from semtrack.resources import available_memory
+from semtrack.runner import StageRunner, TrackingBudget, grouped
+from semtrack.tracker import estimate_tracking_bytes
+
+
+def clip(row: int, frames: int = 4, size=(8, 8)) -> Clip:
+    """A clip whose frames live on the meta device (no memory)."""
+    return Clip(row, f"v{row}", "d", f"/v{row}.mp4", frames=torch.empty(frames, 3, *size, dtype=torch.uint8,
+                                                                          device="meta"))
+
+
+def test_a_failing_call_is_retried_clip_by_clip_and_the_failure_pinned():
+    """A stage that raises on a call (as CUDA OOM would) pins the failure on the one clip that still
+    fails alone; the others of the call go on, and later stages see only the live clips."""
+    clips = [clip(i) for i in range(3)]
+    run, calls = StageRunner(torch.device("cpu")), []
+
+    def stage(group, values):
+        calls.append([c.row for c in group])
+        if any(c.row == 1 for c in group):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
+        return [v * 10 for v in values]
+
+    out = run.run("tracking", clips, stage, {0: 1, 1: 2, 2: 3})
+    assert out == {0: 10, 2: 30}
+    assert calls == [[0, 1, 2], [0], [1], [2]]
+    assert run.failures == {1: Failure("tracking", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")}
+    assert [c.row for c in run.alive(clips)] == [0, 2]
+    assert run.run("next", clips, lambda group: [c.row for c in group]) == {0: 0, 2: 2}
+    seconds, videos = run.clock.totals()["tracking"]
+    assert videos == 3 and seconds >= 0  # retries count no new videos
+
+
+def test_grouped_calls_share_a_key():
+    run = StageRunner(torch.device("cpu"))
+    clips = [clip(0, 4), clip(1, 6), clip(2, 4)]
+    seen = []
+    run.run("s", clips, lambda group: seen.append([c.row for c in group]) or [None] * len(group),
+            calls=grouped(lambda c: c.num_frames))
+    assert seen == [[0, 2], [1]]
+
+
+def test_budget_splits_calls_and_refuses_what_does_not_fit_alone():
+    """need = frames x clips: a budget of 9 frames fits two 4-frame clips per call; a 30-frame clip
+    is refused untried, and the reason names the largest --max_frames that fits."""
+    budget = TrackingBudget(9.0, lambda clips, frames: float(len(clips) * (frames or max(c.num_frames for c in clips))),
+                            lambda c: f"{c.num_frames} frames")
+    clips = [clip(i) for i in range(5)] + [clip(5, frames=30)]
+    calls, refused = budget.calls(clips)
+    assert [[c.row for c in call] for call in calls] == [[0, 1], [2, 3], [4]]
+    assert list(refused) == [5]
+    assert refused[5].startswith("needs ≈3e-08 GB to track 30 frames; budget 9e-09 GB; ")
+    match = re.search(r"use --max_frames (\d+) \(with a new --base_feat_path\) or --max_tracking_memory_gb", refused[5])
+    assert int(match.group(1)) == 9
+    assert TrackingBudget(None, budget.need, budget.describe).calls(clips) == ([clips], {})
+
+
+def test_budget_calls_are_balanced_only_when_the_balanced_calls_fit():
+    need = lambda clips, frames: float(len(clips) * max(c.num_frames for c in clips))  # noqa: E731 - padded calls
+    clips = [clip(0, 2), clip(1, 2), clip(2, 2), clip(3, 5)]
+    calls, _ = TrackingBudget(6.0, need, str).calls(clips)
+    assert [[c.row for c in call] for call in calls] == [[0, 1, 2], [3]]  # [[0, 1], [2, 3]] would need 10
+
+
+def test_tracking_budget_default_is_half_the_available_memory_on_cpu():
+    budget, available = tracking_budget(ExtractConfig(), torch.device("cpu"), 0), available_memory()
+    assert available is not None and 0 < budget <= available / 2 * 1.1  # memory use moves between the reads
+    assert tracking_budget(ExtractConfig(max_tracking_memory_gb=1.5), torch.device("cpu"), 0) == 1.5e9
+    assert tracking_budget(ExtractConfig(), torch.device("cuda"), int(2e9)) == pytest.approx(8e9)
+    with pytest.raises(ValueError, match="max_tracking_memory_gb"):
+        ExtractConfig(max_tracking_memory_gb=0)
+
+
+def test_tracking_estimate_is_linear_in_frames_and_batch():
+    one = estimate_tracking_bytes(50, 300, (240, 428))
+    assert estimate_tracking_bytes(50, 300, (240, 428), batch=5) == pytest.approx(5 * one)
+    assert estimate_tracking_bytes(100, 300, (240, 428)) == pytest.approx(2 * one)
+    assert estimate_tracking_bytes(50, 300, (240, 428), resolution=(192, 256)) < one
