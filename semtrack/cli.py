@@ -1,38 +1,171 @@
-"""`scripts/extract.py` / `semtrack-extract`: a LightningCLI program, plus the research flags.
+"""`scripts/extract.py` / `semtrack-extract`: the extraction job's command line.
 
-Two spellings, one program:
+Two spellings, one job (both build it with `semtrack.api.build_trainer`):
 
-* LightningCLI: `extract.py predict --config run.yaml --trainer.devices 8 --extract.csv_path v.csv`
-  (`--print_config`, YAML configs; every `ExtractConfig` option lives under `extract:`).
-* Research / flat flags: `extract.py --clustering_method bipartite --csv_path v.csv --devices 2`.
-  `translate` rewrites them into the form above (research flags -> `--extract.<name>`, store-true
-  switches -> `--extract.<name>=true`, `--devices --num_nodes --accelerator --strategy
-  --precision` -> `--trainer.<name>`, `--tracker_resolution H W` -> a list) and adds `predict`.
+* Flat flags, the research script's spelling: `extract.py --csv_path v.csv --clustering_method kmeans
+  --devices 2`. Every `ExtractConfig` field is `--<name>`, plus the trainer flags `--devices
+  --num_nodes --accelerator --strategy --precision` and any other Trainer argument as
+  `--trainer.<name> VALUE`. `--help` lists them by group.
+* LightningCLI, for YAML configs: `extract.py predict --config run.yaml --trainer.devices 8`
+  (every extraction option under `extract:`; `predict --help` shows all of Lightning's options).
+  `--print_config` and `--config` given with flat flags switch to this form (`translate`).
 
-Exit status: 0 when every video was done or skipped, 1 when any failed, 2 for a configuration
-error (bad CSV, sidecar mismatch, missing weights, bad option), reported in one line.
+Exit status: 0 when every video was done or skipped, 1 when any failed, 2 when the job could not
+start (bad CSV, option, weights or sidecar), reported in one line.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import math
 import sys
+import types
+import typing
 
-from lightning.pytorch.cli import LightningCLI
+import yaml
 
-from datamodules.extraction import ExtractionDataModule
-from semtrack.api import TRAINER_DEFAULTS, build_trainer, preflight
-from semtrack.config import ExtractConfig
-from semtrack.module import SemanticTracker
+from semtrack.config import GROUPS, ExtractConfig, field_help
 
-TRAINER_FLAGS = ("devices", "num_nodes", "accelerator", "strategy", "precision")
+SUBCOMMAND = "predict"
+TRAINER_FLAGS = {
+    "devices": "devices per node: a number, a list such as 0,1, or auto",
+    "num_nodes": "nodes (DDP across machines)",
+    "accelerator": "cpu, gpu, cuda or auto",
+    "strategy": "auto, ddp, ddp_spawn, ...",
+    "precision": "32-true (fp32), bf16-mixed (bf16 tracker), or 16-mixed (fp32 tracker)",
+}
+NONE_WORDS = ("none", "null")
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
+_HINTS = typing.get_type_hints(ExtractConfig)
 SWITCHES = frozenset(name for name, f in _FIELDS.items() if isinstance(f.default, bool))
 LIST_FLAGS = {"tracker_resolution": 2, "native_fps_datasets": None}  # values taken after the flag
-SUBCOMMAND = "predict"
 
 
+# ---------------------------------------------------------------------------- flat flags
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, naming the closest known flag."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flags = [a for a in unknown if a.startswith("--")]
+        if flags:
+            known = [o for action in self._actions for o in action.option_strings]
+            close = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see --help"
+            message = f"unknown option {flags[0]}{hint}"
+        self.exit(2, f"error: {message}\n")
+
+
+def _optional(convert):
+    def parse(text: str):
+        return None if text.lower() in NONE_WORDS else convert(text)
+    parse.__name__ = convert.__name__  # argparse names it in "invalid <name> value"
+    return parse
+
+
+def number(text: str) -> float:
+    """A finite float."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _metavar(hint) -> str | tuple | None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _metavar(next(a for a in args if a is not type(None)))
+    if origin is typing.Literal:
+        return None  # argparse shows the choices
+    if origin is tuple:
+        return ("H", "W")
+    if origin is list:
+        return "NAME"
+    return {int: "N", float: "X"}.get(hint, "TEXT")
+
+
+def _arg_spec(hint) -> dict:
+    """argparse keywords for an ExtractConfig field's type hint ("none" parses as None for Optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return {"choices": list(args)}
+    if origin is tuple:
+        return {"type": args[0], "nargs": len(args) if args[-1] is not Ellipsis else "*"}
+    if origin is list:
+        return {"type": args[0], "nargs": "*"}
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        spec = _arg_spec(next(a for a in args if a is not type(None)))
+        if "type" in spec and "nargs" not in spec:
+            spec["type"] = _optional(spec["type"])
+        return spec
+    return {"type": number if hint is float else hint}
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value)) or "(none)"
+    return str(value)
+
+
+def flat_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The flat-flag parser: `ExtractConfig` fields by group, then the trainer flags."""
+    parser = _Parser(
+        prog=prog, allow_abbrev=False,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
+        usage="%(prog)s --csv_path CSV [options]",
+        description="Semantic point tracks for every video of a CSV: DINOv2 entities tracked with CoTracker3, "
+                    "one pickle per video.",
+        epilog=f"Any other Trainer argument: --trainer.NAME VALUE. YAML configs and every Lightning option: "
+               f"{prog or 'semtrack-extract'} {SUBCOMMAND} --help.",
+    )
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for name, f in _FIELDS.items():
+        group, text, shown = field_help(name)
+        if name in SWITCHES:
+            groups[group].add_argument(f"--{name}", action="store_true", help=text)
+            continue
+        hint = _HINTS[name]
+        groups[group].add_argument(f"--{name}", default=f.default, metavar=_metavar(hint),
+                                   help=f"{text} (default: {shown or _default_text(f.default)})", **_arg_spec(hint))
+    trainer = parser.add_argument_group("trainer")
+    for name, text in TRAINER_FLAGS.items():
+        trainer.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="TEXT", help=text)
+    return parser
+
+
+def _trainer_value(text: str):
+    """A Trainer argument's value as YAML reads it: `8` -> 8, `false` -> False, `bf16-mixed` stays text."""
+    return yaml.safe_load(text)
+
+
+def parse_flat(argv: list[str]) -> tuple[ExtractConfig, dict]:
+    """Flat flags -> (config, trainer options). Exits 2 on a bad command line (one line)."""
+    trainer: dict = {}
+    rest = []
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("--trainer."):
+            name, eq, value = arg[len("--trainer."):].partition("=")
+            trainer[name] = _trainer_value(value if eq else next(args, ""))
+        else:
+            rest.append(arg)
+    parsed = vars(flat_parser().parse_args(rest))
+    for name in TRAINER_FLAGS:
+        if name in parsed:
+            trainer[name] = _trainer_value(parsed.pop(name))
+    if parsed.get("tracker_resolution") is not None:
+        parsed["tracker_resolution"] = tuple(parsed["tracker_resolution"])
+    return ExtractConfig.from_dict(parsed), trainer
+
+
+# ---------------------------------------------------------------------------- LightningCLI form
 def translate(argv: list[str]) -> list[str]:
-    """Rewrite research/flat flags into LightningCLI arguments (see the module docstring)."""
+    """Rewrite flat flags into LightningCLI arguments: `--<field>` -> `--extract.<field>`, switches ->
+    `--extract.<name>=true`, trainer flags -> `--trainer.<name>`, list flags -> `[a, b]`, "none" ->
+    null; adds `predict`."""
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -47,7 +180,7 @@ def translate(argv: list[str]) -> list[str]:
             out.append(arg)
             continue
         if eq:
-            out.append(f"{target}={value}")
+            out.append(f"{target}={'null' if value.lower() in NONE_WORDS else value}")
         elif name in SWITCHES:
             out.append(f"{target}=true")
         elif name in LIST_FLAGS:
@@ -58,7 +191,7 @@ def translate(argv: list[str]) -> list[str]:
                 i += 1
             out.append(f"{target}=[{', '.join(values)}]")
         elif i < len(argv):
-            out += [target, argv[i]]
+            out += [target, "null" if argv[i].lower() in NONE_WORDS else argv[i]]
             i += 1
         else:
             out.append(target)  # jsonargparse reports the missing value
@@ -67,53 +200,65 @@ def translate(argv: list[str]) -> list[str]:
     return out
 
 
-class ExtractCLI(LightningCLI):
-    """LightningCLI with one subcommand (`predict`) and the whole `ExtractConfig` under `extract`."""
+def _lightning_cli(args: list[str]):
+    """Run the LightningCLI form; -> the CLI object (its `.writer` holds the report)."""
+    from lightning.pytorch.cli import LightningCLI
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {SUBCOMMAND: {"model", "dataloaders", "datamodule"}}
+    from datamodules.extraction import ExtractionDataModule
+    from semtrack.api import TRAINER_DEFAULTS, build_trainer, preflight
+    from semtrack.module import SemanticTracker
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_class_arguments(ExtractConfig, "extract", fail_untyped=False)
-        parser.link_arguments("extract", "model.config", apply_on="instantiate")
-        parser.link_arguments("extract", "data.config", apply_on="instantiate")
+    class ExtractCLI(LightningCLI):
+        """One subcommand (`predict`) and the whole `ExtractConfig` under `extract`."""
 
-    def instantiate_trainer(self, **kwargs):
-        """The job's Trainer, assembled by `semtrack.api.build_trainer` from the parsed trainer options."""
-        options = dict(self._get(self.config_init, "trainer", default={}))
-        callbacks = [*(options.pop("callbacks", None) or []), *kwargs.get("callbacks", [])]
-        trainer, self.writer = build_trainer(self._get(self.config_init, "extract"), callbacks, **options)
-        return trainer
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {SUBCOMMAND: {"model", "dataloaders", "datamodule"}}
 
-    def before_predict(self) -> None:
-        preflight(self._get(self.config_init, "extract"), self.trainer.precision)
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_class_arguments(ExtractConfig, "extract", fail_untyped=False)
+            parser.link_arguments("extract", "model.config", apply_on="instantiate")
+            parser.link_arguments("extract", "data.config", apply_on="instantiate")
 
-    def predict(self, **kwargs) -> None:
-        """`Trainer.predict` without collecting predictions: the writer has them, memory stays flat."""
-        kwargs["return_predictions"] = False
-        self.trainer.predict(**kwargs)
+        def instantiate_trainer(self, **kwargs):
+            options = dict(self._get(self.config_init, "trainer", default={}))
+            callbacks = [*(options.pop("callbacks", None) or []), *kwargs.get("callbacks", [])]
+            trainer, self.writer = build_trainer(self._get(self.config_init, "extract"), callbacks, **options)
+            return trainer
+
+        def before_predict(self) -> None:
+            preflight(self._get(self.config_init, "extract"), self.trainer.precision)
+
+        def predict(self, **kwargs) -> None:
+            kwargs["return_predictions"] = False  # the writer has them; memory stays flat
+            self.trainer.predict(**kwargs)
+
+    return ExtractCLI(
+        SemanticTracker, ExtractionDataModule, args=args, trainer_defaults=dict(TRAINER_DEFAULTS),
+        save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=False,
+        parser_kwargs={SUBCOMMAND: {"default_env": False}, "description": __doc__.split("\n\n")[0]},
+    )
 
 
+# ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Run the program on `argv` (default `sys.argv[1:]`); returns the exit status."""
-    args = translate(list(sys.argv[1:] if argv is None else argv))
-    # Lightning's DDP launcher re-runs sys.argv for the other ranks: hand it the translated form.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lightning_form = SUBCOMMAND in argv[:1] or any(a.split("=")[0] in ("--config", "--print_config") for a in argv)
+    args = translate(argv) if lightning_form else argv
+    # Lightning's DDP launcher re-runs sys.argv for the other ranks: hand it this command line.
     saved, sys.argv = sys.argv, [sys.argv[0], *args]
     try:
-        cli = ExtractCLI(
-            SemanticTracker,
-            ExtractionDataModule,
-            trainer_defaults=dict(TRAINER_DEFAULTS),
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-            seed_everything_default=False,
-            parser_kwargs={SUBCOMMAND: {"default_env": False}, "description": __doc__.split("\n\n")[0]},
-        )
+        if lightning_form:
+            report = _lightning_cli(args).writer.report
+        else:
+            from semtrack.api import run
+
+            config, trainer_options = parse_flat(args)
+            report = run(config, **trainer_options)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved
-    report = cli.writer.report
     return 1 if report is None or report["counts"]["failed"] else 0

@@ -17,6 +17,7 @@ from semtrack import clustering, points
 from semtrack.layout import OutputLayout, dump_name
 
 # Frames: defaults shared with datamodules.video.VideoCSVDataset.
+FPS = 10.0  # target frame rate (the research script's default was every decoded frame: fps=None)
 NATIVE_FPS_DATASETS = ("somethingv2", "something-something-v2", "ssv2", "smth-smth-v2", "sthsthv2")
 FPS_RULES = ("timestamp", "interval")
 NUM_FRAMES_CLUSTERING = 32  # research default
@@ -26,8 +27,9 @@ TRACKER_RESOLUTION = (384, 512)  # CoTracker3's model resolution (H, W)
 GROUPS = ("input/output", "frames", "features", "clustering", "points", "tracker", "job")
 
 
-def _option(default, group: str, help: str, **kwargs):
-    return dataclasses.field(default=default, metadata={"group": group, "help": help}, **kwargs)
+def _option(default, group: str, help: str, shown: str | None = None):
+    """A field with its command-line group, description and (if the value says little) how its default reads."""
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, "shown": shown})
 
 
 # Options that never change what a pickle contains (where/how the job runs, what else it writes).
@@ -46,17 +48,18 @@ class ExtractConfig:
     csv_path: str = _option(
         "sample.csv", "input/output", "CSV of videos: columns video_path, dataset [, video_id, fps]")
     base_feat_path: str = _option("./semtrack_out", "input/output", "output root; outputs go to <base>/<dump_name>/")
-    fps: Optional[float] = _option(None, "frames", "target frame rate; none keeps every decoded frame")
+    fps: Optional[float] = _option(
+        FPS, "frames", "target frame rate; none keeps every decoded frame (the research default)")
     fps_rule: Literal["timestamp", "interval"] = _option(
         "timestamp", "frames", "timestamp: nearest frame to k/fps; interval: the research script's integer stride")
     native_fps_datasets: Optional[list[str]] = _option(
-        None, "frames", f"datasets kept at their native rate (default: {' '.join(NATIVE_FPS_DATASETS)})")
+        None, "frames", "datasets kept at their native rate", shown=" ".join(NATIVE_FPS_DATASETS))
     max_frames: Optional[int] = _option(
         None, "frames", f"at most this many frames (>= {MIN_FRAMES}), spread evenly over the whole clip")
     num_frames_clustering: int = _option(NUM_FRAMES_CLUSTERING, "frames", "frames used for DINOv2 and clustering")
     dinov2_model: str = _option("vitb14", "features", "DINOv2 backbone: vits14, vitb14, vitl14, vitg14, *_reg")
     dinov2_checkpoint: Optional[str] = _option(
-        None, "features", "DINOv2 weights file (default: as --weights says)")
+        None, "features", "DINOv2 weights file", shown="as --weights says")
     clustering_method: Literal["bipartite", "kmeans"] = _option(
         "bipartite", "clustering", "bipartite token merging or k-means")
     n_clusters: int = _option(clustering.N_CLUSTERS, "clustering", "k of k-means")
@@ -79,12 +82,12 @@ class ExtractConfig:
     weights: Literal["official", "random"] = _option(
         "official", "tracker", "official: the published weights; random: stand-ins for tests only")
     cotracker_checkpoint: Optional[str] = _option(
-        None, "tracker", "CoTracker3 weights file or URL (default: as --weights says)")
+        None, "tracker", "CoTracker3 weights file or URL", shown="as --weights says")
     tracker_resolution: tuple[int, int] = _option(
         TRACKER_RESOLUTION, "tracker", "H W frames are resized to for tracking (multiples of 32)")
     max_tracking_memory_gb: Optional[float] = _option(
-        None, "tracker",
-        "a video needing more is a recorded failure (default: 10 GB per GPU, half the free memory on CPU)")
+        None, "tracker", "estimated tracking memory above which a video is a recorded failure",
+        shown="10 per GPU minus the models; half the free memory on CPU")
     batch_size: int = _option(1, "job", "videos per step")
     num_workers: int = _option(4, "job", "decoding processes")
     make_vis: bool = _option(False, "job", "also write a trail GIF per video")
@@ -164,7 +167,7 @@ class ExtractConfig:
         return cls(**options)
 
 
-def field_help(name: str) -> tuple[str, str]:
-    """(group, one-line description) of an `ExtractConfig` field."""
+def field_help(name: str) -> tuple[str, str, str | None]:
+    """(group, one-line description, how the default reads or None) of an `ExtractConfig` field."""
     meta = {f.name: f.metadata for f in dataclasses.fields(ExtractConfig)}[name]
-    return meta["group"], meta["help"]
+    return meta["group"], meta["help"], meta["shown"]

@@ -26,14 +26,15 @@ from semtrack.trackfile import save_tracks
 @pytest.mark.parametrize(
     "options, name",
     [
-        ({}, "cotracker3_bip_fr_32"),
-        ({"clustering_method": "kmeans", "n_clusters": 16, "use_connected_components": True, "fps": 10},
+        ({}, "cotracker3_bip_fr_32_fps_10"),  # the default: 10 fps
+        ({"fps": None}, "cotracker3_bip_fr_32"),  # every decoded frame, as the research default
+        ({"clustering_method": "kmeans", "n_clusters": 16, "use_connected_components": True},
          "cotracker3_kmeans_n16_fr_32_concomp_fps_10"),
-        ({"merge_ratio": 40, "num_iters": 5}, "cotracker3_bip_fr_32_m40_i5"),
-        ({"clustering_method": "kmeans", "num_iters": 5}, "cotracker3_kmeans_n32_fr_32_m25_i5"),
+        ({"merge_ratio": 40, "num_iters": 5, "fps": None}, "cotracker3_bip_fr_32_m40_i5"),
+        ({"clustering_method": "kmeans", "num_iters": 5, "fps": None}, "cotracker3_kmeans_n32_fr_32_m25_i5"),
         ({"num_frames_clustering": 8, "fps": 12.5}, "cotracker3_bip_fr_8_fps_12.5"),
         # not part of the name (REFERENCE.md 2.2)
-        ({"num_points_per_entity": 4, "use_grid": True, "cotracker_grid_size": 8}, "cotracker3_bip_fr_32"),
+        ({"num_points_per_entity": 4, "use_grid": True, "cotracker_grid_size": 8}, "cotracker3_bip_fr_32_fps_10"),
     ],
 )
 def test_dump_name_matches_research_rule(options, name):
@@ -199,7 +200,7 @@ def test_over_budget_video_is_a_recorded_tracking_failure(tmp_path, videos_dir):
             "--cotracker_grid_size", "2", "--max_frames", "4", "--tracker_resolution", "96", "128",
             "--num_workers", "0", "--accelerator", "cpu", "--trainer.enable_progress_bar=false"]
     assert main([*args, "--max_tracking_memory_gb", str((small + large) / 2e9)]) == 1
-    out = tmp_path / "out" / "cotracker3_bip_fr_32"
+    out = tmp_path / "out" / "cotracker3_bip_fr_32_fps_10"
     rows = list(csv_module.DictReader((out / "failures.csv").open(encoding="utf-8")))
     assert [(r["video_id"], r["stage"]) for r in rows] == [("tiny_25fps", "tracking")]
     assert rows[0]["reason"].startswith("needs ≈") and "to track 4 frames x 4 points at 96x128" in rows[0]["reason"]

@@ -79,7 +79,7 @@ def semantic(tmp_path_factory, videos_dir):
     args = ["--clustering_method", "bipartite", "--csv_path", str(csv), "--base_feat_path", str(tmp / "out"),
             *SEMANTIC, "--make_vis"]
     proc = run_script(*args)
-    return {"proc": proc, "csv": csv, "args": args, "out": tmp / "out" / "cotracker3_bip_fr_4"}
+    return {"proc": proc, "csv": csv, "args": args, "out": tmp / "out" / "cotracker3_bip_fr_4_fps_10"}
 
 
 def test_semantic_run_writes_research_format(semantic):
@@ -187,7 +187,7 @@ def reference(grid_csv):
         encoding="utf-8",
     )
     proc = run_script("predict", "--config", str(config))
-    return proc, base / "cotracker3_bip_fr_32"
+    return proc, base / "cotracker3_bip_fr_32_fps_10"
 
 
 def test_yaml_config_run_succeeds(reference):
@@ -207,7 +207,7 @@ def test_two_ranks_give_identical_pickles_and_one_report(reference, grid_csv):
     proc = run_script("--csv_path", str(grid_csv), "--base_feat_path", str(base), *GRID,
                       "--devices", "2", "--accelerator", "cpu", "--batch_size", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = base / "cotracker3_bip_fr_32"
+    out = base / "cotracker3_bip_fr_32_fps_10"
     assert pickles(out) == pickles(reference[1])
     report = json.loads((out / "run_report.json").read_text())
     assert report["world_size"] == 2 and report["counts"] == {"rows": 4, "done": 4, "failed": 0, "skipped": 0}
@@ -216,7 +216,7 @@ def test_two_ranks_give_identical_pickles_and_one_report(reference, grid_csv):
 
 def test_kill_mid_run_then_resume(reference, grid_csv):
     base = grid_csv.parent / "killed"
-    out = base / "cotracker3_bip_fr_32"
+    out = base / "cotracker3_bip_fr_32_fps_10"
     args = [sys.executable, str(SCRIPT), "--csv_path", str(grid_csv), "--base_feat_path", str(base), *GRID]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -262,7 +262,7 @@ def test_unicode_paths_and_a_directory_row_through_the_python_api(tmp_path, vide
         csv, tmp_path / "out", weights="random", use_grid=True, cotracker_grid_size=2, max_frames=4,
         tracker_resolution=(96, 128), num_workers=0, accelerator="cpu", enable_progress_bar=False,
     )
-    out = tmp_path / "out" / "cotracker3_bip_fr_32"
+    out = tmp_path / "out" / "cotracker3_bip_fr_32_fps_10"
     assert load_tracks(out / "my set" / "feat_dump" / "mön clip.pkl").num_points == 4
     assert report == json.loads((out / "run_report.json").read_text(encoding="utf-8"))
     assert report["counts"] == {"rows": 2, "done": 1, "failed": 1, "skipped": 0}

@@ -1,0 +1,86 @@
+"""The command line: grouped help, one-line errors, flat flags, and the job's default frame rate."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import av
+import pytest
+
+from _shared import REPO_ROOT
+from semtrack.cli import main, parse_flat
+from semtrack.config import GROUPS, ExtractConfig
+from semtrack.trackfile import load_tracks
+
+SCRIPT = REPO_ROOT / "scripts" / "extract.py"
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
+                          env={"COLUMNS": "100", "PATH": "/usr/bin:/bin"})
+
+
+def test_help_lists_every_option_by_group_with_its_default():
+    proc = run_script("--help")
+    assert proc.returncode == 0
+    text = proc.stdout
+    assert len(text.splitlines()) < 100
+    headers = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headers == ["options", *GROUPS, "trainer"]
+    for f in dataclasses.fields(ExtractConfig):
+        assert f"--{f.name}" in text, f.name
+    for flag in ("--devices", "--num_nodes", "--accelerator", "--strategy", "--precision"):
+        assert flag in text
+    flat = " ".join(text.split())  # help lines wrap
+    assert "(default: 10.0)" in flat and "(default: 25)" in flat and "(default: 384 512)" in flat
+    assert "max_epochs" not in text and "gradient_clip_val" not in text and "lacks type" not in text
+    assert "predict --help" in text
+
+
+def test_full_lightning_help_stays_reachable():
+    proc = run_script("predict", "--help")
+    assert proc.returncode == 0 and "--extract.merge_ratio" in proc.stdout and "--trainer.max_epochs" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--clustring_method", "kmeans"], "error: unknown option --clustring_method; did you mean --clustering_method?"),
+    (["--fps", "fast"], "error: argument --fps: invalid number value: 'fast'"),
+    (["--sampler", "slow"], "error: argument --sampler: invalid choice: 'slow' (choose from fast, exact)"),
+])
+def test_a_bad_command_line_is_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].replace("'fast', 'exact'", "fast, exact") == expected
+
+
+def test_flat_flags_parse_into_the_config_and_trainer_options():
+    config, trainer = parse_flat(["--fps", "none", "--tracker_resolution", "96", "128", "--use_grid",
+                                  "--max_frames", "none", "--native_fps_datasets", "--devices", "2",
+                                  "--precision", "bf16-mixed", "--trainer.enable_progress_bar=false",
+                                  "--trainer.limit_predict_batches", "3"])
+    assert config.fps is None and config.tracker_resolution == (96, 128) and config.use_grid
+    assert config.max_frames is None and config.native_fps_datasets == []
+    assert trainer == {"devices": 2, "precision": "bf16-mixed", "enable_progress_bar": False,
+                       "limit_predict_batches": 3}
+    assert parse_flat([])[0] == ExtractConfig()  # the flags' defaults are the config's
+
+
+def test_the_default_job_resamples_a_25fps_clip_to_10fps(tmp_path, videos_dir):
+    clip = videos_dir / "tiny_25fps.mp4"
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
+        t_last = float((pts[-1] - pts[0]) * stream.time_base)
+    csv = tmp_path / "v.csv"
+    csv.write_text(f"video_path,dataset\n{clip},ucf101\n")
+    status = main(["--csv_path", str(csv), "--base_feat_path", str(tmp_path), "--weights", "random", "--use_grid",
+                   "--cotracker_grid_size", "2", "--tracker_resolution", "64", "96", "--num_workers", "0",
+                   "--trainer.enable_progress_bar=false"])
+    assert status == 0
+    tf = load_tracks(tmp_path / "cotracker3_bip_fr_32_fps_10" / "ucf101" / "feat_dump" / "tiny_25fps.pkl")
+    assert tf.num_frames == math.floor(t_last * 10 + 0.5) + 1
+    assert tf.meta["fps"] == 10.0 and tf.meta["source_fps"] == 25.0
