@@ -214,8 +214,8 @@ def _utf8_lines(csv_path: Path, handle: IO[bytes]) -> Iterator[str]:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError(
-                f"{csv_path}: line {number} column {exc.start + 1}: byte {raw[exc.start:exc.start + 1]!r} is "
-                "not UTF-8; save the CSV as UTF-8"
+                f"{csv_path}: line {number}: byte {exc.start + 1} ({raw[exc.start:exc.start + 1]!r}) is not "
+                "UTF-8; save the CSV as UTF-8"
             ) from None
 
 
@@ -346,13 +346,9 @@ def select_by_timestamp(times: np.ndarray, fps: float) -> np.ndarray:
     return np.searchsorted(times, times[chosen], side="left").astype(np.int64)
 
 
-def select_by_interval(num_frames: int, average_rate: float | None, fps: float | None) -> np.ndarray:
-    """Research rule (REFERENCE 4.2): frames 0, i, 2i, ... with i = int(round(average_rate / fps)).
-
-    Raises `_ItemError` when the rate is unknown or the interval is 0 (source rate <= fps / 2).
-    """
-    if fps is None:
-        return np.arange(num_frames, dtype=np.int64)
+def _interval(average_rate: float | None, fps: float) -> int:
+    """Research stride i = int(round(average_rate / fps)); raises `_ItemError` when the rate is
+    unknown or i is 0 (source rate <= fps / 2)."""
     if average_rate is None or not math.isfinite(average_rate) or average_rate <= 0:
         raise _ItemError(f"fps_rule='interval' needs the stream's average frame rate, got {average_rate}")
     interval = int(round(average_rate / fps))
@@ -361,7 +357,17 @@ def select_by_interval(num_frames: int, average_rate: float | None, fps: float |
             f"fps_rule='interval': interval round({average_rate:g} / {fps:g}) = 0 "
             "(source rate <= half the target rate); use fps_rule='timestamp'"
         )
-    return np.arange(0, num_frames, interval, dtype=np.int64)
+    return interval
+
+
+def select_by_interval(num_frames: int, average_rate: float | None, fps: float | None) -> np.ndarray:
+    """Research rule (REFERENCE 4.2): frames 0, i, 2i, ... with i = int(round(average_rate / fps)).
+
+    Raises `_ItemError` when the rate is unknown or the interval is 0 (source rate <= fps / 2).
+    """
+    if fps is None:
+        return np.arange(num_frames, dtype=np.int64)
+    return np.arange(0, num_frames, _interval(average_rate, fps), dtype=np.int64)
 
 
 def cluster_frame_indices(num_frames: int, num_frames_clustering: int) -> np.ndarray:
@@ -397,27 +403,19 @@ def _check_memory(count: int, height: int, width: int) -> None:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Which of the decoded frames (timestamps `times`) an item keeps."""
+    """Which of the decoded frames (timestamps `times`) an item keeps.
+
+    The decoders' plan protocol: `plan(times, average_rate) -> (indices, rate used)`; a plan whose
+    output can be longer than `times` also has `frames_needed(times, average_rate) -> T`, computed
+    without allocating, which the decoders check against the memory allowance first.
+    """
 
     fps: float | None
     fps_rule: str
     max_frames: int | None
 
-    def __call__(
-        self, times: np.ndarray, average_rate: float | None, frame_size: tuple[int, int]
-    ) -> tuple[np.ndarray, float | None]:
-        """-> (indices (T,) int64 into `times`, target rate actually used). `frame_size`: (H, W) of
-        the output frames; raises `_ItemError` (before allocating them) if T such frames do not fit
-        in memory (`_check_memory`)."""
-        if self.fps_rule == "interval":
-            idx = select_by_interval(len(times), average_rate, self.fps)  # T <= N: no larger than `times`
-            if self.max_frames is not None and len(idx) > self.max_frames:
-                raise _ItemError(
-                    f"{len(idx)} frames exceed max_frames={self.max_frames}; fps_rule='interval' "
-                    "reproduces the research frames exactly and does not subsample further"
-                )
-            _check_memory(len(idx), *frame_size)
-            return idx, self.fps
+    def _timestamp_target(self, times: np.ndarray) -> tuple[float | None, int]:
+        """-> (target rate, None = native; frame count K) of the timestamp rule, with max_frames applied."""
         last, fps = float(times[-1]), self.fps
         if not math.isfinite(last):
             raise _ItemError(f"the last frame's timestamp is not finite ({last})")
@@ -427,9 +425,44 @@ class _Plan:
                 raise _ItemError(f"{count} frames exceed max_frames={self.max_frames} and all share one timestamp")
             fps = (self.max_frames - 1) / last  # K = floor(last * fps + 0.5) + 1 = max_frames
             count = timestamp_frame_count(last, fps)
-        _check_memory(count, *frame_size)
+        return fps, count
+
+    def frames_needed(self, times: np.ndarray, average_rate: float | None) -> int:
+        """T the call below returns, without allocating (0 where the call raises instead)."""
+        if self.fps_rule == "timestamp":
+            return self._timestamp_target(times)[1]
+        if self.fps is None:
+            return len(times)
+        try:
+            count = len(range(0, len(times), _interval(average_rate, self.fps)))
+        except _ItemError:
+            return 0
+        return 0 if self.max_frames is not None and count > self.max_frames else count
+
+    def __call__(self, times: np.ndarray, average_rate: float | None) -> tuple[np.ndarray, float | None]:
+        """-> (indices (T,) int64 into `times`, target rate actually used)."""
+        if self.fps_rule == "interval":
+            idx = select_by_interval(len(times), average_rate, self.fps)
+            if self.max_frames is not None and len(idx) > self.max_frames:
+                raise _ItemError(
+                    f"{len(idx)} frames exceed max_frames={self.max_frames}; fps_rule='interval' "
+                    "reproduces the research frames exactly and does not subsample further"
+                )
+            return idx, self.fps
+        fps, _ = self._timestamp_target(times)
         idx = np.arange(len(times), dtype=np.int64) if fps is None else select_by_timestamp(times, fps)
         return idx, fps
+
+
+def _select_frames(plan, times: np.ndarray, average_rate: float | None, frame_size: tuple[int, int]):
+    """Run `plan` (see `_Plan`) on the decoded timestamps; `_ItemError` if its T frames of
+    `frame_size` (H, W) do not fit in memory: checked before the plan runs where it can tell T."""
+    if hasattr(plan, "frames_needed"):
+        _check_memory(plan.frames_needed(times, average_rate), *frame_size)
+        return plan(times, average_rate)
+    idx, fps = plan(times, average_rate)
+    _check_memory(len(idx), *frame_size)
+    return idx, fps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,7 +606,7 @@ def _decode_decord(path: str, info: _StreamInfo | None, plan: _Plan) -> _Decoded
         times = _relative_seconds(stamps, info.time_base if info else None)  # (N,)
         rate = info.average_rate if info and info.average_rate else float(reader.get_avg_fps())
         size = info.display_size if info is not None else tuple(reader[0].shape[:2])
-        idx, fps = plan(times, rate, size)
+        idx, fps = _select_frames(plan, times, rate, size)
         frames = reader.get_batch(idx.tolist()).asnumpy()  # (T, H, W, 3) uint8
     finally:
         del reader
@@ -611,7 +644,7 @@ def _decode_pyav(path: str, info: _StreamInfo, plan: _Plan) -> _Decoded:
             raise _ItemError("no decodable video frames")
         times = np.array([float((p - pts[0]) * tb) for p in pts], dtype=np.float64)
         source_fps = rate if rate else _rate_from_times(times)
-        idx, fps = plan(times, source_fps, info.display_size)
+        idx, fps = _select_frames(plan, times, source_fps, info.display_size)
         wanted = {pts[i] for i in idx.tolist()}
         kept: dict[int, np.ndarray] = {}
         decoded: list[int] = []
