@@ -3,8 +3,14 @@
 A row of the CSV becomes one item (a dict, see `VideoCSVDataset.__getitem__`). With
 `decoder="auto"` decoding uses decord (its frame index for the timestamps, then one `get_batch` of only
 the selected frames); if decord cannot open or decode a file, PyAV is tried once. `decoder="decord"` or
-`"pyav"` uses only that one. The item's `decoder` records which one served. Any per-video failure is
-returned as an item with `video=None` and a one-line `error`; `decode_video` never raises.
+`"pyav"` uses only that one. The item's `decoder` records which one served.
+
+Any per-video failure is an item with `video=None` and a one-line `error` giving the reason:
+unusable path (not found, permission denied, name too long, symlink loop, broken link, a path
+component that is not a folder, a folder, a FIFO/socket/device, an empty file), not a video, audio
+only, truncated, no decodable frames, unusable frame rate or timestamps, an unsupported display
+matrix, or more frames than fit in memory. `decode_video` never raises. CSV problems are ValueErrors
+naming the file (`read_video_csv`).
 
 Frames are returned as a player shows them: the stream's display matrix (rotation by a multiple of
 90 degrees, mirroring) is applied by both decoders, so a 90-degree clip coded W x H comes out H x W.
@@ -34,7 +40,7 @@ import numbers
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
@@ -137,7 +143,7 @@ class _StreamInfo:
     average_rate: float | None
     height: int  # coded
     width: int  # coded
-    orientation: _Orientation = field(default_factory=_Orientation)
+    orientation: _Orientation
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -496,6 +502,7 @@ _OS_REASONS = {
 
 
 def _os_reason(exc: OSError | ValueError, path: str) -> str:
+    """A few words for why `os.stat`/`open` failed on `path`."""
     if isinstance(exc, ValueError):  # e.g. an embedded NUL byte
         return f"invalid path ({exc})"
     if exc.errno == errno.ENOENT and os.path.islink(path):
@@ -536,10 +543,10 @@ def _first_frame_orientation(container, stream) -> _Orientation:
         for packet in itertools.islice(container.demux(stream), _PROBE_PACKETS):
             for frame in packet.decode():
                 side_data = frame.side_data.get("DISPLAYMATRIX")
-                if side_data is None:
+                matrix = np.frombuffer(bytes(side_data), dtype=np.int32) if side_data is not None else None
+                if matrix is None or matrix.size != 9:
                     return _Orientation()
-                matrix = np.frombuffer(bytes(side_data), dtype=np.int32)
-                return _Orientation.from_display_matrix(matrix.reshape(3, 3)) if matrix.size == 9 else _Orientation()
+                return _Orientation.from_display_matrix(matrix.reshape(3, 3))
     except av.FFmpegError:  # undecodable: the decoders report it
         pass
     return _Orientation()
@@ -676,13 +683,13 @@ def decode_video(path: str, plan: _Plan, decoder: str = "auto") -> tuple[_Decode
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     first = "pyav" if decoder == "pyav" else "decord"
     try:
-        return _decode(path, plan, decoder)
+        return _decode(path, plan, decoder, first)
     except Exception as exc:  # a failure nobody foresaw is still one video's failure, not the run's
         return None, first, _clip(f"unexpected {type(exc).__name__}: {_one_line(exc, str(path))}")
 
 
-def _decode(path: str, plan: _Plan, decoder: str) -> tuple[_Decoded | None, str, str | None]:
-    first = "pyav" if decoder == "pyav" else "decord"
+def _decode(path: str, plan: _Plan, decoder: str, first: str) -> tuple[_Decoded | None, str, str | None]:
+    """`decode_video` for a valid `decoder`; `first`: the decoder named for files rejected before decoding."""
     problem = _file_problem(path)
     if problem is not None:
         return None, first, problem
@@ -703,7 +710,7 @@ def _decode(path: str, plan: _Plan, decoder: str) -> tuple[_Decoded | None, str,
         decord_error = _one_line(exc, path)
     if decoder == "decord":
         rotated = info is not None and not info.orientation.is_identity
-        hint = " (a rotated video; decoder='pyav' can decode it)" if rotated else ""
+        hint = " (decord mis-sizes some rotated frames; try decoder='pyav')" if rotated else ""
         return None, "decord", _clip(f"cannot decode: decord: {decord_error}{hint}")
     return _try_pyav(path, info, plan, probe_error, decord_error)
 

@@ -392,7 +392,7 @@ def test_rotated_clip_decord_cannot_serve_falls_back_to_the_displayed_frames(tmp
     forced = VideoCSVDataset(csv, fps=None, decoder="decord")[0]
     assert forced["decoder"] == "decord"
     if forced["video"] is None:
-        assert_error_item(forced, "cannot decode: decord:", "decoder='pyav'")
+        assert_error_item(forced, "cannot decode: decord:", "try decoder='pyav'")
     else:
         assert mean_abs(forced["video"][0], expected) < 4
 
