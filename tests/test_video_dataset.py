@@ -349,8 +349,8 @@ def test_truncated_file_is_also_an_error_for_the_fallback_decoder(broken_csv, cs
 
 def test_a_clip_too_large_for_memory_is_an_error_item(csv_dir, monkeypatch):
     csv = write_csv(csv_dir / "mem.csv", "video_path,dataset", [f"{VIDEOS / 'tiny_25fps.mp4'},test"])
-    monkeypatch.setattr(video_mod, "available_memory", lambda: 10 * 240 * 320 * 3)
-    item = VideoCSVDataset(csv, fps=10.0)[0]  # 17 frames of 240x320 > half of 10 frames' worth
+    monkeypatch.setattr(video_mod, "available_memory", lambda: 11 * 240 * 320 * 3)
+    item = VideoCSVDataset(csv, fps=10.0)[0]  # 17 frames of 240x320 > half of 11 frames' worth
     assert item["video"] is None and "max_frames" in item["error"] and "17 frames of 240x320" in item["error"]
     assert VideoCSVDataset(csv, fps=10.0, max_frames=5)[0]["video"].shape[0] == 5
 
