@@ -10,14 +10,6 @@ from semtrack.records import Clip
 from semtrack.trackfile import TrackFileError, load_tracks
 
 
-def clip_from_item(item: dict) -> Clip:
-    """The `Clip` of a `VideoCSVDataset` item."""
-    return Clip(row=int(item["index"]), video_id=item["video_id"], dataset=item["dataset"],
-                video_path=item["video_path"], frames=item["video"], frame_times=item["frame_times"],
-                source_fps=item["source_fps"], fps=item["fps"], cluster_frames=item["cluster_frames"],
-                decoder=item["decoder"], error=item["error"])
-
-
 class PendingRows(Dataset):
     """The CSV rows to process, padded with no-op entries (None items) to at least `min_len`.
 
@@ -35,7 +27,7 @@ class PendingRows(Dataset):
 
     def __getitem__(self, i: int) -> Clip | None:
         row = self.rows[i]
-        return None if row < 0 else clip_from_item(self.dataset[row])
+        return None if row < 0 else self.dataset[row]
 
 
 def collate_pending(items: list[Clip | None]) -> list[Clip]:

@@ -1,11 +1,11 @@
 """CSV of videos -> decoded, temporally resampled clips, decoded inside DataLoader workers.
 
-A row of the CSV becomes one item (a dict, see `VideoCSVDataset.__getitem__`). With
+A row of the CSV becomes one `semtrack.records.Clip` (`VideoCSVDataset.__getitem__`). With
 `decoder="auto"` decoding uses decord (its frame index for the timestamps, then one `get_batch` of only
 the selected frames); if decord cannot open or decode a file, PyAV is tried once. `decoder="decord"` or
 `"pyav"` uses only that one. The item's `decoder` records which one served.
 
-Any per-video failure is an item with `video=None` and a one-line `error` giving the reason:
+Any per-video failure is a clip with `frames=None` and a one-line `error` giving the reason:
 unusable path (not found, permission denied, name too long, symlink loop, broken link, a path
 component that is not a folder, a folder, a FIFO/socket/device, an empty file), not a video, audio
 only, truncated, no decodable frames, unusable frame rate or timestamps, an unsupported display
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import errno
 import itertools
 import math
@@ -45,19 +46,24 @@ from fractions import Fraction
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
+from semtrack.config import (
+    DECODERS,
+    FPS,
+    FPS_RULES,
+    MIN_FRAMES,
+    NATIVE_FPS_DATASETS,
+    NUM_FRAMES_CLUSTERING,
+    VIDEO_ID_RULES,
+)
+from semtrack.records import Clip
 from semtrack.resources import available_memory
+from semtrack.util import MAX_REASON_CHARS
 
-NATIVE_FPS_DATASETS = ("somethingv2", "something-something-v2", "ssv2", "smth-smth-v2", "sthsthv2")
-FPS_RULES = ("timestamp", "interval")
-DECODERS = ("auto", "decord", "pyav")
-VIDEO_ID_RULES = ("stem", "research")
 REQUIRED_COLUMNS = ("video_path", "dataset")
-_MAX_ERROR_CHARS = 300
 _MAX_LISTED = 10  # culprits listed in one CSV error message
 _INDEX_BYTES_PER_FRAME = 128  # frame plan, index lists and sets per output frame (measured: ~100)
 _PROBE_PACKETS = 64  # packets decoded at most to find the first frame's display matrix
@@ -477,9 +483,9 @@ def _select_frames(plan, times: np.ndarray, average_rate: float | None, frame_si
 
 
 def _clip(text: str) -> str:
-    """One line of at most `_MAX_ERROR_CHARS` characters."""
+    """One line of at most `MAX_REASON_CHARS` characters."""
     line = " ".join(text.split())
-    return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 3] + "..."
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
 
 
 def _one_line(exc: BaseException, path: str) -> str:
@@ -764,9 +770,9 @@ class VideoCSVDataset(Dataset):
     def __init__(
         self,
         csv_path: str | os.PathLike,
-        fps: float | None = 10.0,
+        fps: float | None = FPS,
         native_fps_datasets: Iterable[str] = NATIVE_FPS_DATASETS,
-        num_frames_clustering: int = 32,
+        num_frames_clustering: int = NUM_FRAMES_CLUSTERING,
         fps_rule: str = "timestamp",
         max_frames: int | None = None,
         decoder: str = "auto",
@@ -778,8 +784,8 @@ class VideoCSVDataset(Dataset):
             raise ValueError(f"fps_rule must be one of {FPS_RULES}, got {fps_rule!r}")
         if not _is_int(num_frames_clustering) or num_frames_clustering < 1:
             raise ValueError(f"num_frames_clustering must be an int >= 1, got {num_frames_clustering!r}")
-        if max_frames is not None and (not _is_int(max_frames) or max_frames < 2):
-            raise ValueError(f"max_frames must be None or an int >= 2, got {max_frames!r}")
+        if max_frames is not None and (not _is_int(max_frames) or max_frames < MIN_FRAMES):
+            raise ValueError(f"max_frames must be None or an int >= {MIN_FRAMES}, got {max_frames!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if isinstance(native_fps_datasets, str):
@@ -805,91 +811,26 @@ class VideoCSVDataset(Dataset):
             return None
         return self.fps
 
-    def __getitem__(self, index: int) -> dict:
-        """-> dict: `video` (T, 3, H, W) uint8 (channels-last memory, as displayed: the display
-        matrix applied) or None; `frame_times` (T,) float64 seconds from the first decoded frame;
-        `source_fps` float (stream average rate, NaN if unknown); `cluster_frames` (K,) int64 indices
-        into T; `video_id`, `dataset`, `video_path` str; `error` None or one line; `decoder`
-        "decord"|"pyav" (the one that served; for failures the last one tried, under decoder="auto"
-        "decord" if the file was rejected before decoding); `fps` target rate used (None = native;
-        with fps_rule="interval" the requested rate, the kept rate being source_fps / interval);
-        `index` CSV row."""
+    def __getitem__(self, index: int) -> Clip:
+        """The row's `Clip`: frames (T, 3, H, W) uint8 (channels-last strides, as displayed: the display
+        matrix applied) or None with a one-line `error`. `decoder` is the one that served (for failures
+        the last one tried; under decoder="auto" "decord" if the file was rejected before decoding);
+        `fps` the target rate used (None = native; with fps_rule="interval" the requested rate, the kept
+        rate being source_fps / interval)."""
         row = self.rows[index]
         plan = _Plan(self.target_fps(row), self.fps_rule, self.max_frames)
         decoded, decoder, error = decode_video(row.video_path, plan, self.decoder)
-        item = {
-            "video": None,
-            "frame_times": torch.zeros(0, dtype=torch.float64),
-            "source_fps": float("nan"),
-            "cluster_frames": torch.zeros(0, dtype=torch.int64),
-            "video_id": row.video_id,
-            "dataset": row.dataset,
-            "video_path": row.video_path,
-            "error": error,
-            "decoder": decoder,
-            "fps": plan.fps,
-            "index": row.index,
-        }
+        clip = Clip(row.index, row.video_id, row.dataset, row.video_path, decoder=decoder, error=error, fps=plan.fps)
         if decoded is None:
-            return item
-        # (T, 3, H, W) uint8, channels-last strides: a zero-copy view of the decoder's (T, H, W, 3)
-        video = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2)
-        item.update(
-            video=video,
-            frame_times=torch.from_numpy(decoded.times),
-            source_fps=float(decoded.source_fps),
-            cluster_frames=torch.from_numpy(cluster_frame_indices(len(video), self.num_frames_clustering)),
-            fps=decoded.fps,
+            return clip
+        frames = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2)  # a zero-copy view of (T, H, W, 3)
+        return dataclasses.replace(
+            clip, frames=frames, frame_times=torch.from_numpy(decoded.times), source_fps=float(decoded.source_fps),
+            fps=decoded.fps, cluster_frames=torch.from_numpy(cluster_frame_indices(len(frames),
+                                                                                   self.num_frames_clustering)),
         )
-        return item
 
 
-def collate_videos(items: Sequence[dict]) -> list[dict]:
-    """Pass-through collate: videos differ in size, failed items (video=None) are kept."""
+def collate_videos(items: Sequence[Clip]) -> list[Clip]:
+    """Pass-through collate: clips differ in size, failed ones (frames None) are kept."""
     return list(items)
-
-
-class VideoDataModule(L.LightningDataModule):
-    """LightningDataModule around `VideoCSVDataset` for `Trainer.predict`.
-
-    `predict_dataloader()` is a plain sequential DataLoader; under DDP Lightning replaces its sampler
-    with its unrepeated distributed sampler, so every CSV row goes to exactly one rank, no padding.
-    """
-
-    def __init__(
-        self,
-        csv_path: str | os.PathLike,
-        batch_size: int = 1,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-        **dataset_kwargs,
-    ):
-        super().__init__()
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-        self.csv_path = str(csv_path)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.dataset_kwargs = dataset_kwargs
-        self.dataset: VideoCSVDataset | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = VideoCSVDataset(self.csv_path, **self.dataset_kwargs)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup("predict")
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate_videos,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )

@@ -20,6 +20,8 @@ from semtrack.layout import OutputLayout, dump_name
 FPS = 10.0  # target frame rate (the research script's default was every decoded frame: fps=None)
 NATIVE_FPS_DATASETS = ("somethingv2", "something-something-v2", "ssv2", "smth-smth-v2", "sthsthv2")
 FPS_RULES = ("timestamp", "interval")
+DECODERS = ("auto", "decord", "pyav")
+VIDEO_ID_RULES = ("stem", "research")
 NUM_FRAMES_CLUSTERING = 32  # research default
 MIN_FRAMES = 2  # the smallest `max_frames`: a track needs two frames
 TRACKER_RESOLUTION = (384, 512)  # CoTracker3's model resolution (H, W)

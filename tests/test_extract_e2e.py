@@ -110,9 +110,9 @@ def test_query_points_are_the_semantic_points(semantic, videos_dir):
     point's query frame is that point, in the same order, with the same entity id."""
     ds = VideoCSVDataset(semantic["csv"], fps=None, num_frames_clustering=4, max_frames=4)
     item = ds[1]
-    tokens = DinoV2Extractor("vits14", checkpoint="random")(item["video"][item["cluster_frames"]])
+    tokens = DinoV2Extractor("vits14", checkpoint="random")(item.frames[item.cluster_frames])
     labels = bipartite_clusters(tokens)
-    qp = select_query_points(labels, item["cluster_frames"], tuple(item["video"].shape[-2:]), num_points_per_entity=2)
+    qp = select_query_points(labels, item.cluster_frames, tuple(item.frames.shape[-2:]), num_points_per_entity=2)
     f = load_tracks(semantic["out"] / "synthetic/feat_dump/tiny_25fps.pkl")
     n = len(qp)
     assert f.num_points == n

@@ -61,28 +61,28 @@ def extracted(tmp_path_factory, videos_dir):
     tracks_root = root / "cotracker3_bip_fr_32_fps_10"
     decoded = {}
     for item in VideoCSVDataset(csv, fps=10.0):
-        assert item["error"] is None
-        video = item["video"]
+        assert item.error is None
+        video = item.frames
         meta = {
-            "frame_times": item["frame_times"],
-            "source_fps": item["source_fps"],
-            "fps": item["fps"],
+            "frame_times": item.frame_times,
+            "source_fps": item.source_fps,
+            "fps": item.fps,
             "fps_rule": "timestamp",
             "clip_size": [int(video.shape[-2]), int(video.shape[-1])],
-            "video_id": item["video_id"],
-            "dataset": item["dataset"],
+            "video_id": item.video_id,
+            "dataset": item.dataset,
         }
         data = {**_synthetic_tracks(len(video)), "semtrack": meta}
-        save_tracks(OutputLayout(tracks_root).pickle(item["dataset"], item["video_id"]), data)
-        decoded[item["video_id"]] = item
+        save_tracks(OutputLayout(tracks_root).pickle(item.dataset, item.video_id), data)
+        decoded[item.video_id] = item
     return csv, tracks_root, decoded
 
 
 def _check_alignment(item, extraction):
     """Served frame f is the extraction frame t = frame_indices[f], and so is the track (x = t)."""
     t_idx = item["frame_indices"]  # (F,)
-    assert torch.equal(item["frames"], extraction["video"][t_idx].contiguous())
-    assert torch.equal(item["frame_times"], extraction["frame_times"][t_idx])
+    assert torch.equal(item["frames"], extraction.frames[t_idx].contiguous())
+    assert torch.equal(item["frame_times"], extraction.frame_times[t_idx])
     real = item["point_mask"]
     x = item["tracks"][:, real, 0]  # (F, P_real)
     assert torch.equal(x, t_idx[:, None].float().expand_as(x))
@@ -97,7 +97,7 @@ def test_frames_and_tracks_are_aligned(extracted):
     for i in range(2):
         item = ds[i]
         extraction = decoded[item["video_id"]]
-        T = len(extraction["frame_times"])
+        T = len(extraction.frame_times)
         assert item["num_track_frames"] == T
         assert torch.equal(item["frame_indices"], uniform_frame_indices(T, 5))
         _check_alignment(item, extraction)
@@ -105,7 +105,7 @@ def test_frames_and_tracks_are_aligned(extracted):
     # linspace rule over the 40 native frames would pick other frames than the tracked ones
     item = ds[0]
     assert item["video_id"] == "tiny25"
-    native_linspace = torch.linspace(0, 39, decoded["tiny25"]["frame_times"].numel()).long()[item["frame_indices"]]
+    native_linspace = torch.linspace(0, 39, decoded["tiny25"].frame_times.numel()).long()[item["frame_indices"]]
     assert not torch.allclose(item["frame_times"], native_linspace.double() / 25)
 
 
@@ -361,11 +361,11 @@ def _independent_queries(csv, options):
     out = {}
     for item in videos:
         with torch.no_grad():
-            tokens = extractor(item["video"][item["cluster_frames"]])
+            tokens = extractor(item.frames[item.cluster_frames])
         labels = bipartite_clusters(tokens)
-        qp = select_query_points(labels, item["cluster_frames"], tuple(item["video"].shape[-2:]),
+        qp = select_query_points(labels, item.cluster_frames, tuple(item.frames.shape[-2:]),
                                  num_points_per_entity=options["num_points_per_entity"])
-        out[item["video_id"]] = (qp.queries, qp.obj_ids, item)
+        out[item.video_id] = (qp.queries, qp.obj_ids, item)
     return out
 
 
@@ -387,7 +387,7 @@ def test_end_to_end_extracted_tracks(real_tracks):
         assert int(mask.sum()) == min(n, 20) and (batch["obj_ids"][b][~mask] == -1).all()
         t_idx = batch["frame_indices"][b]  # (F,) into T
         h, w = batch["frame_sizes"][b].tolist()
-        assert torch.equal(batch["frames"][b, :, :, :h, :w], extraction["video"][t_idx])  # frame alignment
+        assert torch.equal(batch["frames"][b, :, :, :h, :w], extraction.frames[t_idx])  # frame alignment
         on_query_frame = 0
         for p in torch.nonzero(mask).flatten().tolist():
             k = int(batch["point_indices"][b, p])

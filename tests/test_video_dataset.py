@@ -1,4 +1,4 @@
-"""VideoCSVDataset / collate_videos / VideoDataModule on the real clips in shared/videos.
+"""VideoCSVDataset / collate_videos on the real clips in shared/videos.
 
 Expected frame lists are derived independently of the implementation: from the container's packet
 timestamps read with PyAV's demuxer (no decoding; packets the demuxer flags as discarded are not
@@ -6,6 +6,7 @@ frames), with exact fractions, applying the rule as the issue states it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader
 
 import datamodules.video as video_mod
 from _shared import shared_path
-from datamodules import VideoCSVDataset, VideoDataModule, collate_videos
+from datamodules import VideoCSVDataset, collate_videos
+from semtrack.records import Clip
 
 VIDEOS = shared_path("videos")
 BROKEN = ("not_a_video.mp4", "corrupt_truncated.mp4")
@@ -58,10 +60,10 @@ def rule_indices(times: list[Fraction], fps) -> list[int]:
     return [min(range(len(times)), key=lambda i: (abs(times[i] - k / f), i)) for k in range(count)]
 
 
-def summary(item: dict) -> dict:
-    """An item without its pixels (kept small for module-level caches)."""
-    out = {k: v for k, v in item.items() if k != "video"}
-    out["shape"] = None if item["video"] is None else tuple(item["video"].shape)
+def summary(item: Clip) -> dict:
+    """A clip's fields without its pixels, and their shape (kept small for module-level caches)."""
+    out = {f.name: getattr(item, f.name) for f in dataclasses.fields(item) if f.name != "frames"}
+    out["shape"] = None if item.frames is None else tuple(item.frames.shape)
     return out
 
 
@@ -80,7 +82,7 @@ def all_clips(csv_dir):
         key = tuple(sorted(kwargs.items()))
         if key not in cache:
             ds = VideoCSVDataset(csv, native_fps_datasets=(), **kwargs)
-            cache[key] = {Path(it["video_path"]).name: summary(it) for it in (ds[i] for i in range(len(ds)))}
+            cache[key] = {Path(it.video_path).name: summary(it) for it in (ds[i] for i in range(len(ds)))}
         return cache[key]
 
     return run
@@ -168,7 +170,7 @@ def test_legacy_interval_rule_matches_decode_json(all_clips, csv_dir, fps_arg):
         small = ["bear_ssv2.webm", "pillow.mp4", "tiny_25fps.mp4", "tiny_ssv2.webm"]
         csv = write_csv(csv_dir / "legacy_native.csv", "video_path,dataset", [f"{VIDEOS / n},test" for n in small])
         ds = VideoCSVDataset(csv, fps=None, fps_rule="interval")
-        legacy = {Path(it["video_path"]).name: summary(it) for it in (ds[i] for i in range(len(ds)))}
+        legacy = {Path(it.video_path).name: summary(it) for it in (ds[i] for i in range(len(ds)))}
         for name in small:  # interval path == timestamp path when every frame is kept
             native = all_clips(fps=None)[name]
             assert legacy[name]["frame_times"].tolist() == native["frame_times"].tolist()
@@ -190,9 +192,9 @@ def test_legacy_interval_rule_matches_decode_json(all_clips, csv_dir, fps_arg):
 def test_legacy_interval_zero_is_an_error_item(csv_dir):
     csv = write_csv(csv_dir / "zero.csv", "video_path,dataset", [f"{VIDEOS / 'tiny_ssv2.webm'},test"])
     item = VideoCSVDataset(csv, fps=30.0, fps_rule="interval")[0]  # round(12 / 30) = 0
-    assert item["video"] is None and "interval" in item["error"] and "\n" not in item["error"]
+    assert item.frames is None and "interval" in item.error and "\n" not in item.error
     ok = VideoCSVDataset(csv, fps=30.0)[0]  # the timestamp rule repeats frames instead
-    assert ok["error"] is None and ok["video"].shape[0] == math.floor(0.917 * 30 + 0.5) + 1
+    assert ok.error is None and ok.frames.shape[0] == math.floor(0.917 * 30 + 0.5) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,12 +212,12 @@ def test_ssv2_native_and_other_dataset_at_10fps(csv_dir):
     )
     ds = VideoCSVDataset(csv)
     items = [ds[i] for i in range(len(ds))]
-    assert [it["video"].shape[0] for it in items] == [33, 33, 28, 33, 17]
-    assert [it["fps"] for it in items] == [None, None, 10.0, None, 6.0]
-    assert items[0]["video"].shape == (33, 3, 240, 428)
-    assert items[0]["cluster_frames"].tolist() == list(range(31)) + [32]
-    assert [it["index"] for it in items] == [0, 1, 2, 3, 4]
-    assert all(it["source_fps"] == 12.0 for it in items)
+    assert [it.frames.shape[0] for it in items] == [33, 33, 28, 33, 17]
+    assert [it.fps for it in items] == [None, None, 10.0, None, 6.0]
+    assert items[0].frames.shape == (33, 3, 240, 428)
+    assert items[0].cluster_frames.tolist() == list(range(31)) + [32]
+    assert [it.row for it in items] == [0, 1, 2, 3, 4]
+    assert all(it.source_fps == 12.0 for it in items)
 
 
 def test_portrait_and_720p_clips(all_clips):
@@ -239,11 +241,11 @@ def test_item_video_is_uint8_t3hw_and_matches_pyav_pixels(csv_dir, monkeypatch):
     monkeypatch.setattr(video_mod, "_decode_decord", broken_decord)
     second = [ds[0], ds[1]]
     for a, b in zip(first, second):
-        assert a["decoder"] == "decord" and b["decoder"] == "pyav" and b["error"] is None
-        assert a["video"].dtype == torch.uint8 and a["video"].shape == b["video"].shape
-        assert a["frame_times"].tolist() == b["frame_times"].tolist()
-        assert a["cluster_frames"].tolist() == b["cluster_frames"].tolist()
-        diff = (a["video"].float() - b["video"].float()).abs().mean(dim=(1, 2, 3))  # (T,)
+        assert a.decoder == "decord" and b.decoder == "pyav" and b.error is None
+        assert a.frames.dtype == torch.uint8 and a.frames.shape == b.frames.shape
+        assert a.frame_times.tolist() == b.frame_times.tolist()
+        assert a.cluster_frames.tolist() == b.cluster_frames.tolist()
+        diff = (a.frames.float() - b.frames.float()).abs().mean(dim=(1, 2, 3))  # (T,)
         assert diff.max() < 2.0, diff.max()
 
 
@@ -317,12 +319,12 @@ def test_every_broken_input_is_an_error_item(broken_csv):
     loader = DataLoader(VideoCSVDataset(broken_csv), batch_size=4, collate_fn=collate_videos)
     items = [it for batch in loader for it in batch]
     assert len(items) == 8
-    reasons = {Path(it["video_path"]).name: it["error"] for it in items}
+    reasons = {Path(it.video_path).name: it.error for it in items}
     for it in items:
-        assert it["video"] is None
-        assert isinstance(it["error"], str) and it["error"] and "\n" not in it["error"]
-        assert it["frame_times"].shape == (0,) and it["cluster_frames"].shape == (0,)
-        assert it["decoder"] in ("decord", "pyav") and math.isnan(it["source_fps"])
+        assert it.frames is None
+        assert isinstance(it.error, str) and it.error and "\n" not in it.error
+        assert it.frame_times.shape == (0,) and it.cluster_frames.shape == (0,)
+        assert it.decoder in ("decord", "pyav") and math.isnan(it.source_fps)
     assert "not found" in reasons["missing.mp4"]
     assert "0 bytes" in reasons["empty.mp4"]
     assert "directory" in reasons["a_folder.mp4"]
@@ -341,9 +343,9 @@ def test_truncated_file_is_also_an_error_for_the_fallback_decoder(broken_csv, cs
     csv = write_csv(csv_dir / "trunc.csv", "video_path,dataset",
                     [f"{csv_dir / 'truncated.mp4'},test", f"{csv_dir / 'full_truncated.mp4'},test"])
     cut, full = VideoCSVDataset(csv, fps=None)[0], VideoCSVDataset(csv, fps=None)[1]
-    assert cut["video"] is None and cut["decoder"] == "pyav" and "truncated" in cut["error"]
-    assert full["error"] is None and full["video"].shape == (20, 3, 48, 64)
-    levels = full["video"][:, :, 24, 32].float().mean(dim=1)  # (T,) grey level 12 * i
+    assert cut.frames is None and cut.decoder == "pyav" and "truncated" in cut.error
+    assert full.error is None and full.frames.shape == (20, 3, 48, 64)
+    levels = full.frames[:, :, 24, 32].float().mean(dim=1)  # (T,) grey level 12 * i
     assert torch.allclose(levels, 12 * torch.arange(20.0), atol=5)  # lossy mpeg4, steps of 12
 
 
@@ -351,8 +353,8 @@ def test_a_clip_too_large_for_memory_is_an_error_item(csv_dir, monkeypatch):
     csv = write_csv(csv_dir / "mem.csv", "video_path,dataset", [f"{VIDEOS / 'tiny_25fps.mp4'},test"])
     monkeypatch.setattr(video_mod, "available_memory", lambda: 11 * 240 * 320 * 3)
     item = VideoCSVDataset(csv, fps=10.0)[0]  # 17 frames of 240x320 > half of 11 frames' worth
-    assert item["video"] is None and "max_frames" in item["error"] and "17 frames of 240x320" in item["error"]
-    assert VideoCSVDataset(csv, fps=10.0, max_frames=5)[0]["video"].shape[0] == 5
+    assert item.frames is None and "max_frames" in item.error and "17 frames of 240x320" in item.error
+    assert VideoCSVDataset(csv, fps=10.0, max_frames=5)[0].frames.shape[0] == 5
 
 
 def test_collate_passes_items_through():
@@ -374,17 +376,17 @@ def mixed_csv(csv_dir, broken_csv):
     return write_csv(csv_dir / "mixed.csv", "video_path,dataset", lines)
 
 
-def assert_same_items(a: list[dict], b: list[dict]):
+def assert_same_items(a: list[Clip], b: list[Clip]):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            if isinstance(x[key], torch.Tensor):
-                assert torch.equal(x[key], y[key]), key
-            elif isinstance(x[key], float) and math.isnan(x[key]):
-                assert math.isnan(y[key])
+        for key in (f.name for f in dataclasses.fields(Clip)):
+            u, v = getattr(x, key), getattr(y, key)
+            if isinstance(u, torch.Tensor):
+                assert torch.equal(u, v), key
+            elif isinstance(u, float) and math.isnan(u):
+                assert math.isnan(v)
             else:
-                assert x[key] == y[key], key
+                assert u == v, key
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
@@ -393,7 +395,7 @@ def test_two_workers_return_what_zero_workers_return(mixed_csv, context):
     serial = [it for batch in DataLoader(ds, batch_size=2, collate_fn=collate_videos) for it in batch]
     parallel = [it for batch in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_videos,
                                            multiprocessing_context=context) for it in batch]
-    assert [it["error"] is None for it in serial] == [True, True, False, False, True]
+    assert [it.error is None for it in serial] == [True, True, False, False, True]
     assert_same_items(serial, parallel)
 
 
@@ -422,56 +424,10 @@ def test_no_file_handle_or_memory_leak_over_1000_items(csv_dir, broken_csv):
     fds, rss = _open_fds(), _rss_mb()
     for i in range(100, 1000):
         item = ds[i]
-        assert (item["video"] is None) == (i % 10 in (3, 7))
+        assert (item.frames is None) == (i % 10 in (3, 7))
     assert _open_fds() == fds
     assert _rss_mb() - rss < 40, (rss, _rss_mb())
-    assert item["video"].shape == (6, 3, 48, 64)
-
-
-def test_datamodule_predict_dataloader(mixed_csv):
-    dm = VideoDataModule(mixed_csv, batch_size=2, num_workers=0, pin_memory=True, fps=None)
-    loader = dm.predict_dataloader()
-    assert loader.batch_size == 2 and loader.num_workers == 0
-    assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)
-    assert loader.pin_memory == torch.cuda.is_available()
-    batches = list(loader)
-    assert [len(b) for b in batches] == [2, 2, 1]
-    assert [it["index"] for b in batches for it in b] == [0, 1, 2, 3, 4]
-    assert batches[0][0]["fps"] is None and batches[0][0]["video"].shape[0] == 40
-    with pytest.raises(ValueError, match="batch_size"):
-        VideoDataModule(mixed_csv, batch_size=0)
-
-
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_lightning_predict_sampler_gives_each_video_to_exactly_one_rank(mixed_csv, world_size):
-    """Build the loader each rank gets exactly the way Lightning does for `trainer.predict` under
-    DDP (its unrepeated distributed sampler + index-tracking batch sampler): no padding, no repeats."""
-    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
-    from lightning.pytorch.trainer.states import RunningStage
-    from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader
-
-    base = VideoDataModule(mixed_csv, batch_size=2, num_workers=0).predict_dataloader()
-    assert not _is_dataloader_shuffled(base)
-    seen = []
-    for rank in range(world_size):
-        sampler = _get_distributed_sampler(base, shuffle=False, overfit_batches=0, mode=RunningStage.PREDICTING,
-                                           num_replicas=world_size, rank=rank)
-        loader = _update_dataloader(base, sampler, mode=RunningStage.PREDICTING)
-        seen += [it["index"] for batch in loader for it in batch]
-    assert sorted(seen) == list(range(len(base.dataset)))
-
-
-def test_trainer_predict_runs_over_the_datamodule(mixed_csv):
-    import lightning as L
-
-    class Identity(L.LightningModule):
-        def predict_step(self, batch, batch_idx):
-            return [(it["index"], it["error"] is None) for it in batch]
-
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    out = trainer.predict(Identity(), datamodule=VideoDataModule(mixed_csv, batch_size=2, num_workers=0))
-    assert [pair for batch in out for pair in batch] == [(0, True), (1, True), (2, False), (3, False), (4, True)]
+    assert item.frames.shape == (6, 3, 48, 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,21 +473,21 @@ def test_video_ids_and_relative_paths(tmp_path, monkeypatch):
     ds = VideoCSVDataset(csv)
     assert [r.video_id for r in ds.rows] == ["clip.v2", "12345", "007"]
     items = [ds[i] for i in range(len(ds))]
-    assert all(it["error"] is None for it in items)
-    assert items[0]["video_path"] == str(sub / "clip.v2.mp4")
-    assert [it["video"].shape[0] for it in items] == [17, 12, 10]
+    assert all(it.error is None for it in items)
+    assert items[0].video_path == str(sub / "clip.v2.mp4")
+    assert [it.frames.shape[0] for it in items] == [17, 12, 10]
 
 
 def test_max_frames_resamples_evenly_in_time(csv_dir):
     csv = write_csv(csv_dir / "max.csv", "video_path,dataset", [f"{VIDEOS / 'tiny_25fps.mp4'},test"])
     item = VideoCSVDataset(csv, fps=None, max_frames=16)[0]  # 40 native frames over 1.56 s
-    assert item["error"] is None and item["video"].shape[0] == 16
-    assert item["fps"] == pytest.approx(15 / 1.56)
-    ft = item["frame_times"].numpy()
+    assert item.error is None and item.frames.shape[0] == 16
+    assert item.fps == pytest.approx(15 / 1.56)
+    ft = item.frame_times.numpy()
     assert ft[0] == 0 and ft[-1] == pytest.approx(1.56)
     assert np.all(np.abs(ft - np.arange(16) * 1.56 / 15) <= 0.02 + 1e-9)  # within half a source frame
-    assert VideoCSVDataset(csv, fps=10.0, max_frames=17)[0]["video"].shape[0] == 17  # not over the cap
+    assert VideoCSVDataset(csv, fps=10.0, max_frames=17)[0].frames.shape[0] == 17  # not over the cap
     legacy = VideoCSVDataset(csv, fps=None, fps_rule="interval", max_frames=16)[0]
-    assert legacy["video"] is None and "max_frames" in legacy["error"]
+    assert legacy.frames is None and "max_frames" in legacy.error
     with pytest.raises(ValueError, match="max_frames"):
         VideoCSVDataset(csv, max_frames=1)

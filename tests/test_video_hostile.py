@@ -38,16 +38,16 @@ def items_of(dataset) -> list[dict]:
 
 
 def assert_error_item(item: dict, *fragments: str) -> None:
-    assert item["video"] is None, item["video_path"]
-    error = item["error"]
+    assert item.frames is None, item.video_path
+    error = item.error
     assert isinstance(error, str) and error and "\n" not in error and len(error) <= 300
     for fragment in fragments:
         assert fragment in error, (fragment, error)
 
 
 def assert_good_item(item: dict) -> None:
-    assert item["error"] is None, item["error"]
-    assert item["video"].shape == (17, 3, 240, 320)
+    assert item.error is None, item.error
+    assert item.frames.shape == (17, 3, 240, 320)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_hostile_paths_are_error_items_and_the_other_rows_decode(tmp_path):
     assert_good_item(items[-1])
     for item, (_, reason) in zip(items[1:-1], cases):
         assert_error_item(item, reason)
-        assert item["decoder"] == "decord" and math.isnan(item["source_fps"])
+        assert item.decoder == "decord" and math.isnan(item.source_fps)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
@@ -136,7 +136,7 @@ def test_unquoted_comma_in_a_path_is_a_ragged_row_error(tmp_path):
     assert str(all_rows) in str(info.value)
     quoted = write_csv(tmp_path / "quoted.csv", "video_path,dataset", [f'"{folder / "clip.mp4"}",test'])
     item = VideoCSVDataset(quoted)[0]
-    assert item["video_path"] == str(folder / "clip.mp4")
+    assert item.video_path == str(folder / "clip.mp4")
     assert_good_item(item)
 
 
@@ -181,7 +181,7 @@ def test_video_id_rules(tmp_path):
     assert [r.video_id for r in read_video_csv(csv)] == ["clip.v2", "x", "x", "given"]
     assert [r.video_id for r in read_video_csv(csv, video_id_rule="research")] == ["clip", "x", "x", "given"]
     ds = VideoCSVDataset(csv, video_id_rule="research")
-    assert [ds[i]["video_id"] for i in (0, 3)] == ["clip", "given"]
+    assert [ds[i].video_id for i in (0, 3)] == ["clip", "given"]
     (folder / "clip.v3.mp4").symlink_to(GOOD)
     versions = write_csv(tmp_path / "versions.csv", "video_path,dataset",
                          [f"{folder / 'clip.v2.mp4'},a", f"{folder / 'clip.v3.mp4'},a"])
@@ -232,12 +232,12 @@ def test_a_bogus_last_timestamp_is_refused_without_allocating(tmp_path, decoder)
         tracemalloc.stop()
     for item in bogus:
         assert_error_item(item, "frames of 48x64 need", "GiB", "set max_frames")
-        assert int(item["error"].split()[0]) > 2 * 10**8
+        assert int(item.error.split()[0]) > 2 * 10**8
     assert peak < 20 * 2**20, peak
     assert_good_item(ds[len(paths) - 1])
     capped = VideoCSVDataset(ds.csv_path, decoder=decoder, max_frames=50)[0]
-    assert capped["error"] is None and capped["video"].shape == (50, 3, 48, 64)
-    assert capped["frame_times"][-1] == pytest.approx(2e7)
+    assert capped.error is None and capped.frames.shape == (50, 3, 48, 64)
+    assert capped.frame_times[-1] == pytest.approx(2e7)
 
 
 def test_the_memory_allowance_is_shared_between_workers(tmp_path, monkeypatch):
@@ -367,12 +367,12 @@ def test_both_decoders_apply_the_display_matrix(tmp_path, degrees, hflip, vflip)
     for decoder in ("decord", "pyav", "auto"):
         ds = VideoCSVDataset(csv, fps=None, decoder=decoder)
         item = ds[0]
-        assert item["error"] is None, (decoder, item["error"])
-        assert item["decoder"] == ("pyav" if decoder == "pyav" else "decord")
-        assert item["video"].shape == (4, 3, *expected.shape[:2])
-        assert mean_abs(item["video"][0], expected) < 4
+        assert item.error is None, (decoder, item.error)
+        assert item.decoder == ("pyav" if decoder == "pyav" else "decord")
+        assert item.frames.shape == (4, 3, *expected.shape[:2])
+        assert mean_abs(item.frames[0], expected) < 4
         assert_good_item(VideoCSVDataset(csv, decoder=decoder)[1])
-        by_decoder[decoder] = item["video"]
+        by_decoder[decoder] = item.frames
     if expected.shape == unrotated.shape and (degrees, hflip, vflip) != (0, False, False):
         assert mean_abs(by_decoder["pyav"][0], unrotated) > 20  # the orientations are told apart
     diff = (by_decoder["decord"].float() - by_decoder["pyav"].float()).abs().mean()
@@ -387,14 +387,14 @@ def test_rotated_clip_decord_cannot_serve_falls_back_to_the_displayed_frames(tmp
     expected = displayed(pattern(48, 80), degrees, False, False)
     csv = write_csv(tmp_path / "r.csv", "video_path,dataset", [f"{clip},test"])
     auto = VideoCSVDataset(csv, fps=None)[0]
-    assert auto["error"] is None and auto["video"].shape == (4, 3, 80, 48)
-    assert mean_abs(auto["video"][0], expected) < 4
+    assert auto.error is None and auto.frames.shape == (4, 3, 80, 48)
+    assert mean_abs(auto.frames[0], expected) < 4
     forced = VideoCSVDataset(csv, fps=None, decoder="decord")[0]
-    assert forced["decoder"] == "decord"
-    if forced["video"] is None:
+    assert forced.decoder == "decord"
+    if forced.frames is None:
         assert_error_item(forced, "cannot decode: decord:", "try decoder='pyav'")
     else:
-        assert mean_abs(forced["video"][0], expected) < 4
+        assert mean_abs(forced.frames[0], expected) < 4
 
 
 def test_a_rotation_off_the_quarter_turns_is_an_error_item(tmp_path):
