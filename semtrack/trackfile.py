@@ -56,11 +56,11 @@ _META_SCALARS = (str, int, float, bool, type(None))
 MAX_ELEMENTS = 2**28
 # File size: every element at 8 bytes (float64 / int64) plus 64 MiB for the pickle's own structure.
 MAX_FILE_BYTES = 8 * MAX_ELEMENTS + 2**26
-# Opcodes in one pickle, and memo slots it may use: a semtrack file has a few hundred, a research file
-# with a precomputed `pt_dict` of index lists tens of thousands.
-MAX_PICKLE_OPCODES = 1_000_000
+# Opcodes in one pickle, and memo slots it may use: a semtrack file has a few hundred; a research file's
+# precomputed `pt_dict` (index lists of a few hundred entries per sampling type and point count) some thousands.
+MAX_PICKLE_OPCODES = 200_000
 # Values a pickle's object holds, counting every reference to a shared value each time (dict keys count).
-MAX_VALUES = 1_000_000
+MAX_VALUES = 200_000
 # Container nesting (the root dict is depth 1; semtrack files nest 4 deep: file > "semtrack" > "config" > list).
 MAX_DEPTH = 32
 
@@ -128,41 +128,53 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def _walk(value, where: str, str_keys: bool):
-    """Yield `(node, where)` for every node of a nested value (lists, tuples, dicts; anything else is a
-    leaf), depth first, iteratively. Counts as the pickle check does: each node and each dict key is one
-    value, and a shared value counts at each reference, so a cycle or a "billion laughs" stops at the
-    bound. `str_keys`: dict keys must be str. Raises ValueError beyond `MAX_VALUES` values or containers
-    nested more than `MAX_DEPTH` deep (`value` itself is depth 1)."""
-    pending = [(value, where, 0)]  # (node, where, number of containers around it)
+def _where(path) -> str:
+    """`path` is () for the dict itself, else (parent path, key): -> e.g. "semtrack['config'][2]"."""
+    keys = []
+    while path:
+        path, key = path
+        keys.append(key)
+    if not keys:
+        return "the dict"
+    top, *rest = reversed(keys)
+    return str(top) + "".join(f"[{k!r}]" for k in rest)
+
+
+def _check_meta_leaf(value, path) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise ValueError(f"{_where(path)}: only dense tensors are allowed, got {value.layout}")
+    elif not isinstance(value, _META_SCALARS):
+        raise ValueError(f"{_where(path)}: {type(value).__name__} is not allowed (plain values, lists, dicts, tensors)")
+
+
+def _check_values(data: dict) -> None:
+    """Walk every value of the dict, iteratively, counting as `_check_pickle` does (each value and each
+    dict key once per reference, so a cycle or a "billion laughs" stops at the bound): at most
+    `MAX_VALUES` values and containers nested at most `MAX_DEPTH` deep (the dict is depth 1). Under
+    `"semtrack"` only plain values, lists, tuples, dicts with str keys and dense tensors are allowed.
+    Raises ValueError naming the value."""
+    pending = [(data, (), 0, False)]  # (value, path, containers around it, under "semtrack")
     visits = 0
     while pending:
-        node, where, depth = pending.pop()
-        visits += 1 + (len(node) if isinstance(node, dict) else 0)
+        value, path, depth, in_meta = pending.pop()
+        visits += 1 + (len(value) if isinstance(value, dict) else 0)
         if visits + len(pending) > MAX_VALUES:
-            raise ValueError(f"{where}: more than {MAX_VALUES} values (a shared value counts at each reference)")
-        yield node, where
-        if isinstance(node, dict):
-            if str_keys and not all(isinstance(k, str) for k in node):
-                raise ValueError(f"{where}: keys must be str, got {[k for k in node if not isinstance(k, str)][:3]}")
-            children = [(v, f"{where}[{k!r}]") for k, v in node.items()]
-        elif isinstance(node, (list, tuple)):
-            children = [(v, f"{where}[{i}]") for i, v in enumerate(node)]
+            raise ValueError(f"{_where(path)}: more than {MAX_VALUES} values (a shared value counts at each reference)")
+        if isinstance(value, dict):
+            bad_keys = [k for k in value if not isinstance(k, str)] if in_meta else []
+            if bad_keys:
+                raise ValueError(f"{_where(path)}: keys must be str, got {bad_keys[:3]}")
+            children = value.items()
+        elif isinstance(value, (list, tuple)):
+            children = enumerate(value)
         else:
+            if in_meta:
+                _check_meta_leaf(value, path)
             continue
         if depth >= MAX_DEPTH:
-            raise ValueError(f"{where}: containers nested more than {MAX_DEPTH} deep")
-        pending.extend((v, w, depth + 1) for v, w in reversed(children))
-
-
-def _check_meta_value(value, where: str) -> None:
-    """Metadata may hold plain values, lists/tuples/dicts (str keys) of them, and dense tensors."""
-    for node, at in _walk(value, where, str_keys=True):
-        if isinstance(node, torch.Tensor):
-            if node.layout != torch.strided:
-                raise ValueError(f"{at}: only dense tensors are allowed, got {node.layout}")
-        elif not isinstance(node, (*_META_SCALARS, list, tuple, dict)):
-            raise ValueError(f"{at}: {type(node).__name__} is not allowed (plain values, lists, dicts, tensors)")
+            raise ValueError(f"{_where(path)}: containers nested more than {MAX_DEPTH} deep")
+        pending.extend((v, (path, k), depth + 1, in_meta or (not path and k == META_KEY)) for k, v in children)
 
 
 def _check_frame_times(frame_times, t: int) -> None:
@@ -177,10 +189,9 @@ def _check_frame_times(frame_times, t: int) -> None:
 
 
 def _check_meta(meta, t: int, n: int) -> None:
-    """The `"semtrack"` dict: allowed value types, and the keys with a fixed form."""
+    """The `"semtrack"` dict's keys with a fixed form (its value types: `_check_values`)."""
     if not isinstance(meta, dict):
         raise ValueError(f"{META_KEY!r} must be a dict, got {type(meta).__name__}")
-    _check_meta_value(meta, META_KEY)
     if meta.get("frame_times") is not None:
         _check_frame_times(meta["frame_times"], t)
     confidence = meta.get("confidence")
@@ -226,8 +237,7 @@ def _validate(data, squeeze: bool = True) -> TrackFile:
     """Check a loaded/to-be-saved dict against the schema; -> TrackFile. Raises ValueError.
     `squeeze`: accept (and drop) a leading batch dim of 1 on tracks/visibility (research files)."""
     _check_keys(data)
-    for _ in _walk(data, "the dict", str_keys=False):  # bounded size and depth, as `_check_pickle` reads it
-        pass
+    _check_values(data)
     tracks, vis = data["pred_tracks"], data["pred_visibility"]
     obj_ids, queries = data["obj_ids"], data["point_queries"]
     if squeeze and tracks.dim() == 4 and tracks.shape[0] == 1:  # research files may keep the batch dim
@@ -832,15 +842,16 @@ def loads_tracks(data: bytes, name: str) -> TrackFile:
         raise TrackFileError(f"{name}: {_reason(exc)}") from None
 
 
-def _read_at_most(f, limit: int, piece: int) -> bytes:
-    """Up to `limit` bytes of binary file `f`, read `piece` bytes at a time (no buffer beyond that)."""
-    chunks, total = [], 0
+def _read_at_most(f, limit: int, first: int) -> bytes:
+    """Up to `limit` bytes of binary file `f`: `first` bytes, then 1 MiB pieces (no buffer beyond that)."""
+    chunks, total, piece = [], 0, first
     while total < limit:
         chunk = f.read(min(piece, limit - total))
         if not chunk:
             break
         chunks.append(chunk)
         total += len(chunk)
+        piece = 2**20
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -854,7 +865,7 @@ def load_tracks(path: str | os.PathLike) -> TrackFile:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_FILE_BYTES:
                 raise TrackFileError(f"{path}: {size} bytes, more than a track file holds ({MAX_FILE_BYTES})")
-            data = _read_at_most(f, MAX_FILE_BYTES + 1, piece=max(size + 1, 2**20))
+            data = _read_at_most(f, MAX_FILE_BYTES + 1, first=max(size + 1, 2**20))
     except TrackFileError:
         raise
     except OSError as exc:

@@ -84,6 +84,11 @@ def _nested_lists(depth: int) -> bytes:
     return b"]" * depth + b"a" * (depth - 1)
 
 
+def _nested_tuples(depth: int) -> bytes:
+    """((((),),),) `depth` deep: EMPTY_TUPLE, then TUPLE1 around it `depth` - 1 times."""
+    return b")" + b"\x85" * (depth - 1)
+
+
 def _laughing_tuple_key(levels: int = 9, width: int = 10) -> bytes:
     """{t: 1} where t is `levels` nested tuples of `width` references to the level below: hashing t
     (what the unpickler's SETITEM does) visits width**levels strings."""
@@ -127,7 +132,7 @@ def _hazards() -> dict:
             _dump({**_tracks(), "semtrack": {"views": [_view(shared, (2**20,), (1,)) for _ in range(num_views)]}}),
             f"more than {MAX_ELEMENTS} elements",
         ),
-        "deep_100000": (_spliced(_nested_lists(100_000)), f"nested more than {MAX_DEPTH} deep"),
+        "deep_100000": (_spliced(_nested_tuples(100_000)), f"nested more than {MAX_DEPTH} deep"),
         "billion_laughs": (_dump({**_tracks(), "semtrack": {"note": _laughing_list()}}), f"more than {MAX_VALUES}"),
         "laughing_tuple_key": (_spliced(_laughing_tuple_key()), "tuple as dict key"),
         "memo_index": (_spliced(b"N" + b"r" + struct.pack("<I", 2**26)), "memo index"),
@@ -193,6 +198,7 @@ def test_hazardous_files_are_refused_fast_and_small(tmp_path):
         ("overlapping_strides", "overlapping"),
         ("outside_storage", "outside its storage"),
         ("cycle", "contains itself"),
+        ("deep_lists", f"nested more than {MAX_DEPTH} deep"),
         ("frozenset_of_tuples", "tuple as dict key or set element"),
         ("reduce_of_a_result", "REDUCE needs an admitted global and an argument tuple, got object"),
         ("setitem_on_a_result", "SETITEM on object, not on a dict"),
@@ -212,6 +218,7 @@ def test_crafted_file_is_refused_with_its_reason(tmp_path, case, message):
     hooks = collections.OrderedDict(hook=1)
     ops = {
         "cycle": b"]" + _put(0) + _get(0) + b"a",  # a list that contains itself
+        "deep_lists": _nested_lists(1000),
         "frozenset_of_tuples": b"(" + b"(K\x01K\x02t" + b"\x91",  # frozenset({(1, 2)})
         "reduce_of_a_result": _LATIN1_BYTES + b")R",  # calling what a call gave
         "setitem_on_a_result": _LATIN1_BYTES + b"K\x00K\x00s",
