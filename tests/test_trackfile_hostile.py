@@ -206,6 +206,8 @@ def test_hazardous_files_are_refused_fast_and_small(tmp_path):
         ("ordered_dict_with_items", "admitted only empty"),
         ("backward_hooks", "hooks"),
         ("storage_with_tuple_key", "storage refused before torch.load: SETITEMS: a tuple"),
+        ("storage_bytes_decoded_again", "bytes decoded while unpickling exceed the file's own size"),
+        ("latin1_text_encoded_again", "bytes made while unpickling exceed the file's own size"),
         ("no_points", "no points (N = 0)"),
         ("nan_frame_times", "frame_times' contains NaN"),
         ("inf_frame_times", "frame_times' contains NaN or infinite"),
@@ -216,6 +218,8 @@ def test_hazardous_files_are_refused_fast_and_small(tmp_path):
 def test_crafted_file_is_refused_with_its_reason(tmp_path, case, message):
     storage = _storage(T * N * 2)
     hooks = collections.OrderedDict(hook=1)
+    big_storage_bytes = _legacy_storage_bytes(_storage(2**16))  # one bytes object, memoized, decoded 3 times
+    big_text = "x" * 2**17  # one str, memoized, encoded 3 times
     ops = {
         "cycle": b"]" + _put(0) + _get(0) + b"a",  # a list that contains itself
         "deep_lists": _nested_lists(1000),
@@ -234,6 +238,10 @@ def test_crafted_file_is_refused_with_its_reason(tmp_path, case, message):
         "storage_with_tuple_key": lambda: _dump({**_tracks(), "obj_ids": _Call(
             torch._utils._rebuild_tensor_v2, _Call(torch.storage._load_from_bytes, _storage_bytes_with_tuple_key()),
             0, (N,), (1,), False, collections.OrderedDict())}),
+        "storage_bytes_decoded_again": lambda: _dump({**_tracks(), "semtrack": {"copies": [_view(
+            _Call(torch.storage._load_from_bytes, big_storage_bytes), (2**16,), (1,)) for _ in range(3)]}}),
+        "latin1_text_encoded_again": lambda: _dump({**_tracks(), "semtrack": {"copies": [
+            _Call(codecs.encode, big_text, "latin1") for _ in range(3)]}}),
         "no_points": lambda: _dump({
             "pred_tracks": torch.zeros(T, 0, 2, dtype=torch.float16), "pred_visibility": torch.zeros(T, 0, dtype=bool),
             "obj_ids": torch.zeros(0, dtype=torch.int64), "point_queries": torch.zeros(0, dtype=torch.int64)}),
@@ -257,11 +265,16 @@ def _times(at: int, value: float) -> torch.Tensor:
     return times
 
 
+def _legacy_storage_bytes(storage) -> bytes:
+    """The bytes torch embeds for a storage (`torch.storage._load_from_bytes`' argument)."""
+    buf = io.BytesIO()
+    torch.save(storage, buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
 def _storage_bytes_with_tuple_key() -> bytes:
     """Legacy torch.save bytes of an (N,) int64 storage whose system-info dict gains a tuple key."""
-    buf = io.BytesIO()
-    torch.save(_storage(N, torch.int64), buf, _use_new_zipfile_serialization=False)
-    raw = buf.getvalue()
+    raw = _legacy_storage_bytes(_storage(N, torch.int64))
     marker = b"X\x05\x00\x00\x00short"  # a key of the type_sizes dict
     assert raw.count(marker) == 1
     return raw.replace(marker, b"K\x01K\x02\x86", 1)  # (1, 2) instead of "short"
