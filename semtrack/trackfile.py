@@ -1,4 +1,4 @@
-"""Track pickles: atomic writing and safe, validated reading.
+"""Track pickles: atomic writing and safe, validated, bounded reading.
 
 A track file is the research format (REFERENCE section 11): a plain `pickle` of a dict of torch tensors
 
@@ -8,14 +8,24 @@ A track file is the research format (REFERENCE section 11): a plain `pickle` of 
     point_queries    int64 (N,)       query frame of each point (index into T)
 
 plus, in files written by semtrack, one namespaced key `"semtrack"`: a dict of metadata (plain Python
-values and tensors, e.g. `frame_times` float64 (T,) seconds of the source frames that were tracked).
-Research training code does `pickle.load` and ignores the extra key. `per_point_queries` is never
-written: training code changes behaviour when it appears (REFERENCE 13.2).
+values and tensors, e.g. `frame_times` float64 (T,) seconds of the source frames that were tracked and,
+optionally, `confidence` float (T, N) the tracker's visibility probabilities). Research training code
+does `pickle.load` and ignores the extra key. `per_point_queries` is never written: training code
+changes behaviour when it appears (REFERENCE 13.2).
 
-Pickles are code. `load_tracks` unpickles with a restricted unpickler that admits only the few
-callables a dict of tensors needs, and rebuilds tensor storages with `torch.load(weights_only=True)`
-instead of torch's own `torch.storage._load_from_bytes` (which unpickles the embedded bytes with
-`weights_only=False`, i.e. runs whatever they contain).
+Pickles are code. `loads_tracks` / `load_tracks` run nothing from the file and bound the time and memory
+a file can cost:
+1. the opcode stream is followed symbolically before anything is unpickled (`_check_pickle`): only the
+   opcodes and the four callables a dict of tensors needs, dict keys and set elements that hash in
+   constant time, memo indices and opcode count bounded, no cycles, bounded nesting depth and bounded
+   size with every reference to a shared value counted (no "billion laughs");
+2. a restricted unpickler then builds it, with checked stand-ins for those callables: tensor storages
+   are rebuilt with `torch.load(weights_only=True)` after the same structure check of their embedded
+   headers (torch's own `torch.storage._load_from_bytes` unpickles them with `weights_only=False`, i.e.
+   runs whatever they contain), and every tensor view must lie inside its storage without overlapping
+   elements, all tensors together holding at most `MAX_ELEMENTS` elements;
+3. the dict is checked against the schema.
+Any failure is a `TrackFileError` naming the file.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import pickle
 import pickletools
 import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,27 +49,37 @@ META_KEY = "semtrack"
 _OPTIONAL_KEYS = ("per_point_queries", "pt_dict")
 _ALT_OBJ_ID_PREFIX = "obj_ids_"
 _META_SCALARS = (str, int, float, bool, type(None))
-# Opcodes a dict of tensors never needs: object construction outside `find_class`'s control
-# (BUILD runs `__setstate__` on any object), persistent ids and the copyreg extension registry.
-_FORBIDDEN_OPCODES = frozenset(
-    {"BUILD", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"}
-)
+
+# Bounds on what one track file may cost to read. The largest legitimate file tracks a few thousand frames
+# x a few thousand points; its dict holds a dozen tensors and a few dozen metadata values.
+# Tensor elements of all tensors together: 8192 frames x 8192 points x 4 (x, y, visibility, confidence).
+MAX_ELEMENTS = 2**28
+# File size: every element at 8 bytes (float64 / int64) plus 64 MiB for the pickle's own structure.
+MAX_FILE_BYTES = 8 * MAX_ELEMENTS + 2**26
+# Opcodes in one pickle, and memo slots it may use: a semtrack file has a few hundred; a research file's
+# precomputed `pt_dict` (index lists of a few hundred entries per sampling type and point count) some thousands.
+MAX_PICKLE_OPCODES = 200_000
+# Values a pickle's object holds, counting every reference to a shared value each time (dict keys count).
+MAX_VALUES = 200_000
+# Container nesting (the root dict is depth 1; semtrack files nest 4 deep: file > "semtrack" > "config" > list).
+MAX_DEPTH = 32
 
 
 class TrackFileError(ValueError):
-    """A file that is not a valid track pickle (missing, truncated, unsafe, wrong schema)."""
+    """A file that is not a valid track pickle (missing, truncated, unsafe, oversized, wrong schema)."""
 
 
 @dataclass
 class TrackFile:
     """One video's tracks, validated.
 
-    tracks: (T, N, 2) float32, (x, y) pixels of the clip as decoded at extraction.
+    tracks: (T, N, 2) float32, (x, y) pixels of the clip as decoded at extraction; T >= 1, N >= 1.
     visibility: (T, N) bool.
     obj_ids: (N,) int64 entity id per point.
     query_frames: (N,) int64 query frame per point (index into T); `point_queries` in the file.
     meta: the `"semtrack"` metadata dict ({} for research pickles).
     extra: other research keys present in the file (`obj_ids_*`, `per_point_queries`, `pt_dict`).
+    tracks_dtype: the dtype `pred_tracks` had in the file (float16 for semtrack and research files).
     """
 
     tracks: torch.Tensor
@@ -67,6 +88,7 @@ class TrackFile:
     query_frames: torch.Tensor
     meta: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    tracks_dtype: torch.dtype = torch.float16
 
     @property
     def num_frames(self) -> int:
@@ -75,6 +97,24 @@ class TrackFile:
     @property
     def num_points(self) -> int:
         return int(self.tracks.shape[1])
+
+    def as_dict(self) -> dict:
+        """The file's dict in the research format, as research training code reads it:
+        `pred_tracks` (T, N, 2) in `tracks_dtype` (float16 for semtrack and research files; a leading batch
+        dim of 1 is not restored), `pred_visibility` (T, N) bool, `obj_ids` (N,) int64, `point_queries`
+        (N,) int64, the extra research keys as stored, and `"semtrack": meta` unless meta is empty. The
+        tensors other than `pred_tracks` are this TrackFile's own, not copies. For a semtrack file,
+        `dumps_tracks(load_tracks(p).as_dict())` gives the file's bytes."""
+        data = {
+            "pred_tracks": self.tracks.to(self.tracks_dtype),
+            "pred_visibility": self.visibility,
+            "obj_ids": self.obj_ids,
+            "point_queries": self.query_frames,
+            **self.extra,
+        }
+        if self.meta:
+            data[META_KEY] = self.meta
+        return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,30 +128,86 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def _check_meta_value(value, where: str) -> None:
-    """Metadata may hold plain values, lists/tuples/dicts (str keys) of them, and CPU tensors."""
-    if isinstance(value, _META_SCALARS):
-        return
+def _where(path) -> str:
+    """`path` is () for the dict itself, else (parent path, key): -> e.g. "semtrack['config'][2]"."""
+    keys = []
+    while path:
+        path, key = path
+        keys.append(key)
+    if not keys:
+        return "the dict"
+    top, *rest = reversed(keys)
+    return str(top) + "".join(f"[{k!r}]" for k in rest)
+
+
+def _check_meta_leaf(value, path) -> None:
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided:
-            raise ValueError(f"{where}: only dense tensors are allowed, got {value.layout}")
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_meta_value(v, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: keys must be str, got {k!r}")
-            _check_meta_value(v, f"{where}[{k!r}]")
-        return
-    raise ValueError(f"{where}: {type(value).__name__} is not allowed (plain values, lists, dicts, tensors)")
+            raise ValueError(f"{_where(path)}: only dense tensors are allowed, got {value.layout}")
+    elif not isinstance(value, _META_SCALARS):
+        raise ValueError(f"{_where(path)}: {type(value).__name__} is not allowed (plain values, lists, dicts, tensors)")
 
 
-def _validate(data, squeeze: bool = True) -> TrackFile:
-    """Check a loaded/to-be-saved dict against the schema; -> TrackFile. Raises ValueError.
-    `squeeze`: accept (and drop) a leading batch dim of 1 on tracks/visibility (research files)."""
+def _check_values(data: dict) -> None:
+    """Walk every value of the dict, iteratively, counting as `_check_pickle` does (each value and each
+    dict key once per reference, so a cycle or a "billion laughs" stops at the bound): at most
+    `MAX_VALUES` values and containers nested at most `MAX_DEPTH` deep (the dict is depth 1). Under
+    `"semtrack"` only plain values, lists, tuples, dicts with str keys and dense tensors are allowed.
+    Raises ValueError naming the value."""
+    pending = [(data, (), 0, False)]  # (value, path, containers around it, under "semtrack")
+    visits = 0
+    while pending:
+        value, path, depth, in_meta = pending.pop()
+        visits += 1 + (len(value) if isinstance(value, dict) else 0)
+        if visits + len(pending) > MAX_VALUES:
+            raise ValueError(f"{_where(path)}: more than {MAX_VALUES} values (a shared value counts at each reference)")
+        if isinstance(value, dict):
+            bad_keys = [k for k in value if not isinstance(k, str)] if in_meta else []
+            if bad_keys:
+                raise ValueError(f"{_where(path)}: keys must be str, got {bad_keys[:3]}")
+            children = value.items()
+        elif isinstance(value, (list, tuple)):
+            children = enumerate(value)
+        else:
+            if in_meta:
+                _check_meta_leaf(value, path)
+            continue
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"{_where(path)}: containers nested more than {MAX_DEPTH} deep")
+        pending.extend((v, (path, k), depth + 1, in_meta or (not path and k == META_KEY)) for k, v in children)
+
+
+def _check_frame_times(frame_times, t: int) -> None:
+    where = f"'{META_KEY}.frame_times'"
+    if not (isinstance(frame_times, torch.Tensor) and frame_times.is_floating_point()
+            and tuple(frame_times.shape) == (t,)):
+        raise ValueError(f"{where} must be a float ({t},) tensor, got {_describe(frame_times)}")
+    if not bool(torch.isfinite(frame_times).all()):
+        raise ValueError(f"{where} contains NaN or infinite times")
+    if not bool((frame_times[1:] >= frame_times[:-1]).all()):
+        raise ValueError(f"{where} must be non-decreasing (source timestamps of the tracked frames)")
+
+
+def _check_meta(meta, t: int, n: int) -> None:
+    """The `"semtrack"` dict's keys with a fixed form (its value types: `_check_values`)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{META_KEY!r} must be a dict, got {type(meta).__name__}")
+    if meta.get("frame_times") is not None:
+        _check_frame_times(meta["frame_times"], t)
+    confidence = meta.get("confidence")
+    if confidence is not None and not (
+        isinstance(confidence, torch.Tensor) and confidence.is_floating_point() and tuple(confidence.shape) == (t, n)
+    ):
+        raise ValueError(f"'{META_KEY}.confidence' must be a float ({t}, {n}) tensor, got {_describe(confidence)}")
+    clip_size = meta.get("clip_size")
+    if clip_size is not None and not (
+        isinstance(clip_size, (list, tuple)) and len(clip_size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in clip_size)
+    ):
+        raise ValueError(f"'{META_KEY}.clip_size' must be [H, W] positive ints, got {clip_size!r}")
+
+
+def _check_keys(data) -> None:
     if not isinstance(data, dict):
         raise ValueError(f"expected a dict of tensors, got {type(data).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -127,6 +223,21 @@ def _validate(data, squeeze: bool = True) -> TrackFile:
     for key in REQUIRED_KEYS:
         if not isinstance(data[key], torch.Tensor):
             raise ValueError(f"{key!r} must be a torch tensor, got {_describe(data[key])}")
+
+
+def _check_extra(data, n: int) -> None:
+    """Research keys: `per_point_queries` and `obj_ids_*` are integer tensors with N rows."""
+    for key, value in data.items():
+        if key == "per_point_queries" or (isinstance(key, str) and key.startswith(_ALT_OBJ_ID_PREFIX)):
+            if not (isinstance(value, torch.Tensor) and not value.is_floating_point() and value.shape[:1] == (n,)):
+                raise ValueError(f"{key!r} must be an integer tensor with N = {n} rows, got {_describe(value)}")
+
+
+def _validate(data, squeeze: bool = True) -> TrackFile:
+    """Check a loaded/to-be-saved dict against the schema; -> TrackFile. Raises ValueError.
+    `squeeze`: accept (and drop) a leading batch dim of 1 on tracks/visibility (research files)."""
+    _check_keys(data)
+    _check_values(data)
     tracks, vis = data["pred_tracks"], data["pred_visibility"]
     obj_ids, queries = data["obj_ids"], data["point_queries"]
     if squeeze and tracks.dim() == 4 and tracks.shape[0] == 1:  # research files may keep the batch dim
@@ -138,39 +249,25 @@ def _validate(data, squeeze: bool = True) -> TrackFile:
     t, n = tracks.shape[:2]
     if t < 1:
         raise ValueError("'pred_tracks' has no frames (T = 0)")
+    if n < 1:
+        raise ValueError("'pred_tracks' has no points (N = 0)")
     if vis.dtype != torch.bool or tuple(vis.shape) != (t, n):
         got = _describe(data["pred_visibility"])
         raise ValueError(f"'pred_visibility' must be a bool ({t}, {n}) tensor, got {got}")
     for key, value in (("obj_ids", obj_ids), ("point_queries", queries)):
         if value.dtype != torch.int64 or tuple(value.shape) != (n,):
             raise ValueError(f"{key!r} must be an int64 ({n},) tensor (N from 'pred_tracks'), got {_describe(value)}")
+    tracks_dtype = tracks.dtype
     tracks = tracks.float()  # (T, N, 2) float32: what TrackFile holds
     if not bool(torch.isfinite(tracks).all()):
         raise ValueError("'pred_tracks' contains NaN or infinite coordinates")
-    if n and (int(queries.min()) < 0 or int(queries.max()) >= t):
+    if int(queries.min()) < 0 or int(queries.max()) >= t:
         raise ValueError(f"'point_queries' must lie in [0, {t}), got [{int(queries.min())}, {int(queries.max())}]")
     meta = data.get(META_KEY, {})
-    if not isinstance(meta, dict):
-        raise ValueError(f"{META_KEY!r} must be a dict, got {type(meta).__name__}")
-    _check_meta_value(meta, META_KEY)
-    frame_times = meta.get("frame_times")
-    if frame_times is not None and not (
-        isinstance(frame_times, torch.Tensor) and frame_times.is_floating_point() and tuple(frame_times.shape) == (t,)
-    ):
-        raise ValueError(f"'{META_KEY}.frame_times' must be a float ({t},) tensor, got {_describe(frame_times)}")
-    clip_size = meta.get("clip_size")
-    if clip_size is not None and not (
-        isinstance(clip_size, (list, tuple)) and len(clip_size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in clip_size)
-    ):
-        raise ValueError(f"'{META_KEY}.clip_size' must be [H, W] positive ints, got {clip_size!r}")
-    for key in data:
-        if key == "per_point_queries" or (isinstance(key, str) and key.startswith(_ALT_OBJ_ID_PREFIX)):
-            value = data[key]
-            if not (isinstance(value, torch.Tensor) and not value.is_floating_point() and value.shape[:1] == (n,)):
-                raise ValueError(f"{key!r} must be an integer tensor with N = {n} rows, got {_describe(value)}")
+    _check_meta(meta, t, n)
+    _check_extra(data, n)
     extra = {k: data[k] for k in data if k not in REQUIRED_KEYS and k != META_KEY}
-    return TrackFile(tracks, vis, obj_ids, queries, meta, extra)
+    return TrackFile(tracks, vis, obj_ids, queries, meta, extra, tracks_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,30 +351,40 @@ def _compact(value):
     return value
 
 
+def dumps_tracks(tracks: dict) -> bytes:
+    """Validate `tracks` (the module docstring's schema) and pickle it -> the bytes of its track file.
+
+    Tensors are written as compact CPU copies with the standard `pickle` module (protocol 4) in torch's
+    own tensor format, as the research script did, but with a fixed storage key: equal dicts give
+    identical bytes in every process. Raises ValueError for a dict that does not match the schema,
+    including any `per_point_queries` key.
+    """
+    if isinstance(tracks, dict) and "per_point_queries" in tracks:
+        raise ValueError("refusing to write 'per_point_queries' (it changes training behaviour)")
+    _validate(tracks, squeeze=False)
+    buf = io.BytesIO()
+    _DeterministicPickler(buf, protocol=4).dump(_compact(tracks))
+    return buf.getvalue()
+
+
 def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
-    """Validate `tracks` (the module docstring's schema) and write it atomically to `path`.
+    """Write `dumps_tracks(tracks)` atomically to `path`.
 
     Writes `<path>.tmp-<pid>` in the same folder (created if needed), flushes and fsyncs it, then
     `os.replace`s it onto `path`: a crash leaves either the old file, the complete new one, or no
-    file, never a partial one. The temporary file is removed on any error. Tensors are written as
-    compact CPU copies with the standard `pickle` module (protocol 4) in torch's own tensor format,
-    as the research script did, but with a fixed storage key: equal dicts give identical files.
-    Raises ValueError (naming `path`) for a dict that does not match the schema, including any
-    `per_point_queries` key.
+    file, never a partial one. The temporary file is removed on any error. Raises ValueError (naming
+    `path`) for a dict that does not match the schema, before anything is written.
     """
     path = Path(path)
-    if isinstance(tracks, dict) and "per_point_queries" in tracks:
-        raise ValueError(f"{path}: refusing to write 'per_point_queries' (it changes training behaviour)")
     try:
-        _validate(tracks, squeeze=False)
+        data = dumps_tracks(tracks)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    payload = _compact(tracks)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            _DeterministicPickler(f, protocol=4).dump(payload)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -300,98 +407,469 @@ def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
 # Reading
 # ---------------------------------------------------------------------------------------------
 
+# The callables a dict of tensors needs: (module, name) -> (what the call gives, as `_check_pickle` models
+# it; the `_RestrictedUnpickler` method that stands in for it).
+_ADMITTED_CALLS = {
+    ("torch._utils", "_rebuild_tensor_v2"): ("object", "_rebuild_tensor"),  # a tensor
+    ("torch.storage", "_load_from_bytes"): ("object", "_storage_from_bytes"),  # a storage
+    ("_codecs", "encode"): ("object", "_latin1_bytes"),  # bytes, as protocol 2 writes them
+    ("collections", "OrderedDict"): ("dict", "_empty_ordered_dict"),  # a tensor's (empty) backward hooks
+}
+# Classes the storage record inside a tensor's embedded legacy `torch.save` bytes names (never called).
+_STORAGE_CLASSES = frozenset(
+    ("torch", f"{kind}Storage") for kind in (
+        "Half", "BFloat16", "Float", "Double", "ComplexFloat", "ComplexDouble",
+        "Bool", "Byte", "Char", "Short", "Int", "Long",
+    )
+)
+# The pickles before the raw data in legacy `torch.save` bytes: magic number, protocol version, system
+# info, the storage record, the list of storage keys.
+_LEGACY_HEADER_PICKLES = 5
+_LEAF_KINDS = {
+    "NONE": "const", "NEWTRUE": "const", "NEWFALSE": "const",
+    "INT": "int", "BININT": "int", "BININT1": "int", "BININT2": "int", "LONG": "int", "LONG1": "int",
+    "FLOAT": "scalar", "BINFLOAT": "scalar", "BINBYTES": "scalar", "SHORT_BINBYTES": "scalar", "BINBYTES8": "scalar",
+    "STRING": "str", "BINSTRING": "str", "SHORT_BINSTRING": "str",
+    "UNICODE": "str", "BINUNICODE": "str", "SHORT_BINUNICODE": "str", "BINUNICODE8": "str",
+}
+_EMPTY_CONTAINERS = {"EMPTY_LIST": "list", "EMPTY_TUPLE": "tuple", "EMPTY_DICT": "dict", "EMPTY_SET": "set"}
+_MARKED_CONTAINERS = {"LIST": "list", "TUPLE": "tuple", "DICT": "dict", "FROZENSET": "frozenset"}
+_SMALL_TUPLES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_HASH_BOUND = 2**61 - 1  # ints below this hash to themselves (no crafted collisions)
+_NAME_CHARS = 256  # longest str value kept for STACK_GLOBAL names
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy `torch.save` file
 
-def _storage_from_bytes(data: bytes):
-    """Safe stand-in for `torch.storage._load_from_bytes`: the embedded legacy `torch.save` bytes
-    are read with `weights_only=True` (storages only, no arbitrary callables), onto the CPU."""
-    if not isinstance(data, (bytes, bytearray)):
-        raise pickle.UnpicklingError(f"tensor storage must be bytes, got {type(data).__name__}")
-    try:
-        storage = torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location="cpu")
-    except Exception as exc:
-        detail = re.search(r"[^\n]*(?:GLOBAL|[Uu]nsupported)[^\n]*", str(exc))  # torch's reason line
-        raise pickle.UnpicklingError(
-            "embedded tensor storage refused by torch.load(weights_only=True)"
-            + (f": {detail.group(0).strip()}" if detail else f": {type(exc).__name__}")
-        ) from None
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise pickle.UnpicklingError(f"embedded tensor data is a {type(storage).__name__}, not a storage")
-    return storage
+
+class _Value:
+    """What the unpickler's stack holds, as `_check_pickle` models it: a kind ("str", "int", "const",
+    "scalar", "global", "object", or a container kind), a short value (str, int, or (module, name)) and,
+    for containers, the values they hold (a dict's keys and values alternately)."""
+
+    __slots__ = ("kind", "value", "items")
+
+    def __init__(self, kind: str, value=None, items: list | None = None):
+        self.kind, self.value, self.items = kind, value, items
+
+
+class _PickleModel:
+    """The unpickler's stack, marks and memo, followed opcode by opcode (`step`); refuses anything a dict
+    of tensors does not need, and anything that would make the real unpickler do more than linear work.
+    `calls`: admitted callables, (module, name) -> (result kind, ...); `classes`: admitted globals that
+    are never called; `persistent_ids`: whether BINPERSID may occur."""
+
+    def __init__(self, calls: dict, classes: frozenset, persistent_ids: bool):
+        self.calls, self.classes = calls, classes
+        self.stack: list[_Value] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, _Value] = {}
+        handlers = {
+            "PROTO": self._proto, "FRAME": self._ignore, "MARK": self._mark, "POP": self._pop,
+            "POP_MARK": self._pop_mark, "DUP": self._dup, "APPEND": self._append, "APPENDS": self._appends,
+            "SETITEM": self._setitem, "SETITEMS": self._setitems, "ADDITEMS": self._additems,
+            "GLOBAL": self._global, "STACK_GLOBAL": self._stack_global, "REDUCE": self._reduce,
+        }
+        handlers.update(dict.fromkeys(_LEAF_KINDS, self._leaf))
+        handlers.update(dict.fromkeys(_EMPTY_CONTAINERS, self._empty))
+        handlers.update(dict.fromkeys(_MARKED_CONTAINERS, self._marked))
+        handlers.update(dict.fromkeys(_SMALL_TUPLES, self._small_tuple))
+        handlers.update(dict.fromkeys(("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"), self._put))
+        handlers.update(dict.fromkeys(("GET", "BINGET", "LONG_BINGET"), self._get))
+        if persistent_ids:
+            handlers["BINPERSID"] = self._persistent_id
+        self.handlers = handlers
+
+    def step(self, name: str, arg, pos: int) -> None:
+        handler = self.handlers.get(name)
+        if handler is None:
+            raise pickle.UnpicklingError(f"forbidden pickle opcode {name} at byte {pos}")
+        handler(name, arg, pos)
+
+    # stack access, with the unpickler's rule that nothing below the last mark may be popped
+    def pop(self) -> _Value:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise pickle.UnpicklingError("unpickling stack underflow")
+        return self.stack.pop()
+
+    def top(self) -> _Value:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise pickle.UnpicklingError("unpickling stack underflow")
+        return self.stack[-1]
+
+    def pop_to_mark(self) -> list[_Value]:
+        if not self.marks:
+            raise pickle.UnpicklingError("could not find MARK")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def target(self, kind: str, opcode: str) -> _Value:
+        value = self.top()
+        if value.kind != kind:
+            raise pickle.UnpicklingError(f"{opcode} on {value.kind}, not on a {kind}")
+        return value
+
+    def admitted_global(self, module, name) -> _Value:
+        if (module, name) not in self.calls and (module, name) not in self.classes:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return _Value("global", (module, name))
+
+    # one handler per opcode group: (opcode name, its argument, its byte offset)
+    def _proto(self, name, arg, pos):
+        if not 0 <= arg <= pickle.HIGHEST_PROTOCOL:
+            raise pickle.UnpicklingError(f"unsupported pickle protocol {arg}")
+
+    def _ignore(self, name, arg, pos):
+        pass
+
+    def _leaf(self, name, arg, pos):
+        kind = "const" if isinstance(arg, bool) or arg is None else _LEAF_KINDS[name]
+        keep = arg if kind == "int" or (kind == "str" and len(arg) <= _NAME_CHARS) else None
+        self.stack.append(_Value(kind, keep))
+
+    def _empty(self, name, arg, pos):
+        self.stack.append(_Value(_EMPTY_CONTAINERS[name], items=[]))
+
+    def _marked(self, name, arg, pos):
+        items = self.pop_to_mark()
+        kind = _MARKED_CONTAINERS[name]
+        if kind == "dict":
+            _check_key_value_pairs(items, name)
+        elif kind == "frozenset":
+            _check_keys_hash_fast(items, name)
+        self.stack.append(_Value(kind, items=items))
+
+    def _small_tuple(self, name, arg, pos):
+        items = [self.pop() for _ in range(_SMALL_TUPLES[name])][::-1]
+        self.stack.append(_Value("tuple", items=items))
+
+    def _mark(self, name, arg, pos):
+        self.marks.append(len(self.stack))
+
+    def _pop(self, name, arg, pos):
+        if self.marks and self.marks[-1] == len(self.stack):
+            self.marks.pop()  # as the unpickler does: POP right after MARK discards the mark
+        else:
+            self.pop()
+
+    def _pop_mark(self, name, arg, pos):
+        self.pop_to_mark()
+
+    def _dup(self, name, arg, pos):
+        self.stack.append(self.top())
+
+    def _append(self, name, arg, pos):
+        value = self.pop()
+        self.target("list", name).items.append(value)
+
+    def _appends(self, name, arg, pos):
+        items = self.pop_to_mark()
+        self.target("list", name).items.extend(items)
+
+    def _setitem(self, name, arg, pos):
+        value, key = self.pop(), self.pop()
+        _check_key_value_pairs([key, value], name)
+        self.target("dict", name).items.extend((key, value))
+
+    def _setitems(self, name, arg, pos):
+        items = self.pop_to_mark()
+        _check_key_value_pairs(items, name)
+        self.target("dict", name).items.extend(items)
+
+    def _additems(self, name, arg, pos):
+        items = self.pop_to_mark()
+        _check_keys_hash_fast(items, name)
+        self.target("set", name).items.extend(items)
+
+    def _put(self, name, arg, pos):
+        index = len(self.memo) if name == "MEMOIZE" else arg
+        if index >= MAX_PICKLE_OPCODES:  # the unpickler's memo is an array of (twice) that size
+            raise pickle.UnpicklingError(f"memo index {index} at byte {pos} (at most {MAX_PICKLE_OPCODES})")
+        self.memo[index] = self.top()
+
+    def _get(self, name, arg, pos):
+        if arg not in self.memo:
+            raise pickle.UnpicklingError(f"memo index {arg} at byte {pos} was never set")
+        self.stack.append(self.memo[arg])
+
+    def _global(self, name, arg, pos):
+        self.stack.append(self.admitted_global(*arg.split(" ", 1)))
+
+    def _stack_global(self, name, arg, pos):
+        gname, module = self.pop(), self.pop()
+        if gname.kind != "str" or module.kind != "str" or gname.value is None or module.value is None:
+            raise pickle.UnpicklingError("STACK_GLOBAL needs two short str names")
+        self.stack.append(self.admitted_global(module.value, gname.value))
+
+    def _reduce(self, name, arg, pos):
+        args, func = self.pop(), self.pop()
+        if func.kind != "global" or func.value not in self.calls or args.kind != "tuple":
+            raise pickle.UnpicklingError(
+                f"REDUCE needs an admitted global and an argument tuple, got {func.kind} and {args.kind}")
+        kind = self.calls[func.value][0]
+        if kind == "dict" and args.items:
+            raise pickle.UnpicklingError(f"{'.'.join(func.value)} is admitted only empty")
+        self.stack.append(_Value(kind, items=[] if kind == "dict" else None))
+
+    def _persistent_id(self, name, arg, pos):
+        self.pop()
+        self.stack.append(_Value("object"))
+
+
+def _hashes_fast(value: _Value) -> bool:
+    """Dict keys and set elements the unpickler hashes: only values that hash in constant time without
+    crafted collisions (str, small ints, None, bools); never tuples, whose hash walks all they hold."""
+    return value.kind in ("str", "const") or (value.kind == "int" and abs(value.value) < _HASH_BOUND)
+
+
+def _check_keys_hash_fast(keys: list[_Value], opcode: str) -> None:
+    for key in keys:
+        if not _hashes_fast(key):
+            raise pickle.UnpicklingError(f"{opcode}: a {key.kind} as dict key or set element (str, int, None only)")
+
+
+def _check_key_value_pairs(items: list[_Value], opcode: str) -> None:
+    if len(items) % 2:
+        raise pickle.UnpicklingError(f"{opcode} with an odd number of items")
+    _check_keys_hash_fast(items[0::2], opcode)
+
+
+def _check_expansion(root: _Value) -> None:
+    """Refuse a value that contains itself, nests containers more than `MAX_DEPTH` deep, or holds more
+    than `MAX_VALUES` values when every reference to a shared value is counted. Linear in the graph."""
+    size: dict[int, int] = {}  # id -> values under it, itself included
+    on_path: set[int] = set()  # containers whose contents are being counted (the current path)
+    pending = [(root, False)]
+    while pending:
+        node, counted = pending.pop()
+        if node.items is None or id(node) in size:
+            continue
+        if counted:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size.get(id(v), 1) for v in node.items)
+            if size[id(node)] > MAX_VALUES:
+                raise pickle.UnpicklingError(
+                    f"more than {MAX_VALUES} values (a shared value counts at each reference)")
+            continue
+        if id(node) in on_path:
+            raise pickle.UnpicklingError("a container that contains itself")
+        on_path.add(id(node))
+        if len(on_path) > MAX_DEPTH:
+            raise pickle.UnpicklingError(f"containers nested more than {MAX_DEPTH} deep")
+        pending.append((node, True))
+        pending.extend((v, False) for v in node.items if v.items is not None and id(v) not in size)
+
+
+def _check_pickle(stream, calls: dict = _ADMITTED_CALLS, classes: frozenset = frozenset(),
+                  persistent_ids: bool = False) -> None:
+    """Follow one pickle from `stream` (binary, positioned at its start; left just after its STOP)
+    without unpickling it; raise `pickle.UnpicklingError` (or ValueError for a malformed opcode stream)
+    if it is more than `MAX_PICKLE_OPCODES` opcodes, uses an opcode or global outside `calls` / `classes`
+    (persistent ids only if `persistent_ids`), or builds anything `_PickleModel` / `_check_expansion`
+    refuse. Runs nothing."""
+    model = _PickleModel(calls, classes, persistent_ids)
+    for count, (opcode, arg, pos) in enumerate(pickletools.genops(stream), 1):
+        if count > MAX_PICKLE_OPCODES:
+            raise pickle.UnpicklingError(f"more than {MAX_PICKLE_OPCODES} pickle opcodes")
+        if opcode.name == "STOP":
+            _check_expansion(model.pop())
+            return
+        model.step(opcode.name, arg, pos)
+    raise pickle.UnpicklingError("pickle exhausted before STOP")
 
 
 def _is_int_tuple(value) -> bool:
-    return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    return type(value) is tuple and all(type(v) is int and v >= 0 for v in value)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
-    """Checked `torch._utils._rebuild_tensor_v2`: a plain dense tensor from a storage, no hooks."""
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-    if not (isinstance(storage_offset, int) and storage_offset >= 0 and _is_int_tuple(size)
-            and _is_int_tuple(stride) and len(size) == len(stride)):
-        raise pickle.UnpicklingError("tensor with an invalid offset, size or stride")
-    if requires_grad not in (True, False) or backward_hooks or metadata:
-        raise pickle.UnpicklingError("tensor with gradient state, hooks or metadata")
-    numel = math.prod(size)
-    if numel and storage_offset + sum((s - 1) * st for s, st in zip(size, stride)) >= storage._size():
-        raise pickle.UnpicklingError("tensor view outside its storage")
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
+def _fits_without_overlap(offset: int, size: tuple, stride: tuple, storage_size: int) -> bool:
+    """Whether a (size, stride) view at `offset` addresses distinct elements, all inside a storage of
+    `storage_size` elements: along the dims of size > 1, by increasing stride, each stride exceeds the
+    farthest offset the smaller ones reach (so no stride 0 and no interleaving)."""
+    if 0 in size:
+        return True
+    reach = 0
+    for st, sz in sorted((st, sz) for sz, st in zip(size, stride) if sz > 1):
+        if st <= reach:
+            return False
+        reach += st * (sz - 1)
+    return offset + reach < storage_size
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what a dict of (CPU) tensors needs."""
+    """Admits only what a dict of (CPU) tensors needs (`_ADMITTED_CALLS`, through the checked methods
+    below), for a stream `_check_pickle` accepted. Bounds what the file's values can amplify: tensor
+    elements in all (`MAX_ELEMENTS`), and the bytes `_codecs.encode` makes and storages decode (each at
+    most the file's size)."""
 
-    _ALLOWED = {
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-    }
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self._byte_budget = {"made": len(data), "decoded": len(data)}
+        self._elements = 0
 
     def find_class(self, module: str, name: str):
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"forbidden global {module}.{name}") from None
+        if (module, name) not in _ADMITTED_CALLS:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return getattr(self, _ADMITTED_CALLS[module, name][1])
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not allowed")
 
+    def _spend_bytes(self, budget: str, nbytes: int) -> None:
+        self._byte_budget[budget] -= nbytes
+        if self._byte_budget[budget] < 0:
+            raise pickle.UnpicklingError(f"bytes {budget} while unpickling exceed the file's own size")
 
-def _check_opcodes(data: bytes) -> None:
-    """Reject a stream that is not one well-formed pickle or that uses opcodes a dict of tensors
-    does not need (see `_FORBIDDEN_OPCODES`). Parses only; runs nothing."""
-    end = 0
-    for opcode, _, pos in pickletools.genops(data):
-        if opcode.name in _FORBIDDEN_OPCODES:
-            raise pickle.UnpicklingError(f"forbidden pickle opcode {opcode.name} at byte {pos}")
-        end = pos
-    if end + 1 != len(data):
-        raise pickle.UnpicklingError(f"{len(data) - end - 1} trailing bytes after the pickle")
+    def _latin1_bytes(self, text, encoding):
+        """`_codecs.encode` exactly as protocol 2 pickles bytes: `encode(str, "latin1")` -> bytes."""
+        if type(text) is not str or type(encoding) is not str or encoding != "latin1":
+            raise pickle.UnpicklingError("_codecs.encode is admitted only as (str, 'latin1'), protocol 2's bytes")
+        self._spend_bytes("made", len(text))
+        return text.encode("latin-1")
+
+    def _empty_ordered_dict(self, *args, **kwargs):
+        if args or kwargs:
+            raise pickle.UnpicklingError("collections.OrderedDict is admitted only empty")
+        return collections.OrderedDict()
+
+    def _storage_from_bytes(self, data):
+        """Safe stand-in for `torch.storage._load_from_bytes`: the embedded legacy `torch.save` bytes
+        get the structure check, then are read with `weights_only=True` (storages only, no arbitrary
+        callables), onto the CPU."""
+        if type(data) is not bytes:
+            raise pickle.UnpicklingError(f"tensor storage must be bytes, got {type(data).__name__}")
+        self._spend_bytes("decoded", len(data))
+        stream = io.BytesIO(data)
+        try:
+            for _ in range(_LEGACY_HEADER_PICKLES):
+                _check_pickle(stream, calls={}, classes=_STORAGE_CLASSES, persistent_ids=True)
+        except (pickle.UnpicklingError, ValueError) as exc:
+            raise pickle.UnpicklingError(f"embedded tensor storage refused before torch.load: {exc}") from None
+        try:
+            storage = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as exc:
+            detail = re.search(r"[^\n]*(?:GLOBAL|[Uu]nsupported)[^\n]*", str(exc))  # torch's reason line
+            raise pickle.UnpicklingError(
+                "embedded tensor storage refused by torch.load(weights_only=True)"
+                + (f": {detail.group(0).strip()}" if detail else f": {type(exc).__name__}")
+            ) from None
+        if not isinstance(storage, torch.storage.TypedStorage):
+            raise pickle.UnpicklingError(f"embedded tensor data is a {type(storage).__name__}, not a storage")
+        return storage
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+        """Checked `torch._utils._rebuild_tensor_v2`: a plain dense view of a storage, no hooks, whose
+        elements are distinct and inside the storage; checked before the view exists."""
+        if not isinstance(storage, torch.storage.TypedStorage):
+            raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
+        if not (type(storage_offset) is int and storage_offset >= 0 and _is_int_tuple(size)
+                and _is_int_tuple(stride) and len(size) == len(stride)):
+            raise pickle.UnpicklingError("tensor with an invalid offset, size or stride")
+        if (type(requires_grad) is not bool or type(backward_hooks) not in (dict, collections.OrderedDict)
+                or backward_hooks or metadata not in (None, {})):
+            raise pickle.UnpicklingError("tensor with gradient state, hooks or metadata")
+        if not _fits_without_overlap(storage_offset, size, stride, storage._size()):
+            raise pickle.UnpicklingError(
+                f"tensor view outside its storage or with overlapping elements (stride 0 or overlapping strides):"
+                f" offset {storage_offset}, size {size[:8]}, stride {stride[:8]}, storage {storage._size()}"
+            )
+        self._elements += math.prod(size)
+        if self._elements > MAX_ELEMENTS:
+            raise pickle.UnpicklingError(f"the file's tensors hold more than {MAX_ELEMENTS} elements in all")
+        return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
 
 
-def load_tracks(path: str | os.PathLike) -> TrackFile:
-    """Read and validate one track pickle (semtrack's or the research script's) -> `TrackFile`.
+def _torch_save_kind(data: bytes) -> str | None:
+    """'zip' or 'legacy' if `data` is a `torch.save` archive (default zip format, or the legacy format
+    that starts with torch's magic number pickle), else None."""
+    if data.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, ValueError, OSError):
+            return None
+        return "zip" if any(n.endswith("data.pkl") for n in names) else None
+    prefixes = (pickle.dumps(_TORCH_MAGIC, protocol=p) for p in range(2, pickle.HIGHEST_PROTOCOL + 1))
+    return "legacy" if any(data.startswith(prefix) for prefix in prefixes) else None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if not isinstance(exc, (pickle.UnpicklingError, ValueError)) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:300]
+
+
+def _unpickle(data: bytes):
+    """`_check_pickle` the whole of `data`, then unpickle it with `_RestrictedUnpickler`."""
+    stream = io.BytesIO(data)
+    _check_pickle(stream)
+    if stream.tell() != len(data):
+        raise pickle.UnpicklingError(f"{len(data) - stream.tell()} trailing bytes after the pickle")
+    return _RestrictedUnpickler(data).load()
+
+
+def loads_tracks(data: bytes, name: str) -> TrackFile:
+    """Read and validate one track pickle's bytes (semtrack's or the research script's) -> `TrackFile`.
 
     Research pickles (no `"semtrack"` key) load with `meta = {}`; a leading batch dim of 1 on
     `pred_tracks` / `pred_visibility` is squeezed as the training code does. Tracks come back as
-    float32. Raises `TrackFileError` (a ValueError) naming the file and the problem for a missing or
-    unreadable file, a truncated or non-pickle file, a pickle that references anything outside what a
-    dict of tensors needs (nothing in it is run), or a schema mismatch (keys, dtypes, shapes, lengths).
+    float32. Nothing in `data` is run, and reading it costs bounded time and memory (module docstring).
+    Raises `TrackFileError` (a ValueError) whose message starts with `name` (e.g. the file or tar member)
+    for every failure: empty, oversized, a `torch.save` archive, truncated or not a pickle, anything
+    outside what a dict of tensors needs, bounds exceeded, or a schema mismatch (keys, dtypes, shapes,
+    lengths, N = 0, non-finite values, non-finite or decreasing frame times).
     """
+    if not data:
+        raise TrackFileError(f"{name}: empty file (0 bytes)")
+    if len(data) > MAX_FILE_BYTES:
+        raise TrackFileError(f"{name}: {len(data)} bytes, more than a track file holds ({MAX_FILE_BYTES})")
+    try:
+        kind = _torch_save_kind(data)
+        if kind:
+            raise TrackFileError(
+                f"{name}: a torch.save archive ({kind} format), not a track pickle: track files are a plain"
+                " pickle of the dict of tensors (pickle.dump, or semtrack.trackfile.save_tracks)"
+            )
+        try:
+            obj = _unpickle(data)
+        except Exception as exc:  # truncated, garbage, forbidden, bounds, bad storage, out of memory, ...
+            raise TrackFileError(f"{name}: not a valid track pickle: {_reason(exc)}") from None
+        return _validate(obj)
+    except TrackFileError:
+        raise
+    except Exception as exc:
+        raise TrackFileError(f"{name}: {_reason(exc)}") from None
+
+
+def _read_at_most(f, limit: int, first: int) -> bytes:
+    """Up to `limit` bytes of binary file `f`: `first` bytes, then 1 MiB pieces (no buffer beyond that)."""
+    chunks, total, piece = [], 0, first
+    while total < limit:
+        chunk = f.read(min(piece, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        piece = 2**20
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def load_tracks(path: str | os.PathLike) -> TrackFile:
+    """`loads_tracks` of the file at `path`; its errors name `path`. A missing or unreadable file, or one
+    larger than `MAX_FILE_BYTES`, is a `TrackFileError` too, the latter refused before it is read (for
+    pipes and devices, which report no size, after `MAX_FILE_BYTES` + 1 bytes)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise TrackFileError(f"{path}: {size} bytes, more than a track file holds ({MAX_FILE_BYTES})")
+            data = _read_at_most(f, MAX_FILE_BYTES + 1, first=max(size + 1, 2**20))
+    except TrackFileError:
+        raise
     except OSError as exc:
         raise TrackFileError(f"{path}: cannot read track file ({exc.strerror or exc})") from None
-    if not data:
-        raise TrackFileError(f"{path}: empty file (0 bytes)")
-    try:
-        _check_opcodes(data)
-        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
-    except Exception as exc:  # any unpickling failure: truncated, garbage, forbidden, bad storage
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrackFileError(f"{path}: not a valid track pickle: {reason[:300]}") from None
-    try:
-        return _validate(obj)
-    except ValueError as exc:
-        raise TrackFileError(f"{path}: {exc}") from None
+    except Exception as exc:
+        raise TrackFileError(f"{path}: cannot read track file ({_reason(exc)})") from None
+    return loads_tracks(data, str(path))

@@ -8,7 +8,7 @@ import torch
 
 import semtrack
 from semtrack import trackfile
-from semtrack.trackfile import TrackFile, TrackFileError, load_tracks, save_tracks
+from semtrack.trackfile import TrackFile, TrackFileError, dumps_tracks, load_tracks, loads_tracks, save_tracks
 
 T, N = 6, 5
 
@@ -123,6 +123,67 @@ def test_atomic_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
     assert sorted(written) == ["cat.pkl", f"cat.pkl.tmp-{os.getpid()}"]
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["cat.pkl"]
+
+
+def test_dumps_is_the_file_and_loads_names_its_source(tmp_path):
+    """The in-memory forms: the bytes `save_tracks` writes, and a loader whose errors name any source."""
+    data = {**_tracks(), "semtrack": _meta()}
+    save_tracks(tmp_path / "cat.pkl", data)
+    blob = dumps_tracks(data)
+    assert blob == (tmp_path / "cat.pkl").read_bytes()
+    tf = loads_tracks(blob, "shard-0001.tar:cat.pkl")
+    assert torch.equal(tf.tracks, data["pred_tracks"].float()) and tf.meta["video_id"] == "cat"
+    with pytest.raises(TrackFileError, match=r"^shard-0001\.tar:cat\.pkl: not a valid track pickle"):
+        loads_tracks(blob[:-10], "shard-0001.tar:cat.pkl")
+    with pytest.raises(ValueError, match="pred_visibility"):
+        dumps_tracks({**_tracks(), "pred_visibility": torch.ones(T, N)})
+
+
+def test_as_dict_gives_back_the_research_dict(tmp_path):
+    data = {**_tracks(), "semtrack": _meta()}
+    save_tracks(tmp_path / "cat.pkl", data)
+    as_dict = load_tracks(tmp_path / "cat.pkl").as_dict()
+    assert list(as_dict) == ["pred_tracks", "pred_visibility", "obj_ids", "point_queries", "semtrack"]
+    assert as_dict["pred_tracks"].dtype == torch.float16 and torch.equal(as_dict["pred_tracks"], data["pred_tracks"])
+    assert all(torch.equal(as_dict[k], data[k]) for k in ("pred_visibility", "obj_ids", "point_queries"))
+    assert dumps_tracks(as_dict) == (tmp_path / "cat.pkl").read_bytes()  # the same file again
+    research = {**_tracks(), "obj_ids_kmeans_4": torch.zeros(N, dtype=torch.int64)}
+    research["pred_tracks"] = research["pred_tracks"].float()[None]  # (1, T, N, 2) float32
+    with open(tmp_path / "research.pkl", "wb") as f:
+        pickle.dump(research, f)
+    as_dict = load_tracks(tmp_path / "research.pkl").as_dict()
+    assert set(as_dict) == {"pred_tracks", "pred_visibility", "obj_ids", "point_queries", "obj_ids_kmeans_4"}
+    assert as_dict["pred_tracks"].dtype == torch.float32 and as_dict["pred_tracks"].shape == (T, N, 2)
+
+
+def test_confidence_is_an_optional_float_t_by_n(tmp_path):
+    confidence = torch.rand(T, N, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    save_tracks(tmp_path / "c.pkl", {**_tracks(), "semtrack": {**_meta(), "confidence": confidence}})
+    assert torch.equal(load_tracks(tmp_path / "c.pkl").meta["confidence"], confidence)
+    for bad in (torch.rand(N, T), torch.ones(T, N, dtype=torch.bool), [0.5] * N):
+        with pytest.raises(ValueError, match="confidence' must be a float"):
+            save_tracks(tmp_path / "bad.pkl", {**_tracks(), "semtrack": {"confidence": bad}})
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    """No points, bad frame times, and metadata beyond the bounds are refused before writing."""
+    deep = []
+    for _ in range(trackfile.MAX_DEPTH + 1):
+        deep = [deep]
+    cyclic = []
+    cyclic.append(cyclic)
+    cases = [
+        ({"pred_tracks": torch.zeros(T, 0, 2), "pred_visibility": torch.zeros(T, 0, dtype=torch.bool),
+          "obj_ids": torch.zeros(0, dtype=torch.int64), "point_queries": torch.zeros(0, dtype=torch.int64)}, "N = 0"),
+        ({"semtrack": {"frame_times": torch.tensor([0.0, 0.1, float("nan"), 0.3, 0.4, 0.5])}}, "NaN"),
+        ({"semtrack": {"frame_times": torch.tensor([0.0, 0.2, 0.1, 0.3, 0.4, 0.5])}}, "non-decreasing"),
+        ({"semtrack": {"deep": deep}}, "nested more than"),
+        ({"semtrack": {"cycle": cyclic}}, "nested more than"),  # a cycle never ends: too deep
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            save_tracks(tmp_path / "x.pkl", {**_tracks(), **change})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_research_pickle_with_batch_dim(tmp_path):
