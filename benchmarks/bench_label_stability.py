@@ -14,7 +14,8 @@ pipeline's per-video seed):
   sorted best scores, and best-vs-second-best destinations of merged tokens, within 1e-6, plus the
   sorted-score gaps below 1e-4); how much the perturbation moves the first iteration's scores.
 * proposals (prototyped here, not in semtrack.clustering): other orders for the unmerged tokens of
-  each merge iteration, with their own stability and whether they reproduce the fixture labels
+  each merge iteration, with their own stability, how far their labels are from the reference's
+  (`proposal_vs_reference`) and whether they reproduce the fixture labels
   (`spec/fixtures/bipartite.npz`). The harness runs the reference order too and must reproduce them.
 * `--device D`: D's fp32 tokens vs the CPU's, D's bf16-autocast tokens vs its fp32 ones (both
   clustered on the CPU), and bipartite clustering of the CPU tokens on D vs on the CPU. `--device
@@ -316,6 +317,7 @@ def run_clip(ext, video_id: str, frames: torch.Tensor, fraction: float, seed: in
         "video_id": video_id, "frames": int(frames.shape[0]), "size_hw": [int(frames.shape[2]), int(frames.shape[3])],
         "token_change": {"max_abs": max_abs(shifted, tokens), "mean_abs": float((shifted - tokens).abs().mean())},
         "perturbation": compare_all(labels, cluster(shifted, video_id)),
+        "proposal_vs_reference": {n: compare(labels["bipartite"], labels[f"bipartite_{n}"]) for n in PROPOSALS},
         "temporal": temporal_diagnostics(tokens),
         "merge": merge_diagnostics(tokens, shifted),
     }
@@ -397,7 +399,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for video_id, frames in clips:
         rows.append(run_clip(ext, video_id, frames, args.fraction, args.seed, args.device))
-    summary = {"perturbation": overall(rows, lambda r: r["perturbation"])}
+    summary = {
+        "perturbation": overall(rows, lambda r: r["perturbation"]),
+        "proposal_vs_reference": overall(rows, lambda r: r["proposal_vs_reference"]),
+    }
     if args.device is not None and rows and "skipped" not in rows[0]["devices"]:
         for check in ("cpu_vs_device_fp32", "fp32_vs_bf16"):
             summary[check] = overall(rows, lambda r, c=check: r["devices"][c])
