@@ -48,6 +48,9 @@ from bench_extract import environment  # noqa: E402
 from _shared import shared_path  # noqa: E402
 from datamodules.video import VideoCSVDataset  # noqa: E402
 from semtrack.clustering import (  # noqa: E402
+    MERGE_RATIO,
+    N_CLUSTERS,
+    NUM_ITERS,
     TEMPORAL_THRESHOLD,
     _normalise,
     assign_labels,
@@ -57,13 +60,11 @@ from semtrack.clustering import (  # noqa: E402
     merge_schedule,
     merge_step,
     temporal_merge,
-    video_seed,
 )
+from semtrack.config import FPS  # noqa: E402
 from semtrack.features import DinoV2Extractor, resize_pil  # noqa: E402
+from semtrack.util import stable_seed  # noqa: E402
 
-FPS = 10.0
-N_CLUSTERS = 32  # k-means k (the CLI default)
-MERGE_RATIO, NUM_ITERS = 25, 11  # bipartite defaults
 TEMPORAL_BAND = 1e-3  # a temporal decision this close to the threshold counts as marginal
 NEAR_TIE = 1e-6  # a merge-score gap this small counts as a near-tie
 SMALL_GAP = 1e-4  # sorted-score gaps below this: the scale a +-1 grey level moves the scores by
@@ -90,10 +91,10 @@ def decode_clips(videos: list[Path], frames: int, limit: int | None) -> tuple[li
             if limit is not None and len(clips) >= limit:
                 break
             item = dataset[i]
-            if item["video"] is None:
-                failed.append((item["video_id"], item["error"]))
+            if item.frames is None:
+                failed.append((item.video_id, item.error))
             else:
-                clips.append((item["video_id"], item["video"][item["cluster_frames"]].contiguous()))
+                clips.append((item.video_id, item.frames[item.cluster_frames].contiguous()))
     return clips, failed
 
 
@@ -276,7 +277,7 @@ def cluster(tokens: torch.Tensor, video_id: str) -> dict[str, torch.Tensor]:
     """Labels (T, P, Q) by method: bipartite (library), kmeans (library), and each proposal."""
     labels = {
         "bipartite": bipartite_clusters(tokens, MERGE_RATIO, NUM_ITERS),
-        "kmeans": kmeans_clusters(tokens, N_CLUSTERS, video_seed(video_id), init="random"),
+        "kmeans": kmeans_clusters(tokens, N_CLUSTERS, stable_seed(video_id), init="random"),
     }
     for name in PROPOSALS:
         labels[f"bipartite_{name}"] = bipartite_with(tokens, ORDER_RULES[name])

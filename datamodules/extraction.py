@@ -57,8 +57,8 @@ class ExtractionDataModule(L.LightningDataModule):
         cfg = self.config
         kwargs = {"native_fps_datasets": cfg.native_fps_datasets} if cfg.native_fps_datasets is not None else {}
         return VideoCSVDataset(
-            cfg.csv_path, fps=cfg.fps, num_frames_clustering=cfg.num_frames_clustering,
-            fps_rule=cfg.fps_rule, max_frames=cfg.max_frames, **kwargs,
+            cfg.csv_path, fps=cfg.fps, num_frames_clustering=cfg.num_frames_clustering, fps_rule=cfg.fps_rule,
+            max_frames=cfg.max_frames, decoder=cfg.decoder, video_id_rule=cfg.video_id_rule, **kwargs,
         )
 
     def pending_rows(self, dataset: VideoCSVDataset) -> tuple[list[int], int]:

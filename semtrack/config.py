@@ -37,7 +37,7 @@ def _option(default, group: str, help: str, shown: str | None = None):
 # Options that never change what a pickle contains (where/how the job runs, what else it writes).
 # The memory budget only decides whether a video is tracked (and with which others), never how.
 RUN_ONLY_OPTIONS = frozenset(
-    {"csv_path", "base_feat_path", "batch_size", "num_workers", "make_vis", "debug_mode", "rerun",
+    {"csv_path", "base_feat_path", "batch_size", "num_workers", "make_vis", "vis_max_width", "debug_mode", "rerun",
      "max_tracking_memory_gb"}
 )
 
@@ -59,6 +59,10 @@ class ExtractConfig:
     max_frames: Optional[int] = _option(
         None, "frames", f"at most this many frames (>= {MIN_FRAMES}), spread evenly over the whole clip")
     num_frames_clustering: int = _option(NUM_FRAMES_CLUSTERING, "frames", "frames used for DINOv2 and clustering")
+    decoder: Literal["auto", "decord", "pyav"] = _option(
+        "auto", "frames", "auto: decord, PyAV if decord fails; decord or pyav: that one only")
+    video_id_rule: Literal["stem", "research"] = _option(
+        "stem", "frames", "video id without a video_id column: file stem, or cut at the first '.' (research)")
     dinov2_model: str = _option("vitb14", "features", "DINOv2 backbone: vits14, vitb14, vitl14, vitg14, *_reg")
     dinov2_checkpoint: Optional[str] = _option(
         None, "features", "DINOv2 weights file", shown="as --weights says")
@@ -93,6 +97,7 @@ class ExtractConfig:
     batch_size: int = _option(1, "job", "videos per step")
     num_workers: int = _option(4, "job", "decoding processes")
     make_vis: bool = _option(False, "job", "also write a trail GIF per video")
+    vis_max_width: Optional[int] = _option(None, "job", "GIFs and overlays at most this wide (px)", shown="full size")
     debug_mode: bool = _option(False, "job", "first row only, with timings and cluster overlays")
     rerun: bool = _option(False, "job", "redo videos whose outputs exist")
 
@@ -111,6 +116,8 @@ class ExtractConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         clustering.merge_schedule(16 * 16, self.merge_ratio, self.num_iters)  # ValueError naming the option
+        if self.vis_max_width is not None and (isinstance(self.vis_max_width, bool) or self.vis_max_width < 1):
+            raise ValueError(f"vis_max_width must be a positive number of pixels or None, got {self.vis_max_width!r}")
         if self.num_workers < 0 or self.min_point_distance < 0:
             raise ValueError("num_workers and min_point_distance must be >= 0")
         if self.max_frames is not None and (isinstance(self.max_frames, bool) or self.max_frames < MIN_FRAMES):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numbers
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from semtrack.util import atomic_write
 
 TRAIL_SEGMENTS = 4  # segments shown behind each point (research: alpha is 0 from 5 frames back)
 
@@ -174,18 +175,6 @@ def to_palette(image: Image.Image, palette: list[tuple[int, int, int]]) -> Image
 # ----------------------------------------------------------------------------- files
 
 
-def _save_atomic(path: Path, save) -> None:
-    """Write through `save(tmp_path)` to a temporary name in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_trail_gif(
     path: str | os.PathLike,
     frames: np.ndarray,
@@ -210,12 +199,9 @@ def save_trail_gif(
     palette = shared_palette(images)
     indexed = [to_palette(im, palette) for im in images]
     durations = frame_durations_ms(frame_times)
-    _save_atomic(
-        Path(path),
-        lambda tmp: indexed[0].save(  # optimize=False: PIL's transparent "unchanged" pixels speckle video
-            tmp, format="GIF", save_all=True, append_images=indexed[1:], duration=durations, loop=0, optimize=False
-        ),
-    )
+    with atomic_write(path) as tmp:  # optimize=False: PIL's transparent "unchanged" pixels speckle video
+        indexed[0].save(tmp, format="GIF", save_all=True, append_images=indexed[1:], duration=durations, loop=0,
+                        optimize=False)
 
 
 def save_cluster_overlay(
@@ -245,4 +231,5 @@ def save_cluster_overlay(
     canvas = Image.new("RGB", (2 * w, h))
     canvas.paste(original, (0, 0))
     canvas.paste(blended, (w, 0))
-    _save_atomic(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
+    with atomic_write(path) as tmp:
+        canvas.save(tmp, format="PNG")

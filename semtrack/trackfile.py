@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from semtrack.util import atomic_write
+
 REQUIRED_KEYS = ("pred_tracks", "pred_visibility", "obj_ids", "point_queries")
 META_KEY = "semtrack"
 # Keys research pickles may also hold (REFERENCE 11 and 13.2); kept in `TrackFile.extra`.
@@ -370,37 +372,17 @@ def dumps_tracks(tracks: dict) -> bytes:
 def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
     """Write `dumps_tracks(tracks)` atomically to `path`.
 
-    Writes `<path>.tmp-<pid>` in the same folder (created if needed), flushes and fsyncs it, then
-    `os.replace`s it onto `path`: a crash leaves either the old file, the complete new one, or no
-    file, never a partial one. The temporary file is removed on any error. Raises ValueError (naming
-    `path`) for a dict that does not match the schema, before anything is written.
+    Through `semtrack.util.atomic_write`: a crash leaves either the old file, the complete new one,
+    or no file, never a partial one. Raises ValueError (naming `path`) for a dict that does not match
+    the schema, before anything is written.
     """
     path = Path(path)
     try:
         data = dumps_tracks(tracks)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------

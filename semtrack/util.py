@@ -23,9 +23,18 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
 
 
-def _fsync(path: Path, flags: int) -> None:
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(path, flags)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable where the filesystem allows it (some refuse a folder fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -48,11 +57,11 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temporary_path(path)
     try:
         yield tmp
-        _fsync(tmp, os.O_RDONLY)
+        _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -120,7 +120,7 @@ class TrackWriter(BasePredictionWriter):
             return
         frames = clip.frames.permute(0, 2, 3, 1).numpy()  # (T, H, W, 3) uint8
         save_trail_gif(self.layout.gif(clip.dataset, clip.video_id), frames, tr.tracks.float().numpy(),
-                       tr.visibility.numpy(), tr.obj_ids.numpy(), clip.frame_times.numpy())
+                       tr.visibility.numpy(), tr.obj_ids.numpy(), clip.frame_times.numpy(), cfg.vis_max_width)
         if cfg.debug_mode and result.clusters is not None:
             self._write_overlays(result, frames)
 
@@ -133,7 +133,7 @@ class TrackWriter(BasePredictionWriter):
             points = tr.tracks[tr.query_frames[idx], idx]  # (M, 2) the query pixels (x, y)
             save_cluster_overlay(self.layout.debug_png(clip.dataset, clip.video_id, cluster_frames[k]),
                                  frames[cluster_frames[k]], view.labels[k].numpy(), points.numpy(),
-                                 tr.obj_ids[idx].numpy())
+                                 tr.obj_ids[idx].numpy(), self.config.vis_max_width)
 
     # ------------------------------------------------------------------ end of run
     def on_predict_end(self, trainer, pl_module) -> None:

@@ -1,21 +1,18 @@
-"""Unit tests of the extraction job's pieces: config naming and layout, flag translation, GIF
-drawing, config sidecar, skip/redo decisions, report merging, the tracking memory guard in a job and
-the writer's place among callbacks. Models run only in two small grid-mode jobs (stand-in weights);
-the rest of the end-to-end runs live in test_extract_e2e."""
+"""Unit tests of the extraction job's pieces: config naming and layout, flag translation, config
+sidecar, skip/redo decisions, report merging, the tracking memory guard in a job and the writer's place
+among callbacks. Models run only in two small grid-mode jobs (stand-in weights); the rest of the
+end-to-end runs live in test_extract_e2e."""
 from __future__ import annotations
 
 import csv as csv_module
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from datamodules.extraction import ExtractionDataModule
 from semtrack.cli import main, translate
 from semtrack.config import ExtractConfig
-from semtrack.gif import entity_colours, frame_durations_ms, jet, render_trails, save_cluster_overlay, save_trail_gif
 from semtrack.report import failures_csv, merge_parts
 from semtrack.sidecar import check_sidecar
 from semtrack.tracker import estimate_tracking_bytes
@@ -79,49 +76,6 @@ def test_translate_keeps_lightning_form_and_is_idempotent():
     assert translate(argv) == argv
     flat = ["--use_grid", "--csv_path", "x.csv"]
     assert translate(translate(flat)) == translate(flat)
-
-
-# ------------------------------------------------------------------------------ GIF
-def test_jet_colour_map_and_zero_ids():
-    assert jet(np.array([0.0, 0.5, 1.0])).tolist() == [[0, 0, 128], [128, 255, 128], [128, 0, 0]]
-    colours = entity_colours(np.zeros(5, dtype=np.int64))  # research: 0/0 -> NaN colour
-    assert colours == [(0, 0, 128)] * 5
-    assert entity_colours(np.array([0, 2]))[1] == (128, 0, 0)
-
-
-def test_gif_durations_follow_timestamps():
-    assert frame_durations_ms(np.array([0.0, 0.04, 0.08, 0.12])) == [40, 40, 40, 40]
-    assert frame_durations_ms(np.array([0.0, 0.1, 0.3])) == [100, 200, 150]
-
-
-def test_trails_show_only_the_last_four_segments(tmp_path):
-    t_len, n = 8, 1
-    frames = np.zeros((t_len, 40, 120, 3), dtype=np.uint8)
-    xs = 5.0 + 14.0 * np.arange(t_len)  # one point moving right along row 20
-    tracks = np.stack([xs, np.full(t_len, 20.0)], axis=-1)[:, None, :]  # (T, 1, 2)
-    visibility = np.ones((t_len, n), dtype=bool)
-    images = render_trails(frames, tracks, visibility, np.zeros(n, dtype=np.int64))
-    last = np.asarray(images[-1]).sum(axis=-1)[20]  # row 20 of frame 7
-    assert last[int(xs[0] + xs[1]) // 2] == 0  # segment 0->1 is 7 frames old: not drawn
-    assert last[int(xs[2] + xs[3]) // 2] == 0  # 5 frames old: not drawn
-    assert last[int(xs[6] + xs[5]) // 2] > 0  # the newest segment is drawn
-    assert last[int(xs[3] + xs[4]) // 2] > 0  # 4 frames old: still drawn, faded
-    assert last[int(xs[3] + xs[4]) // 2] < last[int(xs[6] + xs[5]) // 2]
-
-    path = tmp_path / "g.gif"
-    save_trail_gif(path, frames, tracks, visibility, np.zeros(n, dtype=np.int64), np.arange(t_len) / 25.0)
-    with Image.open(path) as gif:
-        assert gif.n_frames == t_len and gif.info["duration"] == 40 and gif.info["loop"] == 0
-
-
-def test_cluster_overlay_png(tmp_path):
-    frame = np.full((32, 48, 3), 200, dtype=np.uint8)
-    labels = np.arange(4).reshape(2, 2)
-    save_cluster_overlay(tmp_path / "o.png", frame, labels, np.array([[10.0, 10.0]]), np.array([3]))
-    image = np.asarray(Image.open(tmp_path / "o.png"))
-    assert image.shape == (32, 96, 3)
-    assert (image[:, :48] == 200).all()  # the frame as is, beside the blended label map
-    assert not (image[:, 48:] == 200).all()
 
 
 # ------------------------------------------------------------------------------ sidecar

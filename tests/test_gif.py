@@ -55,7 +55,7 @@ def bear(tmp_path_factory, videos_dir):
     table = tmp_path_factory.mktemp("bear") / "bear.csv"
     table.write_text(f"video_path,dataset\n{videos_dir / 'bear.mp4'},davis\n")
     item = VideoCSVDataset(table, fps=10)[0]
-    return item["video"][:8].permute(0, 2, 3, 1).numpy(), item["frame_times"][:8].numpy()
+    return item.frames[:8].permute(0, 2, 3, 1).numpy(), item.frame_times[:8].numpy()
 
 
 def random_tracks(t_len: int, width: int, height: int, n: int = 256, seed: int = 0):

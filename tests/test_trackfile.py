@@ -117,7 +117,7 @@ def test_atomic_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
         written.extend(p.name for p in tmp_path.iterdir())
         raise OSError("disk full")
 
-    monkeypatch.setattr(trackfile.os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         save_tracks(path, {**_tracks(), "semtrack": _meta()})
     assert sorted(written) == ["cat.pkl", f"cat.pkl.tmp-{os.getpid()}"]
