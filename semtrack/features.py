@@ -53,6 +53,7 @@ from semtrack.weights import (
     OFFICIAL,
     HubFile,
     ModelWeights,
+    first_line,
     is_random,
     load_strict,
     locate,
@@ -230,14 +231,17 @@ def to_timm_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module
     sd = {k: v.to(torch.float32) for k, v in state.items()}
     if spec.pos_offset is None:
         from timm.models.eva import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
 
+        if "pos_embed" not in sd:
+            raise weights.error(f"{source} is not a {weights.label} checkpoint (no 'pos_embed' key)")
+    try:
+        if spec.pos_offset is not None:
+            sd["pos_embed"] = official_pos_embed(sd["pos_embed"], GRID, spec.pos_offset)
         return checkpoint_filter_fn(sd, model)
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    if "pos_embed" not in sd:
-        raise weights.error(f"{source} is not a {weights.label} checkpoint (no 'pos_embed' key)")
-    sd["pos_embed"] = official_pos_embed(sd["pos_embed"], GRID, spec.pos_offset)
-    return checkpoint_filter_fn(sd, model)
+    except (ValueError, KeyError, IndexError, RuntimeError) as err:  # tables or keys of another layout
+        raise weights.error(f"{source} is not a {weights.label} checkpoint ({first_line(err)})") from err
 
 
 def _timm_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
