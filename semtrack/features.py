@@ -1,94 +1,140 @@
-"""DINOv2 patch features through timm, numerically equal to the official hub model.
+"""DINOv2 (and opt-in DINOv3) patch features through timm; DINOv2 numerically equal to the official hub model.
 
-`DinoV2Extractor` maps uint8 frames (T, 3, H, W) to the final LayerNorm-ed patch tokens
-(T, 16, 16, D) of a 224x224 input (aspect ratio ignored, ImageNet mean/std), i.e. the official
+`DinoV2Extractor` maps uint8 frames (T, 3, H, W) to the final LayerNorm-ed patch tokens (T, 16, 16, D)
+of a square input 16 patches wide (aspect ratio ignored, ImageNet mean/std): 224 px for DINOv2
+(patch 14), 256 px for DINOv3 (patch 16). For DINOv2 these are the official
 `forward_features(x)["x_norm_patchtokens"]` reshaped row-major (row = y).
 
-Weights (`checkpoint=`), all through ONE loading path (`load_weights`):
-* `None`: timm's copy of the official weights on the Hugging Face hub (downloaded and cached by
-  `huggingface_hub`); offline with nothing cached raises a RuntimeError that says what to do.
-* a path: an official DINOv2 checkpoint (`dinov2_vitb14_pretrain.pth`, keys with `mask_token`) or
-  a timm checkpoint (`model.safetensors` / `.pth`), or a state dict of either format in memory.
-* `"random"`: meaningless stand-in weights for tests. ViT-S/B/L without registers use the
-  deterministic numpy recipe of `shared/dinov2/RECIPE.md` in the official format (byte-identical
-  to `shared/dinov2/weights.py` for S and B), loaded through the same path. The register variants
-  and ViT-g have no recipe layout: they keep timm's own initialisation under `torch.manual_seed(seed)`.
+Models (`MODELS`): DINOv2 "vits14", "vitb14" (default, the research setting), "vitl14", "vitg14" and
+their "..._reg" variants (4 registers), Apache-2.0; DINOv3 "dinov3_vits16", "dinov3_vitb16",
+"dinov3_vitl16" (RoPE, 4 registers, no position table; DINOv3 License), opt-in.
 
-Position embeddings: the checkpoints hold a 37x37 table (518 px). The official runtime resamples it
-for every 224 px call with its own rule (no-register models: bicubic, `scale_factor=(16 + 0.1) / 37`,
-no antialias; register models: bicubic to `size=(16, 16)` with antialias). timm's load-time
-resampling differs for the no-register models (up to 0.44 in the tokens), so `load_weights` applies
-the official rule to the table before handing the state dict to timm's checkpoint filter, which then
+Weights (`checkpoint=`), resolved by the rule of `semtrack.weights`:
+* None or "official": timm's copy of the official weights on the Hugging Face hub
+  (`timm/<name>` model.safetensors, at the revision `ModelSpec.revision` pins where one is known).
+* a path or URL: an official DINOv2 checkpoint (`dinov2_vitb14_pretrain.pth`, keys with
+  `mask_token`), an official DINOv3 checkpoint (keys with `storage_tokens`) or a timm checkpoint
+  (`model.safetensors` / `.pth`); or a state dict of any of these formats in memory.
+* "random": meaningless stand-in weights for tests. DINOv2 ViT-S/B/L without registers use the
+  deterministic numpy recipe of `shared/dinov2/RECIPE.md` in the official format (byte-identical to
+  `shared/dinov2/weights.py` for S and B), loaded through the same path. The register variants,
+  ViT-g and DINOv3 have no recipe layout: they keep timm's own initialisation under
+  `torch.manual_seed(seed)`.
+
+DINOv2 position embeddings: the checkpoints hold a 37x37 table (518 px). The official runtime
+resamples it for every 224 px call with its own rule (no-register models: bicubic,
+`scale_factor=(16 + 0.1) / 37`, no antialias; register models: bicubic to `size=(16, 16)` with
+antialias). timm's load-time resampling differs for the no-register models (up to 0.44 in the
+tokens), so the official rule is applied to the table before timm's checkpoint filter, which then
 leaves it alone.
 
-Preprocessing (`preprocess=`):
-* `"pil"`: the research path, frame by frame on the CPU: PIL bilinear resize to 224x224 (antialiased,
-  uint8 result), /255, ImageNet normalisation. Bit-identical to the research inputs.
-* `"tensor"` (default): batched uint8 antialiased bilinear resize on the frames' device, then the
-  same normalisation. On the CPU it is `F.interpolate` on uint8 (PyTorch's fixed-point kernel: off
-  by one grey level in 0.07-0.17 % of values vs PIL on the shared clips, tokens within mean abs
-  1e-3 and cosine 0.99997 of the PIL path's). Other devices have no uint8 kernel, so there
-  `fixed_point_resize` computes PIL's fixed-point tent filter as exact float64 matrix products;
-  it equals PIL on every shared clip size (it is too slow to replace the CPU kernel).
+Preprocessing (`preprocess=`), a bilinear antialiased resize to the input size, then /255 and
+ImageNet normalisation:
+* "pil" (default): PIL-identical pixels on every device, i.e. the research inputs bit for bit. On
+  the CPU each frame goes through PIL (`resize_pil`); on other devices `fixed_point_resize` computes
+  Pillow's fixed-point filter exactly, batched on the frames' device.
+* "tensor": PyTorch's own antialiased kernel on the frames' device (`resize_tensor`): the uint8
+  kernel on the CPU (one grey level off PIL in ~0.1 % of values), the float kernel rounded to uint8
+  elsewhere. Fastest, but the pixels depend on the device.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-INPUT_SIZE = 224
-PATCH = 14
-GRID = INPUT_SIZE // PATCH  # 16
-SOURCE_GRID = 37  # checkpoints hold the 518 px (37x37) position table
+from semtrack.weights import (
+    OFFICIAL,
+    HubFile,
+    ModelWeights,
+    first_line,
+    is_random,
+    load_strict,
+    locate,
+    read_state_dict,
+    stand_in_state_dict,
+    tensors_of,
+)
+
+GRID = 16  # patches per side of every model's input
+SOURCE_GRID = 37  # DINOv2 checkpoints hold the 518 px (37x37) position table
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PREPROCESS = ("tensor", "pil")
+PREPROCESS = ("pil", "tensor")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One selectable DINOv2 backbone.
+    """One selectable backbone.
 
-    `mlp_hidden` is None for ViT-g (SwiGLU, no recipe layout). `pos_offset` is the official
-    runtime rule: 0.1 -> bicubic with `scale_factor=(g + 0.1) / 37`, no antialias; 0.0 -> bicubic
-    to `size=(g, g)` with antialias (the register models).
+    `mlp_hidden` is None for ViT-g (SwiGLU, no recipe layout). `pos_offset` is DINOv2's official
+    runtime rule for the position table: 0.1 -> bicubic with `scale_factor=(g + 0.1) / 37`, no
+    antialias; 0.0 -> bicubic to `size=(g, g)` with antialias (the register models); None: a RoPE
+    model without a position table (DINOv3). `revision`: the pinned commit of the timm hub repo
+    (None: its default branch).
     """
 
     timm_name: str
+    patch: int
     embed_dim: int
     depth: int
     mlp_hidden: int | None
     registers: int
-    pos_offset: float
+    pos_offset: float | None
+    revision: str | None = None
+
+    @property
+    def family(self) -> str:
+        return "DINOv3" if self.pos_offset is None else "DINOv2"
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input in pixels (GRID patches)."""
+        return GRID * self.patch
 
     @property
     def has_recipe(self) -> bool:
-        return self.registers == 0 and self.mlp_hidden is not None
+        return self.pos_offset is not None and self.registers == 0 and self.mlp_hidden is not None
 
 
+# Pinned timm hub commits, from the repos' commit pages on huggingface.co: the newest commit of main
+# found, each holding model.safetensors as uploaded by "Add model". None where no full sha was found.
 MODELS: dict[str, ModelSpec] = {
-    "vits14": ModelSpec("vit_small_patch14_dinov2.lvd142m", 384, 12, 1536, 0, 0.1),
-    "vitb14": ModelSpec("vit_base_patch14_dinov2.lvd142m", 768, 12, 3072, 0, 0.1),
-    "vitl14": ModelSpec("vit_large_patch14_dinov2.lvd142m", 1024, 24, 4096, 0, 0.1),
-    "vitg14": ModelSpec("vit_giant_patch14_dinov2.lvd142m", 1536, 40, None, 0, 0.1),
-    "vits14_reg": ModelSpec("vit_small_patch14_reg4_dinov2.lvd142m", 384, 12, 1536, 4, 0.0),
-    "vitb14_reg": ModelSpec("vit_base_patch14_reg4_dinov2.lvd142m", 768, 12, 3072, 4, 0.0),
-    "vitl14_reg": ModelSpec("vit_large_patch14_reg4_dinov2.lvd142m", 1024, 24, 4096, 4, 0.0),
-    "vitg14_reg": ModelSpec("vit_giant_patch14_reg4_dinov2.lvd142m", 1536, 40, None, 4, 0.0),
+    "vits14": ModelSpec("vit_small_patch14_dinov2.lvd142m", 14, 384, 12, 1536, 0, 0.1,
+                        "cace07adb9220de26eb51226ecbef6d04d35defe"),
+    "vitb14": ModelSpec("vit_base_patch14_dinov2.lvd142m", 14, 768, 12, 3072, 0, 0.1,
+                        "1dc7cda4727a9f4baa37f3ef407928dd642d0149"),
+    "vitl14": ModelSpec("vit_large_patch14_dinov2.lvd142m", 14, 1024, 24, 4096, 0, 0.1,
+                        "8125e2a980163a1791d580087772445aec69d490"),
+    "vitg14": ModelSpec("vit_giant_patch14_dinov2.lvd142m", 14, 1536, 40, None, 0, 0.1),
+    "vits14_reg": ModelSpec("vit_small_patch14_reg4_dinov2.lvd142m", 14, 384, 12, 1536, 4, 0.0),
+    "vitb14_reg": ModelSpec("vit_base_patch14_reg4_dinov2.lvd142m", 14, 768, 12, 3072, 4, 0.0),
+    "vitl14_reg": ModelSpec("vit_large_patch14_reg4_dinov2.lvd142m", 14, 1024, 24, 4096, 4, 0.0,
+                            "757db394c14a33b44296267d6dac0982d6c63a61"),
+    "vitg14_reg": ModelSpec("vit_giant_patch14_reg4_dinov2.lvd142m", 14, 1536, 40, None, 4, 0.0),
+    "dinov3_vits16": ModelSpec("vit_small_patch16_dinov3.lvd1689m", 16, 384, 12, 1536, 4, None),
+    "dinov3_vitb16": ModelSpec("vit_base_patch16_dinov3.lvd1689m", 16, 768, 12, 3072, 4, None),
+    "dinov3_vitl16": ModelSpec("vit_large_patch16_dinov3.lvd1689m", 16, 1024, 24, 4096, 4, None),
 }
 
 
 def model_spec(model: str) -> ModelSpec:
     if model not in MODELS:
-        raise ValueError(f"unknown DINOv2 model {model!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown feature model {model!r}; choose one of {', '.join(MODELS)}")
     return MODELS[model]
+
+
+def model_weights(model: str) -> ModelWeights:
+    """How `model`'s weights are named in messages and where the official copy lives."""
+    spec = model_spec(model)
+    return ModelWeights(f"{spec.family} {model!r}", "--dinov2_checkpoint",
+                        HubFile("timm/" + spec.timm_name, "model.safetensors", spec.revision))
 
 
 # ----------------------------------------------------------------------------- position table
@@ -126,18 +172,18 @@ def official_pos_embed(pos_embed: torch.Tensor, grid: int = GRID, offset: float 
 
 
 def official_layout(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
-    """Keys and shapes of the official hub model's `state_dict()`, in order (no-register S/B/L).
+    """Keys and shapes of the official DINOv2 hub model's `state_dict()`, in order (no-register S/B/L).
 
     Equals `shared/dinov2/state_dict_manifest*.tsv` for ViT-B/14 and ViT-S/14.
     """
     if not spec.has_recipe:
-        raise ValueError(f"no official recipe layout for {spec.timm_name} (registers or SwiGLU)")
+        raise ValueError(f"no official recipe layout for {spec.timm_name} (registers, SwiGLU or RoPE)")
     d, h = spec.embed_dim, spec.mlp_hidden
     rows = [
         ("cls_token", (1, 1, d)),
         ("pos_embed", (1, 1 + SOURCE_GRID * SOURCE_GRID, d)),
         ("mask_token", (1, d)),
-        ("patch_embed.proj.weight", (d, 3, PATCH, PATCH)),
+        ("patch_embed.proj.weight", (d, 3, spec.patch, spec.patch)),
         ("patch_embed.proj.bias", (d,)),
     ]
     for i in range(spec.depth):
@@ -155,197 +201,197 @@ def official_layout(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     return rows + [("norm.weight", (d,)), ("norm.bias", (d,))]
 
 
+def _dinov2_special(key: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray | None:
+    """RECIPE.md's rules ahead of the shared plain rule: token tables 0.02 N(0, 1), LayerScale
+    gammas 0.1 + 0.05 N(0, 1)."""
+    if key in ("pos_embed", "cls_token", "mask_token"):
+        return 0.02 * rng.standard_normal(size=shape)
+    if key.endswith(("ls1.gamma", "ls2.gamma")):
+        return 0.1 + 0.05 * rng.standard_normal(size=shape)
+    return None
+
+
 def recipe_state_dict(model: str = "vitb14", seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic stand-in weights (RECIPE.md) in the official format: float32 numpy arrays.
+    """Deterministic DINOv2 stand-in weights (RECIPE.md) in the official format: float32 numpy arrays.
 
-    One `np.random.RandomState(seed)` walks the keys in state-dict order; each tensor takes
-    prod(shape) draws (float64, C order) and is cast to float32. First matching rule:
-    token tables 0.02*N(0,1); LayerScale gammas 0.1 + 0.05*N(0,1); ndim >= 2 weights
-    U(-1/sqrt(fan_in), +1/sqrt(fan_in)); 1-D `weight` (LayerNorm) 1 + 0.1*N(0,1); other 1-D 0.02*N(0,1).
+    `semtrack.weights.stand_in_state_dict` over `official_layout` with RECIPE.md's token-table and
+    LayerScale rules; every other key takes the shared plain rule.
     """
-    rng = np.random.RandomState(seed)
-    out = {}
-    for key, shape in official_layout(model_spec(model)):
-        if key in ("pos_embed", "cls_token", "mask_token"):
-            val = 0.02 * rng.standard_normal(size=shape)
-        elif key.endswith(("ls1.gamma", "ls2.gamma")):
-            val = 0.1 + 0.05 * rng.standard_normal(size=shape)
-        elif len(shape) >= 2:
-            bound = 1.0 / np.sqrt(int(np.prod(shape[1:])))
-            val = rng.uniform(-bound, bound, size=shape)
-        elif key.endswith(".weight"):
-            val = 1.0 + 0.1 * rng.standard_normal(size=shape)
-        else:
-            val = 0.02 * rng.standard_normal(size=shape)
-        out[key] = np.asarray(val, dtype=np.float64).astype(np.float32)
-    return out
+    return stand_in_state_dict(official_layout(model_spec(model)), seed, _dinov2_special)
 
 
-def _how_to_provide(model: str, spec: ModelSpec) -> str:
-    from huggingface_hub import constants
+def to_timm_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module, spec: ModelSpec,
+                       weights: ModelWeights, source: str) -> dict[str, torch.Tensor]:
+    """Official- or timm-format float tensors -> timm keys for `model` (float32; a copy, the filters pop keys).
 
-    repo = "timm/" + spec.timm_name
-    return (
-        f"Provide the DINOv2 '{model}' weights in one of these ways: (1) a local checkpoint, either the "
-        f"official dinov2 .pth or timm's model.safetensors from https://huggingface.co/{repo}, passed as "
-        f"`--dinov2_checkpoint PATH` (DinoV2Extractor(checkpoint=PATH)); (2) the hub files in the Hugging "
-        f"Face cache at {constants.HF_HUB_CACHE} (run once online, or `huggingface-cli download {repo}`; "
-        f"HF_HOME / HF_HUB_CACHE choose the folder); (3) checkpoint='random' for tests only "
-        f"(meaningless features)."
-    )
-
-
-def hub_checkpoint(model: str) -> Path:
-    """Path of timm's hub checkpoint for `model`, downloaded into (or found in) the HF cache."""
-    from huggingface_hub import hf_hub_download
-
-    spec = model_spec(model)
-    repo = "timm/" + spec.timm_name
-    try:
-        return Path(hf_hub_download(repo, "model.safetensors"))
-    except Exception as err:  # offline, not cached, no network, gated: all mean "no weights here"
-        raise RuntimeError(
-            f"could not get the DINOv2 weights {repo} from the Hugging Face hub "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            + _how_to_provide(model, spec)
-        ) from err
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a `.safetensors` file or a torch pickle (weights only, CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DINOv2 checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"DINOv2 checkpoint {path} holds a {type(state).__name__}, not a state dict")
-    return dict(state)
-
-
-def to_timm_state_dict(state: Mapping, model: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Official- or timm-format state dict -> timm keys for `model`, with the official position table.
-
-    Accepts numpy arrays or tensors; a dict wrapped under "model" / "state_dict" is unwrapped. The
-    37x37 table is resampled to 16x16 with `official_pos_embed` first, so timm's checkpoint filter
-    (key renames, register/CLS folding, `mask_token` removal) finds nothing left to resample.
+    DINOv2: the 37x37 table is resampled to 16x16 with `official_pos_embed` first, so timm's
+    checkpoint filter (key renames, register/CLS folding, `mask_token` removal) finds nothing left to
+    resample. DINOv3: timm's Eva filter (official `storage_tokens` layout -> timm keys; timm keys as is).
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    sd = {k: v.to(torch.float32) for k, v in state.items()}
+    if spec.pos_offset is None:
+        from timm.models.eva import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
 
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    sd = {k: torch.as_tensor(v).to(torch.float32) for k, v in state.items()}  # a copy: the filter pops keys
-    if "pos_embed" not in sd:
-        raise ValueError(f"not a DINOv2 state dict for {spec.timm_name}: no 'pos_embed' key")
-    sd["pos_embed"] = official_pos_embed(sd["pos_embed"], GRID, spec.pos_offset)
-    return checkpoint_filter_fn(sd, model)
-
-
-def load_weights(model: torch.nn.Module, state: Mapping, spec: ModelSpec) -> None:
-    """Strictly load `state` (either format) into a timm model built for 224 px (possibly on meta)."""
-    sd = to_timm_state_dict(state, model, spec)
+        if "pos_embed" not in sd:
+            raise weights.error(f"{source} is not a {weights.label} checkpoint (no 'pos_embed' key)")
     try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as err:
-        raise ValueError(f"the checkpoint does not fit {spec.timm_name}: {err}") from err
+        if spec.pos_offset is not None:
+            sd["pos_embed"] = official_pos_embed(sd["pos_embed"], GRID, spec.pos_offset)
+        return checkpoint_filter_fn(sd, model)
+    except (ValueError, KeyError, IndexError, RuntimeError) as err:  # tables or keys of another layout
+        raise weights.error(f"{source} is not a {weights.label} checkpoint ({first_line(err)})") from err
+
+
+def _timm_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    """timm's architecture for `spec` at its input size, initialised by timm under `torch.manual_seed(seed)`
+    (the global RNG is left as it was)."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(spec.timm_name, pretrained=False, img_size=spec.input_size, num_classes=0)
+
+
+def _empty_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    """A model to load every tensor into: on the meta device for DINOv2 (no initialisation cost);
+    initialised for DINOv3, whose RoPE periods are a buffer computed at construction, not stored."""
+    if spec.pos_offset is None:
+        return _timm_model(spec, seed)
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(spec.timm_name, pretrained=False, img_size=spec.input_size, num_classes=0)
 
 
 def build_backbone(model: str = "vitb14", checkpoint=None, seed: int = 0) -> tuple[torch.nn.Module, str]:
-    """A timm DINOv2 backbone for 224 px inputs with weights loaded, and a one-line weights id.
+    """A timm backbone for `model`'s input size with weights loaded, and a one-line weights id.
 
-    checkpoint: None (hub) | "random" | path | state dict (official or timm format).
+    checkpoint: None / "official" (hub) | "random" | path | URL | state dict (see the module doc).
+    The weights id: "hub:timm/<name>@<commit>", "file:PATH", "url:URL", "state_dict",
+    "random:recipe-seed<seed>" or "random:timm-init-seed<seed>". Failures raise WeightsError.
     """
-    import timm
-
-    spec = model_spec(model)
-    kwargs = dict(pretrained=False, img_size=INPUT_SIZE, num_classes=0)
-    if isinstance(checkpoint, str) and checkpoint == "random" and not spec.has_recipe:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = timm.create_model(spec.timm_name, **kwargs)
-        return net, f"random:timm-init-seed{seed}"
-    if checkpoint is None:
-        path = hub_checkpoint(model)  # .../snapshots/<revision>/model.safetensors
-        state, source = read_checkpoint(path), f"hub:timm/{spec.timm_name}@{path.parent.name}"
+    spec, weights = model_spec(model), model_weights(model)
+    if is_random(checkpoint) and not spec.has_recipe:
+        return _timm_model(spec, seed), f"random:timm-init-seed{seed}"
+    if is_random(checkpoint):
+        state, source = tensors_of(recipe_state_dict(model, seed), "the recipe", weights), f"random:recipe-seed{seed}"
     elif isinstance(checkpoint, Mapping):  # copied: the model must not alias the caller's tensors
-        state, source = {k: torch.as_tensor(v).clone() for k, v in checkpoint.items()}, "state_dict"
-    elif isinstance(checkpoint, str) and checkpoint == "random":
-        state, source = recipe_state_dict(model, seed), f"random:recipe-seed{seed}"
-    elif isinstance(checkpoint, (str, os.PathLike)):
-        state, source = read_checkpoint(checkpoint), f"file:{os.fspath(checkpoint)}"
+        state = {k: v.clone() for k, v in tensors_of(checkpoint, "the state dict", weights).items()}
+        source = "state_dict"
+    elif checkpoint is None or isinstance(checkpoint, (str, os.PathLike)):
+        path, source = locate(OFFICIAL if checkpoint is None else checkpoint, weights)
+        state = read_state_dict(path, weights)
     else:
-        raise ValueError(f"checkpoint must be None, 'random', a path or a state dict, not {type(checkpoint).__name__}")
-    with torch.device("meta"):  # no init: every tensor comes from the checkpoint (assign=True)
-        net = timm.create_model(spec.timm_name, **kwargs)
-    load_weights(net, state, spec)
-    if any(t.is_meta for t in net.state_dict().values()):
-        raise RuntimeError(f"{spec.timm_name}: some tensors were not in the checkpoint")
+        raise ValueError(f"checkpoint must be None, 'official', 'random', a path, a URL or a state dict, "
+                         f"not {type(checkpoint).__name__}")
+    net = _empty_model(spec, seed)
+    sd = to_timm_state_dict(state, net, spec, weights, source)
+    load_strict(net, sd, weights, source, assign=True)  # assign: meta tensors are replaced, not copied into
     return net, source
 
 
 # ----------------------------------------------------------------------------- preprocessing
 
-_PRECISION_BITS = 22  # fixed-point filter coefficients, as PIL's and PyTorch's uint8 resamplers
+_PRECISION_BITS = 22  # Pillow's fixed-point filter coefficients: units of 2**-22
 
 
-def _filter_matrix(n_in: int, n_out: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """(n_out, n_in) integer-valued antialiased bilinear (tent) weights in units of 2**-22.
+def _tent(x: float) -> float:
+    x = -x if x < 0.0 else x
+    return 1.0 - x if x < 1.0 else 0.0
 
-    Output i is centred at source coordinate (i + 0.5) * n_in / n_out; the tent is widened by the
-    downscale factor, restricted to whole source pixels within the support, normalised to sum 1 and
-    rounded to fixed point.
+
+@functools.lru_cache(maxsize=64)
+def pil_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's antialiased bilinear filter for one axis of n_in -> n_out pixels, exactly as Pillow
+    computes it: (index, weight), both int64 (n_out, K); output i = sum_k weight[i, k] * in[index[i, k]]
+    in units of 2**-22 (rows with fewer taps are padded with weight 0).
+
+    Output i is centred at source coordinate c = (i + 0.5) * n_in / n_out; the tent of half-width
+    s = max(n_in / n_out, 1) covers the source pixels int(c - s + 0.5) .. int(c + s + 0.5) - 1
+    (clipped to the image); pixel j weighs tent((j - c + 0.5) / s), normalised by the sum accumulated
+    in order, then rounded to int(0.5 + w * 2**22). All in float64 as Pillow does, term by term.
     """
     scale = n_in / n_out
-    width = max(scale, 1.0)
-    centre = (np.arange(n_out) + 0.5) * scale  # (n_out,)
-    lo = np.maximum((centre - width + 0.5).astype(np.int64), 0)
-    hi = np.minimum((centre + width + 0.5).astype(np.int64), n_in)
-    j = np.arange(n_in)
-    w = np.clip(1.0 - np.abs((j[None, :] - centre[:, None] + 0.5) / width), 0.0, None)
-    w = np.where((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]), w, 0.0)
-    w = w / w.sum(axis=1, keepdims=True)
-    return torch.from_numpy(np.floor(w * (1 << _PRECISION_BITS) + 0.5)).to(device=device, dtype=dtype)
+    support = max(scale, 1.0)
+    inverse = 1.0 / support
+    rows = []
+    for i in range(n_out):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        raw = [_tent((j - centre + 0.5) * inverse) for j in range(lo, hi)]
+        total = 0.0
+        for w in raw:
+            total += w
+        rows.append((lo, [int(0.5 + (w / total if total != 0.0 else w) * (1 << _PRECISION_BITS)) for w in raw]))
+    taps = max(len(w) for _, w in rows)
+    index, weight = np.zeros((n_out, taps), np.int64), np.zeros((n_out, taps), np.int64)
+    for i, (lo, ws) in enumerate(rows):
+        index[i] = lo  # padding taps read the first pixel with weight 0
+        index[i, :len(ws)] = np.arange(lo, lo + len(ws))
+        weight[i, :len(ws)] = ws
+    return index, weight
 
 
-def _fixed_point_round(x: torch.Tensor) -> torch.Tensor:
-    half = float(1 << (_PRECISION_BITS - 1))
-    return torch.floor((x + half) / float(1 << _PRECISION_BITS)).clamp_(0, 255)
+@functools.lru_cache(maxsize=1)
+def _pillow_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("pillow").split(".")[0])
 
 
-def fixed_point_resize(frames: torch.Tensor, size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) -> torch.Tensor:
-    """Antialiased bilinear resize of uint8 (T, 3, H, W) -> (T, 3, *size) uint8 on any device.
+def pil_height_first(h: int, w: int, out_h: int, out_w: int) -> bool:
+    """Whether Pillow resamples the height before the width for (h, w) -> (out_h, out_w).
 
-    A fixed-point separable tent filter (width pass, round to uint8, height pass, round) as float64
-    matrix products: exact integer arithmetic, because every product and partial sum is an integer
-    below 2**53. Equals PIL's bilinear resize on the fixture frames and on the first frames of every
-    shared clip size; PIL runs the height pass first for some shapes, where this can be one grey
-    level off.
+    Pillow >= 13 (python-pillow/Pillow#9549, "If height is scaled down significantly more than width,
+    resize vertically first") does so when the height shrinks by more than twice as many pixels as
+    the width: h - out_h > 2 (w - out_w). Earlier versions always start with the width. Either pass
+    reads only the source rows / columns the other needs, which changes no value.
     """
+    return _pillow_major() >= 13 and h > out_h and h - out_h > 2 * (w - out_w)
+
+
+def _fixed_point_round(acc: torch.Tensor) -> torch.Tensor:
+    """int32 sums in units of 2**-22 -> round half up to whole grey levels, clamped to 0..255."""
+    return ((acc + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS).clamp_(0, 255)
+
+
+def _resample_rows(x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """One Pillow filter pass of integer pixels (..., H, W) along the rows (dim -2) -> int32 (..., n_out, W)."""
+    index, weight = pil_taps(x.shape[-2], n_out)
+    index, weight = torch.from_numpy(index).to(x.device), torch.from_numpy(weight).to(x.device, torch.int32)
+    acc = None
+    for k in range(index.shape[1]):  # products < 2**30, sums < 2**31: exact in int32
+        term = x.index_select(-2, index[:, k]).to(torch.int32) * weight[:, k, None]
+        acc = term if acc is None else acc.add_(term)
+    return _fixed_point_round(acc)
+
+
+def _resample(x: torch.Tensor, axis: str, n_out: int) -> torch.Tensor:
+    """One pass along "height" or "width" (done on a transposed copy: whole-row gathers are the fast kind)."""
+    if axis == "height":
+        return _resample_rows(x, n_out)
+    return _resample_rows(x.transpose(-1, -2).contiguous(), n_out).transpose(-1, -2)
+
+
+def fixed_point_resize(frames: torch.Tensor, size: tuple[int, int] = (224, 224)) -> torch.Tensor:
+    """Pillow's bilinear `Image.resize` of uint8 (T, 3, H, W) -> (T, 3, *size) uint8, bit for bit, on
+    the frames' device: two separable passes (`pil_taps`) in exact int32 arithmetic, each rounded
+    to whole grey levels as Pillow does, in Pillow's pass order (`pil_height_first`). Transient
+    memory: one uint8 copy of the frames plus int32 arrays of the once-resampled size."""
     h, w = frames.shape[-2:]
-    x = frames.to(torch.float64)  # (T, 3, H, W)
-    if w != size[1]:
-        x = _fixed_point_round(x @ _filter_matrix(w, size[1], x.dtype, x.device).T)  # (T, 3, H, w')
-    if h != size[0]:
-        x = _fixed_point_round(_filter_matrix(h, size[0], x.dtype, x.device) @ x)  # (T, 3, h', w')
-    return x.to(torch.uint8)
+    passes = [("width", size[1])] if w != size[1] else []
+    passes += [("height", size[0])] if h != size[0] else []
+    if pil_height_first(h, w, *size):
+        passes.reverse()
+    x = frames  # uint8 until gathered: the full-size copies stay 1 byte per value
+    for axis, n_out in passes:
+        x = _resample(x, axis, n_out)
+    return x.to(torch.uint8).contiguous()
 
 
-def resize_uint8(frames: torch.Tensor, size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) -> torch.Tensor:
-    """Batched antialiased bilinear resize of uint8 (T, 3, H, W) -> (T, 3, *size) uint8, on their device.
-
-    CPU: PyTorch's uint8 kernel (`F.interpolate(..., antialias=True)`, fastest there). Other devices
-    have no uint8 kernel: `fixed_point_resize` computes the same filter there.
-    """
-    if frames.device.type == "cpu":
-        return F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return fixed_point_resize(frames, size)
-
-
-def resize_pil(frames: torch.Tensor, size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) -> torch.Tensor:
+def resize_pil(frames: torch.Tensor, size: tuple[int, int] = (224, 224)) -> torch.Tensor:
     """The research resize: each frame through PIL bilinear (antialiased) -> (T, 3, *size) uint8, CPU."""
     from PIL import Image
 
@@ -354,33 +400,49 @@ def resize_pil(frames: torch.Tensor, size: tuple[int, int] = (INPUT_SIZE, INPUT_
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
+def resize_pil_identical(frames: torch.Tensor, size: tuple[int, int] = (224, 224)) -> torch.Tensor:
+    """PIL's pixels for uint8 (T, 3, H, W) frames -> (T, 3, *size) uint8 on the frames' device:
+    PIL itself on the CPU (the cheapest there), `fixed_point_resize` elsewhere."""
+    if frames.device.type == "cpu":
+        return resize_pil(frames, size)
+    return fixed_point_resize(frames, size)
+
+
+def resize_tensor(frames: torch.Tensor, size: tuple[int, int] = (224, 224)) -> torch.Tensor:
+    """PyTorch's antialiased bilinear resize of uint8 (T, 3, H, W) -> (T, 3, *size) uint8 on their device:
+    the uint8 kernel on the CPU, the float kernel rounded to the nearest grey level elsewhere."""
+    if frames.device.type == "cpu":
+        return F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(frames.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------- extractor
 
 
 class DinoV2Extractor(torch.nn.Module):
-    """Frozen DINOv2 backbone: uint8 frames -> final normalised patch tokens.
+    """Frozen DINOv2 / DINOv3 backbone: uint8 frames -> final normalised patch tokens.
 
     Args:
-        model: one of `MODELS` ("vits14", "vitb14" (default, the research setting), "vitl14",
-            "vitg14", and "..._reg" with 4 registers).
-        checkpoint: None (timm's hub weights), "random" (stand-in weights, see module doc), a path
-            (official or timm checkpoint) or a state dict of either format.
-        preprocess: "tensor" (batched on the frames' device) or "pil" (research-exact, CPU loop).
+        model: one of `MODELS` (default "vitb14", the research setting; "dinov3_*" opt-in).
+        checkpoint: None / "official" (timm's hub weights), "random" (stand-in weights), a path or
+            URL (official or timm checkpoint) or a state dict of either format (see the module doc).
+        preprocess: "pil" (PIL-identical pixels on every device) or "tensor" (PyTorch's kernel,
+            device-dependent); see the module doc.
         batch_size: frames per network call; bounds memory for long inputs.
 
-    `weights_id` says what was loaded ("hub:timm/<name>@<revision>", "file:PATH", "state_dict",
-    "random:recipe-seed0" or "random:timm-init-seed0").
-    Autocast set by the caller applies to the network only; preprocessing always runs in full
-    precision and the output is float32.
+    `weights_id` says what was loaded (see `build_backbone`). Autocast set by the caller applies to
+    the network only; preprocessing always runs in full precision and the output is float32.
     """
 
-    def __init__(self, model: str = "vitb14", checkpoint=None, preprocess: str = "tensor", batch_size: int = 32):
+    def __init__(self, model: str = "vitb14", checkpoint=None, preprocess: str = "pil", batch_size: int = 32):
         super().__init__()
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {PREPROCESS}, not {preprocess!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         self.model_name, self.preprocess, self.batch_size = model, preprocess, batch_size
+        self.spec = model_spec(model)
         self.backbone, self.weights_id = build_backbone(model, checkpoint)
         self.backbone.eval().requires_grad_(False)
         self.embed_dim = self.backbone.embed_dim
@@ -391,22 +453,27 @@ class DinoV2Extractor(torch.nn.Module):
     def device(self) -> torch.device:
         return self.mean.device
 
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, 224, 224) -> float32 (B, 3, 224, 224): /255 then ImageNet mean/std."""
+        """uint8 (B, 3, S, S) -> float32 (B, 3, S, S) on the module's device: /255 then ImageNet mean/std."""
         return (pixels.to(self.device).float().div(255.0) - self.mean) / self.std
 
     def preprocess_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (T, 3, H, W) -> normalised float32 (T, 3, 224, 224) on the module's device."""
-        if self.preprocess == "pil":
-            return self.normalise(resize_pil(frames))
+        """uint8 (T, 3, H, W) -> normalised float32 (T, 3, S, S) on the module's device (S = input_size)."""
+        size = (self.input_size, self.input_size)
         with torch.autocast(frames.device.type, enabled=False):
-            return self.normalise(resize_uint8(frames))
+            pixels = resize_pil_identical(frames, size) if self.preprocess == "pil" else resize_tensor(frames, size)
+            return self.normalise(pixels)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float (B, 3, 224, 224) -> patch tokens (B, 16, 16, D) (dtype of the network
-        run, i.e. float32 unless autocast is on)."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
-            raise ValueError(f"tokens() expects (B, 3, {INPUT_SIZE}, {INPUT_SIZE}) inputs, got {tuple(x.shape)}")
+        """Normalised float (B, 3, S, S) -> patch tokens (B, 16, 16, D) (dtype of the network run,
+        i.e. float32 unless autocast is on)."""
+        s = self.input_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
+            raise ValueError(f"tokens() expects (B, 3, {s}, {s}) inputs, got {tuple(x.shape)}")
         with torch.inference_mode():
             seq = self.backbone.forward_features(x.to(self.device))  # (B, prefix + 256, D) after the final norm
             patches = seq[:, self.backbone.num_prefix_tokens:]

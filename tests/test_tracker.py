@@ -6,15 +6,13 @@ Tolerances (fp32): coordinates 1e-3 px (raw 512-px model coords 2e-3), probabili
 from __future__ import annotations
 
 import importlib.util
-import urllib.error
 
 import numpy as np
 import pytest
 import torch
 
 from _shared import shared_path
-from semtrack.tracker import CoTrackerThreeOffline, OfflineTracker, load_tracker, random_state_dict
-from semtrack.tracker import weights as tracker_weights
+from semtrack.tracker import CoTrackerThreeOffline, OfflineTracker, random_state_dict
 
 COORD_TOL, RAW_COORD_TOL, PROB_TOL, INTER_TOL = 1e-3, 2e-3, 2e-5, 1e-4
 MANIFEST = shared_path("cotracker3", "state_dict_manifest.tsv")
@@ -288,52 +286,6 @@ def test_predictor_rejects_bad_inputs(tracker):
         tracker(video[0])
     with pytest.raises(ValueError, match="precision"):
         OfflineTracker(precision="fp16")
-
-
-# ----------------------------------------------------------------------------- loading
-def test_load_tracker_from_file_url_caches_in_torch_hub(tmp_path, monkeypatch, reference_state):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    checkpoint = tmp_path / "stand_in.pth"
-    torch.save(reference_state, checkpoint)
-    tracker = load_tracker(checkpoint.as_uri())
-    assert (tmp_path / "torch" / "hub" / "checkpoints" / "stand_in.pth").is_file()
-    loaded = tracker.model.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in reference_state.items())
-    assert not tracker.training
-    from_path = load_tracker(str(checkpoint))
-    assert torch.equal(from_path.model.corr_mlp.fc1.weight, reference_state["corr_mlp.fc1.weight"])
-
-
-def test_load_tracker_rejects_wrong_keys(tmp_path, reference_state):
-    checkpoint = tmp_path / "partial.pth"
-    torch.save({k: v for k, v in reference_state.items() if not k.startswith("corr_mlp")}, checkpoint)
-    with pytest.raises(RuntimeError, match="corr_mlp.fc1.weight"):
-        load_tracker(str(checkpoint))
-
-
-def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    missing = (tmp_path / "nowhere" / "ckpt.pth").as_uri()
-    with pytest.raises(RuntimeError) as err:
-        load_tracker(missing)
-    message = str(err.value)
-    assert missing in message
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "ckpt.pth") in message
-    assert "weights=" in message and "--cotracker_checkpoint" in message
-
-    def offline(url, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(tracker_weights.torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError) as err:
-        load_tracker("official")
-    assert tracker_weights.OFFICIAL_URL in str(err.value)
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "scaled_offline.pth") in str(err.value)
-
-
-def test_missing_local_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found.*official"):
-        load_tracker(str(tmp_path / "absent.pth"))
 
 
 # ----------------------------------------------------------------------------- precision / device

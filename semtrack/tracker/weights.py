@@ -1,112 +1,98 @@
-"""Weights for the CoTracker3 offline tracker: the official checkpoint, a file/URL, or test weights.
+"""Weights for the CoTracker3 offline tracker, resolved by the rule of `semtrack.weights`.
 
-`load_tracker(weights)` never falls back silently: a missing or undownloadable checkpoint raises
-an error that says where to get it, where to put it and how to pass it.
+`load_tracker(weights)`: "official" (torch hub's cache file `scaled_offline.pth` when present, else
+the pinned Hugging Face file), "random" (the stand-in recipe), a path or a URL. It never falls back
+silently: every failure raises `WeightsError` saying how to provide the weights.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
+from semtrack.weights import (
+    OFFICIAL,
+    HubFile,
+    ModelWeights,
+    is_random,
+    load_strict,
+    locate,
+    read_state_dict,
+    stand_in_state_dict,
+)
+
 from .model import CoTrackerThreeOffline, time_embedding_table
 from .predictor import OfflineTracker
 
-OFFICIAL_URL = "https://huggingface.co/facebook/cotracker3/resolve/main/scaled_offline.pth"
+# facebook/cotracker3 on the Hugging Face hub: commit b748ec5 ("Updated README.md", the newest commit of
+# main found). scaled_offline.pth is unchanged since a304f91 (LFS sha256 2670d456...7834, 101,890,938 bytes).
+COTRACKER3_REVISION = "b748ec5e5cd4b9f525a94cc544f0be34bbcc22e2"
+COTRACKER3 = ModelWeights(
+    label="CoTracker3",
+    option="--cotracker_checkpoint",
+    hub=HubFile("facebook/cotracker3", "scaled_offline.pth", COTRACKER3_REVISION),
+    torch_hub_name="scaled_offline.pth",
+)
+OFFICIAL_URL = COTRACKER3.hub.url
 CORR_MLP_GAIN = 3.0  # RECIPE.md: gain on the drawn corr_mlp weight matrices
-URL_SCHEMES = ("http://", "https://", "file://")
 
 
 def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The deterministic stand-in weights of ../shared/cotracker3/RECIPE.md (numpy legacy MT19937).
+    """The deterministic stand-in weights of ../shared/cotracker3/RECIPE.md: float32 CPU tensors in
+    `state_dict()` order, byte-identical to the fixtures' weights for seed 0. Meaningless values.
 
-    Keys in `state_dict()` order; float32 CPU tensors. Byte-identical to the fixtures' weights for
-    seed 0. Meaningless values: for tests and benchmarks only.
+    Rule (on top of `semtrack.weights.plain_draw`): `time_emb` is the fixed sin/cos table and integer
+    buffers are zeros (no draws); the `corr_mlp.*` weight matrices are the plain draw times 3.
     """
     with torch.device("meta"):
         template = CoTrackerThreeOffline().state_dict()
-    rng = np.random.RandomState(seed)
-    out = {}
-    for key, ref in template.items():
-        shape = tuple(ref.shape)
+
+    def special(key: str, shape: tuple[int, ...], rng: np.random.RandomState) -> np.ndarray | None:
         if key == "time_emb":
-            val = time_embedding_table(shape[1], shape[2])  # fixed table, no draws
-        elif not ref.dtype.is_floating_point:
-            val = np.zeros(shape)
-        elif len(shape) >= 2:
+            return time_embedding_table(shape[1], shape[2])
+        if not template[key].dtype.is_floating_point:
+            return np.zeros(shape)
+        if key.startswith("corr_mlp.") and len(shape) >= 2:
             bound = 1.0 / np.sqrt(int(np.prod(shape[1:])))
-            val = rng.uniform(-bound, bound, size=shape)
-            if key.startswith("corr_mlp."):
-                val = val * CORR_MLP_GAIN
-        elif key.endswith("weight"):
-            val = 1.0 + 0.1 * rng.standard_normal(size=shape)
-        else:
-            val = 0.02 * rng.standard_normal(size=shape)
-        out[key] = torch.from_numpy(np.asarray(val, dtype=np.float64).astype(np.float32))
-    return out
+            return rng.uniform(-bound, bound, size=shape) * CORR_MLP_GAIN
+        return None
+
+    layout = [(key, tuple(ref.shape)) for key, ref in template.items()]
+    return {k: torch.from_numpy(v) for k, v in stand_in_state_dict(layout, seed, special).items()}
 
 
-def _how_to(url: str) -> str:
-    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-    return (
-        f"Download {url} yourself and either put it at {target} (torch hub's cache, found "
-        "automatically) or pass its path: load_tracker(weights='/path/to/file.pth'), or "
-        "`--cotracker_checkpoint /path/to/file.pth` on the semtrack-extract command line."
-    )
+def resolve_weights(weights: str | os.PathLike = OFFICIAL) -> tuple[dict[str, torch.Tensor], str]:
+    """`weights` ("official" | "random" | path | http(s):// or file:// URL) -> (state dict, weights id).
 
-
-def _download(url: str) -> Mapping:
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
-    except OSError as err:  # URLError, HTTPError, socket errors, missing file:// targets
-        raise RuntimeError(f"could not download the CoTracker3 weights from {url}: {err}. {_how_to(url)}") from err
-
-
-def load_state_dict(weights: str | os.PathLike) -> Mapping:
-    """Resolve `weights` ("official" | "random" | path | http(s):// or file:// URL) to a state dict.
-
-    URLs go through `torch.hub.load_state_dict_from_url`, i.e. they are cached in
-    `<torch hub dir>/checkpoints/` (the cache the official hub entry uses too). A checkpoint that
-    wraps the state dict under "model" is unwrapped.
+    The weights id says what was loaded: "hub:facebook/cotracker3@<commit>", "torch-hub-cache:<path>",
+    "url:<url>", "file:<path>" or "random:recipe-seed0".
     """
-    name = os.fspath(weights)
-    if name == "random":
-        return random_state_dict(0)
-    if name == "official":
-        state = _download(OFFICIAL_URL)
-    elif name.startswith(URL_SCHEMES):
-        state = _download(name)
-    else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"CoTracker3 weights file not found: {path}. Use weights='official' to download "
-                f"{OFFICIAL_URL}, or: {_how_to(OFFICIAL_URL)}"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"CoTracker3 weights {name!r} are not a state dict (got {type(state).__name__})")
-    return state
+    if is_random(weights):
+        return random_state_dict(0), "random:recipe-seed0"
+    path, weights_id = locate(weights, COTRACKER3)
+    return read_state_dict(path, COTRACKER3), weights_id
+
+
+def load_state_dict(weights: str | os.PathLike = OFFICIAL) -> dict[str, torch.Tensor]:
+    """The state dict `resolve_weights(weights)` finds."""
+    return resolve_weights(weights)[0]
 
 
 def load_tracker(
-    weights: str | os.PathLike = "official",
+    weights: str | os.PathLike = OFFICIAL,
     device: str | torch.device | None = None,
     precision: str = "fp32",
     encoder_chunk: int = 16,
     interp_shape: tuple[int, int] | None = None,
 ) -> OfflineTracker:
-    """An eval-mode `OfflineTracker` with `weights` loaded strictly (see `load_state_dict`).
+    """An eval-mode `OfflineTracker` with `weights` loaded strictly (see `resolve_weights`).
 
-    "random" gives the deterministic stand-in weights (tests and benchmarks only). device: where
-    to put the tracker (default CPU); precision, encoder_chunk, interp_shape: see `OfflineTracker`.
+    The tracker's `weights_id` says what was loaded. device: where to put the tracker (default CPU);
+    precision, encoder_chunk, interp_shape: see `OfflineTracker`.
     """
+    state, weights_id = resolve_weights(weights)
     tracker = OfflineTracker(precision=precision, encoder_chunk=encoder_chunk, interp_shape=interp_shape)
-    tracker.model.load_state_dict(load_state_dict(weights), strict=True)
+    load_strict(tracker.model, state, COTRACKER3, weights_id.split(":", 1)[-1])
+    tracker.weights_id = weights_id
     return tracker.to(device if device is not None else "cpu").eval()
