@@ -63,9 +63,12 @@ class ExtractConfig:
         "auto", "frames", "auto: decord, PyAV if decord fails; decord or pyav: that one only")
     video_id_rule: Literal["stem", "research"] = _option(
         "stem", "frames", "video id without a video_id column: file stem, or cut at the first '.' (research)")
-    dinov2_model: str = _option("vitb14", "features", "DINOv2 backbone: vits14, vitb14, vitl14, vitg14, *_reg")
+    dinov2_model: str = _option(
+        "vitb14", "features", "vits14, vitb14, vitl14, vitg14 (+ _reg), or DINOv3 dinov3_vits16, _vitb16, _vitl16")
     dinov2_checkpoint: Optional[str] = _option(
-        None, "features", "DINOv2 weights file", shown="as --weights says")
+        None, "features", "DINOv2 weights file or URL", shown="as --weights says")
+    dinov2_preprocess: Literal["pil", "tensor"] = _option(
+        "pil", "features", "resize to the model input: pil (PIL-identical on every device) or tensor (faster)")
     clustering_method: Literal["bipartite", "kmeans"] = _option(
         "bipartite", "clustering", "bipartite token merging or k-means")
     n_clusters: int = _option(clustering.N_CLUSTERS, "clustering", "k of k-means")

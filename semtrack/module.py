@@ -41,8 +41,13 @@ class SemanticTracker(L.LightningModule):
         precision = self.tracker_precision()
         if not cfg.use_grid:
             checkpoint = None if cfg.dinov2_weights == "official" else cfg.dinov2_weights
-            self.features = DinoV2Extractor(cfg.dinov2_model, checkpoint=checkpoint)
+            self.features = DinoV2Extractor(cfg.dinov2_model, checkpoint=checkpoint, preprocess=cfg.dinov2_preprocess)
         self.tracker = load_tracker(cfg.tracker_weights, precision=precision, interp_shape=cfg.tracker_resolution)
+
+    def weights_ids(self) -> dict[str, str | None]:
+        """What the models loaded: {"tracker": id, "dinov2": id or None in grid mode} (see `weights_id`)."""
+        return {"tracker": self.tracker.weights_id,
+                "dinov2": None if self.features is None else self.features.weights_id}
 
     def on_predict_start(self) -> None:
         model_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0

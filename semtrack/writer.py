@@ -53,6 +53,7 @@ class TrackWriter(BasePredictionWriter):
         self._reset()
         self.report = None
         self.options = run_options(self.config, trainer.precision)
+        self.weights = pl_module.weights_ids()  # what was loaded, for each pickle's metadata
         # Names this run's per-rank report parts, so jobs sharing an output folder never mix them.
         self._run_id = trainer.strategy.broadcast(uuid.uuid4().hex[:12] if trainer.is_global_zero else None, src=0)
 
@@ -106,7 +107,8 @@ class TrackWriter(BasePredictionWriter):
             "mode": "grid" if cfg.use_grid else "semantic",
             "num_dropped_points": int(tr.num_dropped),
             "version": semtrack.__version__,
-            "tracker_weights": cfg.tracker_weights,
+            "tracker_weights": self.weights["tracker"],
+            "dinov2_weights": self.weights["dinov2"],
             "config": dict(self.options),
         }
         save_tracks(self.layout.pickle(clip.dataset, clip.video_id), {

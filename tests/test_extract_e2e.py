@@ -97,7 +97,8 @@ def test_semantic_run_writes_research_format(semantic):
         assert bool(((queries >= 0) & (queries < t)).all())
         meta = raw["semtrack"]
         assert meta["frame_times"].dtype == torch.float64 and meta["frame_times"].shape == (t,)
-        assert meta["tracker_weights"] == "random" and meta["config"]["num_points_per_entity"] == 2
+        assert meta["tracker_weights"] == "random:recipe-seed0" and meta["dinov2_weights"] == "random:recipe-seed0"
+        assert meta["config"]["tracker_weights"] == "random" and meta["config"]["num_points_per_entity"] == 2
         h, w = meta["clip_size"]
         at_query = tracks[queries, torch.arange(n)].float()  # (N, 2) each point at its query frame
         assert bool(vis[queries, torch.arange(n)].all())
@@ -120,6 +121,17 @@ def test_query_points_are_the_semantic_points(semantic, videos_dir):
     assert torch.equal(f.obj_ids, qp.obj_ids)
     at_query = f.tracks[f.query_frames, torch.arange(n)]
     assert torch.allclose(at_query, qp.queries[:, 1:], atol=0.25)  # float16 step below 512 px
+
+
+def test_dinov3_backbone_runs_the_job(tmp_path, videos_dir):
+    csv = write_csv(tmp_path / "one.csv", [(videos_dir / "tiny_ssv2.webm", "ssv2")])
+    flags = [f for f in SEMANTIC if f not in ("--dinov2_model", "vits14")]
+    assert main(["--csv_path", str(csv), "--base_feat_path", str(tmp_path / "out"), *flags,
+                 "--dinov2_model", "dinov3_vits16", "--trainer.enable_progress_bar=false"]) == 0
+    tf = load_tracks(tmp_path / "out" / "cotracker3_bip_fr_4_fps_10" / "ssv2" / "feat_dump" / "tiny_ssv2.pkl")
+    assert tf.num_points > 0 and tf.num_frames == 4
+    assert tf.meta["dinov2_weights"] == "random:timm-init-seed0"
+    assert tf.meta["config"]["dinov2_model"] == "dinov3_vits16"
 
 
 def test_semantic_run_gifs_failures_report_sidecar(semantic):
