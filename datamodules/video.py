@@ -32,6 +32,7 @@ holds is truncated: an error item.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -594,6 +595,26 @@ def _rate_from_times(times: np.ndarray) -> float:
     return (len(times) - 1) / float(times[-1]) if len(times) > 1 and times[-1] > 0 else float("nan")
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Inside a DataLoader worker, send what native code writes to stderr (FFmpeg's and decord's log
+    lines about a broken file) to /dev/null for the duration; elsewhere do nothing."""
+    if get_worker_info() is None:
+        yield
+        return
+    import decord.logging
+
+    decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg; its own LOG(ERROR) needs the redirect
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _decode_decord(path: str, info: _StreamInfo | None, plan: _Plan) -> _Decoded:
     """decord: frame timestamps from its index, then one `get_batch` of the selected frames.
 
@@ -605,7 +626,8 @@ def _decode_decord(path: str, info: _StreamInfo | None, plan: _Plan) -> _Decoded
     """
     import decord
 
-    reader = decord.VideoReader(path, num_threads=_decoder_threads())
+    with _quiet_stderr():  # a failure is recorded in one line; decord's own log lines add nothing
+        reader = decord.VideoReader(path, num_threads=_decoder_threads())
     try:
         if info is not None:
             info.check_complete(len(reader))

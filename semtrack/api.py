@@ -7,6 +7,8 @@ benchmarks build the same objects through `build_trainer` and `run`.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from typing import Sequence
 
 import lightning as L
@@ -28,10 +30,27 @@ TRAINER_DEFAULTS = {
 }
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertising lines ("Tip: ... litlogger") are not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence what Lightning prints that says nothing about this job: tips, its own deprecation
+    notice about torch's pytree, and the warning that a non-DataLoader (our length-bucketed batches)
+    has no batch indices (the writer does not use them)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def build_trainer(config: ExtractConfig, callbacks: Sequence[Callback] = (), **trainer_options
                   ) -> tuple[L.Trainer, TrackWriter]:
     """`Trainer(**TRAINER_DEFAULTS, **trainer_options)` with the job's writer (and, unless
     `enable_progress_bar=False`, its progress bar) ahead of `callbacks`; -> (trainer, writer)."""
+    quiet_lightning()
     options = {**TRAINER_DEFAULTS, **trainer_options}
     writer = TrackWriter(config)
     job = [writer] + ([ExtractionProgressBar(writer)] if options.get("enable_progress_bar", True) else [])

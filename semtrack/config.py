@@ -37,8 +37,8 @@ def _option(default, group: str, help: str, shown: str | None = None):
 # Options that never change what a pickle contains (where/how the job runs, what else it writes).
 # The memory budget only decides whether a video is tracked (and with which others), never how.
 RUN_ONLY_OPTIONS = frozenset(
-    {"csv_path", "base_feat_path", "batch_size", "num_workers", "make_vis", "vis_max_width", "debug_mode", "rerun",
-     "max_tracking_memory_gb"}
+    {"csv_path", "base_feat_path", "batch_size", "bucket_batches", "num_workers", "make_vis", "vis_max_width",
+     "debug_mode", "rerun", "max_tracking_memory_gb"}
 )
 
 
@@ -98,6 +98,8 @@ class ExtractConfig:
         None, "tracker", "estimated tracking memory above which a video is a recorded failure",
         shown="10 per GPU minus the models; half the free memory on CPU")
     batch_size: int = _option(1, "job", "videos per step")
+    bucket_batches: int = _option(
+        8, "job", "decoded videos held to group similar lengths, in batches (1: CSV order)")
     num_workers: int = _option(4, "job", "decoding processes")
     make_vis: bool = _option(False, "job", "also write a trail GIF per video")
     vis_max_width: Optional[int] = _option(None, "job", "GIFs and overlays at most this wide (px)", shown="full size")
@@ -113,7 +115,7 @@ class ExtractConfig:
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be positive or None (native rate), got {self.fps!r}")
         positive = ("num_frames_clustering", "n_clusters", "num_points_per_entity", "cotracker_grid_size",
-                    "num_iters", "batch_size")
+                    "num_iters", "batch_size", "bucket_batches")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

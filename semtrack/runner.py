@@ -102,6 +102,7 @@ class StageRunner:
         clip; a clip that still raises fails with `one_line(exc)`. Returns {row: output}.
         """
         todo, refused = calls(self.alive(clips))
+        todo = [group for group in todo if group]
         for row, reason in refused.items():
             self.failures[row] = Failure(stage, reason)
         out: dict[int, Any] = {}
