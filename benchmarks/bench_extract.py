@@ -4,9 +4,9 @@ included) on a CSV, stand-in weights, into a temporary output folder.
     python benchmarks/bench_extract.py --csv_path CSV [--precision 32|bf16-mixed] [--batch_size B]
         [--num_workers W] [--devices N] [--compare_precision] [--json OUT] [extraction flags...]
 
-Extraction flags are `ExtractConfig`'s, spelled as for `scripts/extract.py` (`--fps 12`,
-`--max_frames 200`, `--tracker_resolution 192 256`, `--clustering_method kmeans`, ...);
-`--weights` defaults to `random` (the deterministic stand-ins: same work, no download).
+Every other flag is the job's, read by the command line's own parser (`semtrack.cli.parse_flat`:
+`--fps 12`, `--max_frames 200`, `--tracker_resolution 192 256`, `--devices 2`, `--trainer.NAME V`,
+...); `--weights` defaults to `random` (the deterministic stand-ins: same work, no download).
 Make an SSV2-like input set with `benchmarks/make_ssv2_like.py`.
 
 The run is built by `semtrack.api.build_trainer` and `semtrack.api.predict`, exactly as the command
@@ -61,8 +61,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
-import typing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,12 +72,12 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from datamodules.extraction import ExtractionDataModule  # noqa: E402
 from semtrack.api import build_trainer, predict  # noqa: E402
+from semtrack.cli import parse_flat  # noqa: E402
 from semtrack.config import ExtractConfig  # noqa: E402
 from semtrack.trackfile import load_tracks  # noqa: E402
 
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16-mixed": "bf16-mixed"}
 COMPUTE_STAGES = {"features": "features", "clustering": "clustering", "points": "sampling", "tracking": "tracking"}
-OWN_FLAGS = {"csv_path", "base_feat_path", "rerun"}  # set by the benchmark itself
 OUT_ENV = "SEMTRACK_BENCH_OUT"  # shares the output folder with DDP ranks Lightning re-launches
 
 
@@ -307,52 +305,32 @@ def environment() -> dict:
 
 
 # ---------------------------------------------------------------------------- command line
-def _arg_spec(hint) -> dict:
-    """argparse keywords for an ExtractConfig field's type hint."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return {"choices": list(args)}
-    if origin is tuple:
-        return {"type": args[0], "nargs": len(args)}
-    if origin is list:
-        return {"type": args[0], "nargs": "+"}
-    if origin in (typing.Union, types.UnionType):  # Optional[X]
-        return _arg_spec(next(a for a in args if a is not type(None)))
-    return {"type": hint}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The benchmark's own flags; every other flag is the extraction job's (`semtrack.cli.parse_flat`)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--csv_path", required=True, help="CSV of videos (see make_ssv2_like.py)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32-true")
     parser.add_argument("--compare_precision", action="store_true",
                         help="run 32-true and bf16-mixed and report the track deviation (ignores --precision)")
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="1")
-    parser.add_argument("--strategy", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--keep_outputs", type=Path, default=None,
                         help="write the outputs here and keep them (default: a temporary folder, removed)")
-    hints = typing.get_type_hints(ExtractConfig)
-    group = parser.add_argument_group("extraction flags (ExtractConfig; as scripts/extract.py)")
-    for field in dataclasses.fields(ExtractConfig):
-        if field.name in OWN_FLAGS:
-            continue
-        default = "random" if field.name == "weights" else field.default
-        if isinstance(field.default, bool):
-            group.add_argument(f"--{field.name}", action="store_true")
-            continue
-        group.add_argument(f"--{field.name}", default=default, **_arg_spec(hints[field.name]))
     return parser
 
 
-def config_for(args: argparse.Namespace, out_root: Path, precision: str) -> ExtractConfig:
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExtractConfig) if f.name not in OWN_FLAGS}
-    if options.get("tracker_resolution") is not None:
-        options["tracker_resolution"] = tuple(options["tracker_resolution"])
-    return ExtractConfig.from_dict({
-        **options, "csv_path": str(args.csv_path), "base_feat_path": str(out_root / precision), "rerun": True,
-    })
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, ExtractConfig, dict]:
+    """-> (the benchmark's flags, the extraction config (stand-in weights unless --weights is given),
+    the trainer options)."""
+    args, rest = build_parser().parse_known_args(argv)
+    if not any(a.split("=")[0] == "--weights" for a in rest):
+        rest = [*rest, "--weights", "random"]
+    config, trainer_options = parse_flat(rest)
+    return args, config, {"accelerator": "auto", "devices": 1, **trainer_options}
+
+
+def config_for(config: ExtractConfig, csv_path: str, out_root: Path, precision: str) -> ExtractConfig:
+    return dataclasses.replace(config, csv_path=str(csv_path), base_feat_path=str(out_root / precision), rerun=True)
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -388,11 +366,9 @@ def print_summary(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, base_config, trainer_options = parse(argv)
     if not Path(args.csv_path).is_file():
         raise SystemExit(f"error: --csv_path {args.csv_path} is not a file")
-    devices = int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
-    trainer_options = {"accelerator": args.accelerator, "devices": devices, "strategy": args.strategy}
     precisions = ["32-true", "bf16-mixed"] if args.compare_precision else [PRECISIONS[args.precision]]
 
     launcher = OUT_ENV not in os.environ  # False in a DDP rank that Lightning re-launched
@@ -407,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = {}
         for precision in precisions:
-            config = configs[precision] = config_for(args, out_root, precision)
+            config = configs[precision] = config_for(base_config, args.csv_path, out_root, precision)
             run = run_once(config, precision, trainer_options)
             is_zero = run.pop("is_global_zero")
             if is_zero:

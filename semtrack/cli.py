@@ -25,7 +25,7 @@ import typing
 
 import yaml
 
-from semtrack.config import GROUPS, ExtractConfig, field_help
+from semtrack.config import GROUPS, RESEARCH_PRESET, ExtractConfig, field_help
 
 SUBCOMMAND = "predict"
 TRAINER_FLAGS = {
@@ -124,11 +124,11 @@ def flat_parser(prog: str | None = None) -> argparse.ArgumentParser:
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for name, f in _FIELDS.items():
         group, text, shown = field_help(name)
-        if name in SWITCHES:
-            groups[group].add_argument(f"--{name}", action="store_true", help=text)
+        if name in SWITCHES:  # defaults stay out of the namespace: parse_flat sees what was given
+            groups[group].add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=text)
             continue
         hint = _HINTS[name]
-        groups[group].add_argument(f"--{name}", default=f.default, metavar=_metavar(hint),
+        groups[group].add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=_metavar(hint),
                                    help=f"{text} (default: {shown or _default_text(f.default)})", **_arg_spec(hint))
     trainer = parser.add_argument_group("trainer")
     for name, text in TRAINER_FLAGS.items():
@@ -142,7 +142,7 @@ def _trainer_value(text: str):
 
 
 def parse_flat(argv: list[str]) -> tuple[ExtractConfig, dict]:
-    """Flat flags -> (config, trainer options). Exits 2 on a bad command line (one line)."""
+    """Flat flags -> (config from the options given, trainer options). Exits 2 on a bad command line."""
     trainer: dict = {}
     rest = []
     args = iter(argv)
@@ -165,7 +165,12 @@ def parse_flat(argv: list[str]) -> tuple[ExtractConfig, dict]:
 def translate(argv: list[str]) -> list[str]:
     """Rewrite flat flags into LightningCLI arguments: `--<field>` -> `--extract.<field>`, switches ->
     `--extract.<name>=true`, trainer flags -> `--trainer.<name>`, list flags -> `[a, b]`, "none" ->
-    null; adds `predict`."""
+    null; `--research_compat` adds the preset's options not given; adds `predict`."""
+    if "--research_compat" in argv:
+        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        for name, value in RESEARCH_PRESET.items():
+            if name not in given:
+                argv = [*argv, f"--{name}"] if value is True else [*argv, f"--{name}", _default_text(value)]
     out: list[str] = []
     i = 0
     while i < len(argv):

@@ -26,7 +26,18 @@ NUM_FRAMES_CLUSTERING = 32  # research default
 MIN_FRAMES = 2  # the smallest `max_frames`: a track needs two frames
 TRACKER_RESOLUTION = (384, 512)  # CoTracker3's model resolution (H, W)
 
-GROUPS = ("input/output", "frames", "features", "clustering", "points", "tracker", "job")
+GROUPS = ("input/output", "research compatibility", "frames", "features", "clustering", "points", "tracker", "job")
+# What --research_compat sets, unless the option is given too: every behaviour of the research script
+# that semtrack changed by default (README "Research compatibility").
+RESEARCH_PRESET = {
+    "fps": None,  # every decoded frame, the research default
+    "fps_rule": "interval",
+    "legacy_query_frames": True,
+    "sampler": "exact",
+    "kmeans_init": "random",
+    "dinov2_preprocess": "pil",
+    "video_id_rule": "research",
+}
 
 
 def _option(default, group: str, help: str, shown: str | None = None):
@@ -50,6 +61,10 @@ class ExtractConfig:
     csv_path: str = _option(
         "sample.csv", "input/output", "CSV of videos: columns video_path, dataset [, video_id, fps]")
     base_feat_path: str = _option("./semtrack_out", "input/output", "output root; outputs go to <base>/<dump_name>/")
+    research_compat: bool = _option(
+        False, "research compatibility",
+        "the research script's behaviour: " + ", ".join(f"--{k} {'none' if v is None else v}".replace(" True", "")
+                                                        for k, v in RESEARCH_PRESET.items()) + " unless given")
     fps: Optional[float] = _option(
         FPS, "frames", "target frame rate; none keeps every decoded frame (the research default)")
     fps_rule: Literal["timestamp", "interval"] = _option(
@@ -84,6 +99,7 @@ class ExtractConfig:
     sampler: Literal["fast", "exact"] = _option(
         "fast", "points", "fast: batched on the device; exact: the research scikit-learn sampler")
     legacy_query_frames: bool = _option(False, "points", "the research script's (wrong) query frames")
+    sklearn_n_init: int = _option(1, "points", "exact sampler: scikit-learn KMeans n_init (10 = scikit-learn <= 1.3)")
     min_point_distance: float = _option(
         0.0, "points", "drop points closer than this (px) to an earlier point of the same frame; 0 keeps all")
     use_grid: bool = _option(False, "points", "track a regular grid instead of semantic points")
@@ -115,7 +131,7 @@ class ExtractConfig:
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be positive or None (native rate), got {self.fps!r}")
         positive = ("num_frames_clustering", "n_clusters", "num_points_per_entity", "cotracker_grid_size",
-                    "num_iters", "batch_size", "bucket_batches")
+                    "num_iters", "batch_size", "bucket_batches", "sklearn_n_init")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -173,12 +189,17 @@ class ExtractConfig:
 
     @classmethod
     def from_dict(cls, options: dict) -> ExtractConfig:
-        """Build from a dict, naming unknown keys in the error."""
+        """Build from the options a user gave (with `research_options` applied), naming unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"unknown extraction option(s) {unknown}; known: {sorted(names)}")
-        return cls(**options)
+        return cls(**research_options(options))
+
+
+def research_options(options: dict) -> dict:
+    """`options` with `RESEARCH_PRESET` filled in for the ones not given, when they ask for research_compat."""
+    return {**RESEARCH_PRESET, **options} if options.get("research_compat") else dict(options)
 
 
 def field_help(name: str) -> tuple[str, str, str | None]:

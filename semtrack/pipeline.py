@@ -113,6 +113,7 @@ class Pipeline:
                 lab, k, clip.size, num_points_per_entity=cfg.num_points_per_entity, sampler=cfg.sampler,
                 use_connected_components=cfg.use_connected_components,
                 legacy_query_frames=cfg.legacy_query_frames, min_point_distance=cfg.min_point_distance,
+                n_init=cfg.sklearn_n_init,
             )
             if len(qp) == 0:
                 raise ValueError("no query points: every entity vanished at this clip size")
