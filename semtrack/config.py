@@ -84,6 +84,8 @@ class ExtractConfig:
         None, "features", "DINOv2 weights file or URL", shown="as --weights says")
     dinov2_preprocess: Literal["pil", "tensor"] = _option(
         "pil", "features", "resize to the model input: pil (PIL-identical on every device) or tensor (faster)")
+    features_precision: Literal["fp32", "bf16"] = _option(
+        "fp32", "features", "DINOv2's precision; fp32 keeps --precision bf16-mixed to the tracker")
     clustering_method: Literal["bipartite", "kmeans"] = _option(
         "bipartite", "clustering", "bipartite token merging or k-means")
     n_clusters: int = _option(clustering.N_CLUSTERS, "clustering", "k of k-means")
@@ -110,6 +112,8 @@ class ExtractConfig:
         None, "tracker", "CoTracker3 weights file or URL", shown="as --weights says")
     tracker_resolution: tuple[int, int] = _option(
         TRACKER_RESOLUTION, "tracker", "H W frames are resized to for tracking (multiples of 32)")
+    matmul_precision: Literal["highest", "high"] = _option(
+        "highest", "tracker", "fp32 matmuls/convolutions on GPUs: highest (strict fp32) or high (TF32, faster)")
     max_tracking_memory_gb: Optional[float] = _option(
         None, "tracker", "estimated tracking memory above which a video is a recorded failure",
         shown="10 per GPU minus the models; half the free memory on CPU")

@@ -39,6 +39,8 @@ class SemanticTracker(L.LightningModule):
 
         cfg = self.config
         precision = self.tracker_precision()
+        torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 matmuls or not ...
+        torch.backends.cudnn.allow_tf32 = cfg.matmul_precision != "highest"  # ... and convolutions
         if not cfg.use_grid:
             checkpoint = None if cfg.dinov2_weights == "official" else cfg.dinov2_weights
             self.features = DinoV2Extractor(cfg.dinov2_model, checkpoint=checkpoint, preprocess=cfg.dinov2_preprocess)

@@ -98,8 +98,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def _features(self, clips, frames, cluster_frames) -> list[torch.Tensor]:
-        """-> tokens (K, 16, 16, D) float32 per clip (DINOv2 per clip: batch-independent tokens)."""
-        return [self.features(f[k]) for f, k in zip(frames, cluster_frames)]
+        """-> tokens (K, 16, 16, D) float32 per clip (DINOv2 per clip: batch-independent tokens), in
+        `features_precision` whatever autocast the Trainer's precision set."""
+        bf16 = self.config.features_precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return [self.features(f[k]) for f, k in zip(frames, cluster_frames)]
 
     def _clustering(self, clips, tokens) -> list[torch.Tensor]:
         cfg = self.config

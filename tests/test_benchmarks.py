@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_extract  # noqa: E402
 import make_ssv2_like  # noqa: E402
 
-from datamodules.video import select_by_timestamp  # noqa: E402
+from datamodules.video import VideoCSVDataset, select_by_timestamp  # noqa: E402
 from semtrack.trackfile import load_tracks, save_tracks  # noqa: E402
 
 
@@ -46,7 +46,18 @@ def test_make_ssv2_like_reencodes_like_ssv2(tmp_path, videos_dir):
 
     with open(tmp_path / "clips" / "ssv2_like.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert rows == [{"video_path": str(out), "dataset": "ssv2", "video_id": "backpack_25fps"}]
+    assert rows == [{"video_path": "backpack_25fps.webm", "dataset": "ssv2", "video_id": "backpack_25fps"}]
+    assert VideoCSVDataset(tmp_path / "clips" / "ssv2_like.csv")[0].video_path == str(out)  # relative to the CSV
+
+
+def test_make_ssv2_like_variants_have_the_lengths_asked_for(tmp_path, videos_dir):
+    assert make_ssv2_like.variant_lengths(60, 3, 28) == [28, 44, 60]
+    assert make_ssv2_like.variant_lengths(12, 3, 28) == [12]  # a short source gives one clip
+    status = make_ssv2_like.main([str(videos_dir / "bear_ssv2.webm"), "--out", str(tmp_path), "--variants", "3",
+                                  "--crf", "45"])
+    assert status == 0
+    frames = {p.stem: len(_probe(p)[4]) for p in sorted(tmp_path.glob("*.webm"))}
+    assert frames == {"bear_ssv2_v1": 28, "bear_ssv2_v2": 30, "bear_ssv2_v0": 33}
 
 
 def test_output_size_keeps_aspect_and_even_width():

@@ -36,29 +36,41 @@ def shared_weights():
     return module
 
 
+class PerModel(dict):
+    """{model: value}, each made on first use (a GPU run carries only the ViT-B fixture)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, model):
+        value = self[model] = self.make(model)
+        return value
+
+
+def _load_fixture(model: str) -> dict:
+    with np.load(shared_path("dinov2", CASES[model][0])) as data:
+        return {k: data[k] for k in data.files}
+
+
 @pytest.fixture(scope="module")
 def fixtures():
-    out = {}
-    for model, (name, _) in CASES.items():
-        with np.load(shared_path("dinov2", name)) as data:
-            out[model] = {k: data[k] for k in data.files}
-    return out
+    return PerModel(_load_fixture)
 
 
 @pytest.fixture(scope="module")
 def reference_sd(shared_weights):
     """Official-format recipe weights as `weights.py` makes them (dict of numpy float32)."""
-    return {m: shared_weights.make_state_dict(str(shared_path("dinov2", man)), seed=0) for m, (_, man) in CASES.items()}
+    return PerModel(lambda m: shared_weights.make_state_dict(str(shared_path("dinov2", CASES[m][1])), seed=0))
 
 
 @pytest.fixture(scope="module")
 def extractors(reference_sd):
     """ViT-B from the official-format state dict as is; ViT-S from checkpoint="random" (the recipe)."""
-    torch.manual_seed(0)
-    return {
-        "vitb14": DinoV2Extractor("vitb14", checkpoint=reference_sd["vitb14"], preprocess="pil"),
-        "vits14": DinoV2Extractor("vits14", checkpoint="random", preprocess="pil"),
-    }
+    def make(model: str) -> DinoV2Extractor:
+        checkpoint = reference_sd[model] if model == "vitb14" else "random"
+        return DinoV2Extractor(model, checkpoint=checkpoint, preprocess="pil")
+    return PerModel(make)
 
 
 def frames_of(fixture) -> torch.Tensor:
