@@ -62,7 +62,7 @@ from semtrack.config import (
 )
 from semtrack.records import Clip
 from semtrack.resources import available_memory
-from semtrack.util import MAX_REASON_CHARS
+from semtrack.util import clip_line
 
 REQUIRED_COLUMNS = ("video_path", "dataset")
 _MAX_LISTED = 10  # culprits listed in one CSV error message
@@ -483,19 +483,13 @@ def _select_frames(plan, times: np.ndarray, average_rate: float | None, frame_si
 # ---------------------------------------------------------------------------------------------
 
 
-def _clip(text: str) -> str:
-    """One line of at most `MAX_REASON_CHARS` characters."""
-    line = " ".join(text.split())
-    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
-
-
 def _one_line(exc: BaseException, path: str) -> str:
     """First non-empty line of an exception message, without decord's "[hh:mm:ss] file.cc:N: " or an
     "[Errno N] " prefix, the (already recorded) path shortened to its file name."""
     text = str(exc) or type(exc).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     line = re.sub(r"^(\[[0-9:]+\] \S+:\d+: |\[Errno -?\d+\] )", "", lines[0] if lines else type(exc).__name__)
-    return _clip(line.replace(path, Path(path).name) if path else line)
+    return clip_line(line.replace(path, Path(path).name) if path else line)
 
 
 _OS_REASONS = {
@@ -523,15 +517,15 @@ def _file_problem(path: str) -> str | None:
     try:
         info = os.stat(path)
         if stat.S_ISDIR(info.st_mode):
-            return _clip(f"is a directory, not a video file: {path}")
+            return clip_line(f"is a directory, not a video file: {path}")
         if not stat.S_ISREG(info.st_mode):
-            return _clip(f"not a regular file (a FIFO, socket or device): {path}")
+            return clip_line(f"not a regular file (a FIFO, socket or device): {path}")
         if info.st_size == 0:
-            return _clip(f"empty file (0 bytes): {path}")
+            return clip_line(f"empty file (0 bytes): {path}")
         with open(path, "rb"):
             pass
     except (OSError, ValueError) as exc:
-        return _clip(f"{_os_reason(exc, path)}: {path}")
+        return clip_line(f"{_os_reason(exc, path)}: {path}")
     return None
 
 
@@ -713,7 +707,7 @@ def decode_video(path: str, plan: _Plan, decoder: str = "auto") -> tuple[_Decode
     try:
         return _decode(path, plan, decoder, first)
     except Exception as exc:  # a failure nobody foresaw is still one video's failure, not the run's
-        return None, first, _clip(f"unexpected {type(exc).__name__}: {_one_line(exc, str(path))}")
+        return None, first, clip_line(f"unexpected {type(exc).__name__}: {_one_line(exc, str(path))}")
 
 
 def _decode(path: str, plan: _Plan, decoder: str, first: str) -> tuple[_Decoded | None, str, str | None]:
@@ -739,7 +733,7 @@ def _decode(path: str, plan: _Plan, decoder: str, first: str) -> tuple[_Decoded 
     if decoder == "decord":
         rotated = info is not None and not info.orientation.is_identity
         hint = " (decord mis-sizes some rotated frames; try decoder='pyav')" if rotated else ""
-        return None, "decord", _clip(f"cannot decode: decord: {decord_error}{hint}")
+        return None, "decord", clip_line(f"cannot decode: decord: {decord_error}{hint}")
     return _try_pyav(path, info, plan, probe_error, decord_error)
 
 
@@ -749,13 +743,13 @@ def _try_pyav(
     """PyAV's decode, its errors joined with decord's (if decord was tried)."""
     tried = "" if decord_error is None else f"decord: {decord_error}; "
     if probe_error is not None:
-        return None, "pyav", _clip(f"cannot open as video: {tried}pyav: {probe_error}")
+        return None, "pyav", clip_line(f"cannot open as video: {tried}pyav: {probe_error}")
     try:
         return _decode_pyav(path, info, plan), "pyav", None
     except _ItemError as exc:
-        return None, "pyav", _clip(str(exc) if decord_error is None else f"{exc} (decord: {decord_error})")
+        return None, "pyav", clip_line(str(exc) if decord_error is None else f"{exc} (decord: {decord_error})")
     except Exception as exc:
-        return None, "pyav", _clip(f"cannot decode: {tried}pyav: {_one_line(exc, path)}")
+        return None, "pyav", clip_line(f"cannot decode: {tried}pyav: {_one_line(exc, path)}")
 
 
 # ---------------------------------------------------------------------------------------------

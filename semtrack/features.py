@@ -49,11 +49,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from semtrack.util import one_line
 from semtrack.weights import (
     OFFICIAL,
+    REASON_CHARS,
     HubFile,
     ModelWeights,
-    first_line,
     is_random,
     load_strict,
     locate,
@@ -241,7 +242,7 @@ def to_timm_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module
             sd["pos_embed"] = official_pos_embed(sd["pos_embed"], GRID, spec.pos_offset)
         return checkpoint_filter_fn(sd, model)
     except (ValueError, KeyError, IndexError, RuntimeError) as err:  # tables or keys of another layout
-        raise weights.error(f"{source} is not a {weights.label} checkpoint ({first_line(err)})") from err
+        raise weights.error(f"{source} is not a {weights.label} checkpoint ({one_line(err, REASON_CHARS)})") from err
 
 
 def _timm_model(spec: ModelSpec, seed: int) -> torch.nn.Module:

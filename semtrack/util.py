@@ -11,11 +11,16 @@ MAX_REASON_CHARS = 300
 TMP_MARK = ".tmp-"  # temporary files are `<name>.tmp-<pid>` beside their target
 
 
-def one_line(exc: BaseException) -> str:
-    """`TypeName: first non-empty line of the message`, at most `MAX_REASON_CHARS` characters."""
+def clip_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """`text` on one line (runs of whitespace made one space), at most `limit` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def one_line(exc: BaseException, limit: int = MAX_REASON_CHARS) -> str:
+    """`TypeName: first non-empty line of the message`, at most `limit` characters."""
     text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
+    return clip_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, limit)
 
 
 def temporary_path(path: Path) -> Path:

@@ -30,10 +30,13 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from semtrack.util import one_line
+
 OFFICIAL = "official"
 RANDOM = "random"
 URL_SCHEMES = ("http://", "https://", "file://")
 _MAX_KEYS_NAMED = 3  # keys a key-mismatch message names before counting the rest
+REASON_CHARS = 90  # the underlying error's line inside a how-to-provide message
 
 
 class WeightsError(RuntimeError):
@@ -92,14 +95,6 @@ class ModelWeights:
         return WeightsError(f"{what}. {self.how_to_provide()}")
 
 
-def first_line(err: BaseException, limit: int = 90) -> str:
-    """`TypeName: first sentence of the message` (at most `limit` characters; the type alone for an
-    empty message)."""
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "").split(". ")[0]
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def is_random(source) -> bool:
     return isinstance(source, str) and source == RANDOM
 
@@ -133,7 +128,7 @@ def hub_file(model: ModelWeights) -> Path:
         state = "is off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "did not provide it"
         where = f"{hub.repo} {hub.filename} @{(hub.revision or 'main')[:7]}"
         raise model.error(f"no {model.label} weights: {where} is not in the Hugging Face cache and the hub "
-                          f"{state} ({first_line(err)})") from err
+                          f"{state} ({one_line(err, REASON_CHARS)})") from err
 
 
 def download(url: str, model: ModelWeights) -> Path:
@@ -146,7 +141,7 @@ def download(url: str, model: ModelWeights) -> Path:
         torch.hub.download_url_to_file(url, str(target), progress=False)  # via a temporary file: whole or nothing
     except (OSError, ValueError) as err:  # URLError, HTTPError, socket errors, missing file:// targets
         raise model.error(f"could not download the {model.label} weights from {url} into {target} "
-                          f"({first_line(err)})") from err
+                          f"({one_line(err, REASON_CHARS)})") from err
     return target
 
 
@@ -164,7 +159,7 @@ def read_state_dict(path: Path, model: ModelWeights) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling, zip, magic-number and safetensors header errors alike
-        raise model.error(f"{path} is not a {model.label} checkpoint ({first_line(err)})") from err
+        raise model.error(f"{path} is not a {model.label} checkpoint ({one_line(err, REASON_CHARS)})") from err
     return tensors_of(state, str(path), model)
 
 
