@@ -16,22 +16,30 @@ SUPPORT_POINTS = 36  # 6 x 6 support grid added in queries mode
 VIRTUAL_TRACKS = 64
 LATENT_DIM = 128  # feature channels of the pyramid
 HIDDEN_DIM = 384  # update transformer width
-CHUNK_BYTES = 256 * 2**20  # default budget of one chunk's intermediates
+CHUNK_BYTES = 512 * 2**20  # default budget of one chunk's intermediates
 ENCODER_CHUNK = 16  # default frames per encoder call
 
 # Peak intermediates of the correlation + token step, per (point, frame) of a chunk: the level-0
-# patches from grid_sample (128 x 49 floats), their copy in bmm layout, the 49 x 49 correlation.
-CORR_POINT_FRAME_BYTES = 56_000
-# Peak intermediates of one transformer block, per token of a chunk (the MLP's two 1536-wide
-# activations, its input copy, norms and attention projections).
+# patches from grid_sample (128 x 49 floats), their copy in bmm layout, the 49 x 49 correlation
+# (measured 61.8 kB).
+CORR_POINT_FRAME_BYTES = 64_000
+# Peak intermediates of one transformer block, per token of a chunk: the MLP's two 1536-wide
+# activations, its input copy, norms and attention projections (measured 18.4 kB).
 TOKEN_BYTES = 20_000
-# Encoder activations per model-input pixel of one frame (fp32; about 50 MB at 384 x 512).
-ENCODER_PIXEL_BYTES = 270
+# Encoder phase, per frame of a chunk: activations per model-input pixel (meta count 62.9 MB at
+# 384 x 512 = 320 B/px, plus 48 B/px for the resized, normalised and concatenated chunk; real CPU
+# runs peak at up to 400 B/px: oneDNN's convolution buffers are not aten tensors) ...
+ENCODER_PIXEL_BYTES = 420
+# ... and the float32 copy of the uint8 chunk at the clip's own size (3 channels x 4 B), plus a
+# fixed allowance for oneDNN's reordered convolution weights and scratch (2.6 M weights, fp32).
+CLIP_PIXEL_BYTES = 12
+ENCODER_FIXED_BYTES = 16_000_000
 # Per-point state over the clip, per (point, frame): coords, logits, motion deltas, the forward
 # pass's outputs kept for the backward merge, the outputs (fp32).
 STATE_POINT_FRAME_BYTES = 120
-# Query patch features per point: 4 levels x 128 x 49 floats, plus their bmm-layout copy.
-QUERY_POINT_BYTES = 2 * 4 * LATENT_DIM * 49 * 4
+# Query patch features per point while they are built: 4 levels x 128 x 49 floats, twice (the
+# gathered patches and their bmm-layout copy; the copy stays for the pass; measured 203 kB).
+QUERY_POINT_BYTES = 210_000
 
 
 def rows_per_chunk(row_bytes: float, budget: int | None, total: int) -> int:
@@ -76,34 +84,37 @@ def estimate_tracking_bytes(
     `clip_size` (H, W) pixels, tracked at model-input size `resolution` (H, W); `dtype_bytes` 2 for
     bf16 autocast, 4 for fp32; `encoder_chunk` and `chunk_bytes` as set on the tracker.
 
-    Counted: the input clips, the float32 feature pyramid, the transformer's token buffer
-    (`dtype_bytes` per value), the per-point state, the query features, and the largest transient
-    phase: the encoder on one chunk of frames, or one correlation / transformer chunk (at fp32
-    sizes, which also bound bf16). Not counted: the tracker's weights (about 100 MB fp32) and
-    allocator overhead. `backward` changes nothing measurable (the backward pass reuses the
-    pyramid); it is accepted so callers can pass their mode.
+    Counted: the input clips, plus the larger of two phases. Encoding: the float32 feature
+    pyramid and the encoder's activations on one chunk of frames. Tracking: the pyramid, the
+    transformer's token buffer (`dtype_bytes` per value), the per-point state, the query features
+    and the largest correlation / transformer chunk (at fp32 sizes, which also bound bf16).
+    Not counted: the tracker's weights (about 100 MB fp32) and allocator overhead. `backward`
+    changes nothing measurable (the backward pass reuses the pyramid); it is accepted so callers
+    can pass their mode.
 
-    The constants are meta-device live-tensor counts (module docstring); the resulting bound was
-    checked against peak RSS of real CPU runs (tests/test_tracker_memory.py, benchmarks/NOTES.md).
+    The constants are meta-device live-tensor counts (module docstring); the bound was checked
+    against peak RSS of real CPU runs (tests/test_tracker_memory.py, benchmarks/NOTES.md).
     """
     del backward
     frames = batch * num_frames
     points = num_points + SUPPORT_POINTS
     tokens = points + VIRTUAL_TRACKS
-    clip_frame = 3 * clip_size[0] * clip_size[1]
-    per_frame = (
-        clip_frame
-        + pyramid_frame_bytes(resolution)
-        + tokens * HIDDEN_DIM * dtype_bytes
-        + points * STATE_POINT_FRAME_BYTES
+    model_pixels, clip_pixels = resolution[0] * resolution[1], clip_size[0] * clip_size[1]
+    pyramid = frames * pyramid_frame_bytes(resolution)
+    encoding = ENCODER_FIXED_BYTES + min(frames, encoder_chunk) * (
+        ENCODER_PIXEL_BYTES * model_pixels + CLIP_PIXEL_BYTES * clip_pixels
     )
-    encoder = min(frames, encoder_chunk) * (ENCODER_PIXEL_BYTES * resolution[0] * resolution[1] + 4 * clip_frame)
     corr_row = batch * points * CORR_POINT_FRAME_BYTES  # one frame of every clip
-    corr = rows_per_chunk(corr_row, chunk_bytes, num_frames) * corr_row
     time_row = frames * TOKEN_BYTES  # one track of every clip
     space_row = tokens * TOKEN_BYTES  # one frame
-    transformer = max(
+    chunk = max(
+        rows_per_chunk(corr_row, chunk_bytes, num_frames) * corr_row,
         rows_per_chunk(time_row, chunk_bytes, tokens) * time_row,
         rows_per_chunk(space_row, chunk_bytes, frames) * space_row,
     )
-    return float(frames * per_frame + batch * points * QUERY_POINT_BYTES + max(encoder, corr, transformer))
+    tracking = (
+        frames * (tokens * HIDDEN_DIM * dtype_bytes + points * STATE_POINT_FRAME_BYTES)
+        + batch * points * QUERY_POINT_BYTES
+        + chunk
+    )
+    return float(frames * 3 * clip_pixels + pyramid + max(encoding, tracking))

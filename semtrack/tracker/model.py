@@ -34,11 +34,6 @@ def time_embedding_table(length: int, dim: int) -> np.ndarray:
     return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)[None]
 
 
-def _normalise(coord: torch.Tensor, size: int) -> torch.Tensor:
-    """Pixel coordinate (centres at integers) -> grid_sample's [-1, 1] with align_corners=True."""
-    return 2.0 * coord / max(size - 1, 1) - 1.0
-
-
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(K, 3, H, W) uint8/float -> (K, 3, *size) float32: bilinear, align_corners=True, no antialias
     (the official predictor's resize; skipped when already that size, where it is the identity)."""
@@ -142,6 +137,7 @@ class CoTrackerThreeOffline(nn.Module):
         # Patch index s = i * patch + j: i is the x offset, j the y offset (ARCHITECTURE.md 3.3).
         offsets = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2)  # (49, 2) (dx, dy)
         self.register_buffer("patch_offsets", offsets, persistent=False)
+        self.register_buffer("motion_freqs", 2.0 ** torch.arange(10, dtype=torch.float32), persistent=False)
 
     # ----------------------------------------------------------------------------- features
     def _prepare(self, frames: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
@@ -196,21 +192,21 @@ class CoTrackerThreeOffline(nn.Module):
         (the semantics of grid_sample(align_corners=True, padding_mode="border")), read directly
         from each query's frame.
         """
-        b = pyramid.batch
-        clip = torch.arange(b, device=frame.device)[:, None, None]  # (B, 1, 1)
-        t = frame[:, :, None]  # (B, N, 1)
+        clip = torch.arange(pyramid.batch, device=frame.device)[:, None, None, None, None]  # (B, 1, 1, 1, 1)
+        t = frame[:, :, None, None, None]  # (B, N, 1, 1, 1)
         feats = []
         for level, fmap in enumerate(pyramid.levels):
             h, w = fmap.shape[-2:]
-            pts = xy[:, :, None, :] / 2**level + self.patch_offsets  # (B, N, P, 2)
-            x, y = pts[..., 0].clamp(0, w - 1), pts[..., 1].clamp(0, h - 1)
-            x0, y0 = x.floor(), y.floor()
-            wx, wy = (x - x0)[..., None], (y - y0)[..., None]  # (B, N, P, 1)
-            x0, y0 = x0.long(), y0.long()
-            x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
-            top = fmap[t, clip, :, y0, x0] * (1 - wx) + fmap[t, clip, :, y0, x1] * wx  # (B, N, P, C)
-            bottom = fmap[t, clip, :, y1, x0] * (1 - wx) + fmap[t, clip, :, y1, x1] * wx
-            feats.append(top * (1 - wy) + bottom * wy)
+            limit = xy.new_tensor([w - 1, h - 1])
+            pts = torch.minimum((xy[:, :, None, :] / 2**level + self.patch_offsets).clamp(min=0), limit)  # (B, N, P, 2)
+            low = pts.floor()
+            frac = pts - low
+            low = low.long()
+            taps = torch.stack([low, torch.minimum(low + 1, limit.long())], dim=-1)  # (B, N, P, 2 (x, y), 2)
+            weight = torch.stack([1 - frac, frac], dim=-1)  # (B, N, P, 2 (x, y), 2)
+            corners = fmap[t, clip, :, taps[..., 1, :, None], taps[..., 0, None, :]]  # (B, N, P, 2 (y), 2 (x), C)
+            weight = weight[..., 1, :, None] * weight[..., 0, None, :]  # (B, N, P, 2, 2)
+            feats.append((corners * weight[..., None]).sum(dim=(3, 4)))
         return feats
 
     def time_embedding(self, t: int) -> torch.Tensor:
@@ -225,21 +221,32 @@ class CoTrackerThreeOffline(nn.Module):
         return torch.stack([F.pad(tables[t], (0, 0, 0, t_max - t)) for t in lengths])
 
     # ----------------------------------------------------------------------------- per-iteration pieces
+    def _grid_affine(self, pyramid: FeaturePyramid) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (L, 1, 1, P, 2): level-0 feature units xy -> grid_sample coordinates
+        of the level-l patch points, grid = xy * scale + shift ((xy / 2^l + offset) normalised to
+        [-1, 1] with align_corners=True)."""
+        sizes = torch.tensor(
+            [[max(f.shape[-1] - 1, 1), max(f.shape[-2] - 1, 1)] for f in pyramid.levels],
+            dtype=torch.float32, device=self.patch_offsets.device,
+        )[:, None, None, None, :]  # (L, 1, 1, 1, 2) (w - 1, h - 1)
+        levels = 2.0 ** torch.arange(len(pyramid.levels), dtype=torch.float32, device=sizes.device)
+        scale = 2.0 / (levels[:, None, None, None, None] * sizes)
+        return scale.expand(-1, -1, -1, self.patch_offsets.shape[0], -1), 2.0 * self.patch_offsets / sizes - 1.0
+
     def _corr_embeddings(
-        self, pyramid: FeaturePyramid, track_feats: list[torch.Tensor], xy: torch.Tensor, t0: int, t1: int
+        self, pyramid: FeaturePyramid, track_feats: list[torch.Tensor], grids: torch.Tensor, t0: int, t1: int
     ) -> list[torch.Tensor]:
         """corr_mlp embeddings of the 4-D correlation for stored frames [t0, t1) of every clip.
 
-        track_feats: per level (B*N, C, P) query patches; xy (K*B, N, 2) level-0 feature units, the
-        current coords of stored frame t0 + k of clip b in row k*B + b -> per level (B, N, K, 256).
+        track_feats: per level (B*N, C, P) query patches; grids (L, K*B, N, P, 2) grid_sample
+        coordinates of the patch points around the current coords of stored frame t0 + k of clip
+        b in row k*B + b -> per level (B, N, K, 256).
         """
         k, b = t1 - t0, pyramid.batch
-        n = xy.shape[1]
+        n = grids.shape[2]
         embs = []
-        for level, (fmap, feat) in enumerate(zip(pyramid.levels, track_feats)):
+        for fmap, feat, grid in zip(pyramid.levels, track_feats, grids):
             c, h, w = fmap.shape[2:]
-            pts = xy[:, :, None, :] / 2**level + self.patch_offsets  # (K*B, N, P, 2)
-            grid = torch.cat([_normalise(pts[..., :1], w), _normalise(pts[..., 1:], h)], dim=-1)
             patches = F.grid_sample(
                 fmap[t0:t1].reshape(k * b, c, h, w), grid, mode="bilinear", padding_mode="border", align_corners=True
             )  # (K*B, C, N, P)
@@ -261,28 +268,27 @@ class CoTrackerThreeOffline(nn.Module):
         scale = coords.new_tensor([w / self.stride, h / self.stride])
         return torch.cat([fwd / scale, bwd / scale], dim=-1)
 
-    @staticmethod
-    def _motion_encoding(r: torch.Tensor) -> torch.Tensor:
+    def _motion_encoding(self, r: torch.Tensor) -> torch.Tensor:
         """(..., 4) motion deltas -> (..., 84): [r, sin(2^k r_c), sin(2^k r_c + pi/2)], index 4k + c."""
-        freqs = 2.0 ** torch.arange(10, dtype=r.dtype, device=r.device)
-        scaled = (r[..., None, :] * freqs[:, None]).flatten(-2)  # (..., 40)
+        scaled = (r[..., None, :] * self.motion_freqs[:, None]).flatten(-2)  # (..., 40)
         return torch.cat([r, torch.sin(scaled), torch.sin(scaled + math.pi / 2)], dim=-1)
 
-    def _tokens(self, pyramid, track_feats, coords, logits, deltas, tau, time_index, t0, t1, z):
+    def _tokens(self, pyramid, track_feats, grid_affine, coords, state, tau, time_index, t0, t1, z):
         """Write the projected tokens of stored frames [t0, t1) into z (B, T, S, C) at their pass times.
 
-        coords (B, T, N, 2) feature units, logits (B, T, N, 2), deltas (B, T, N, 4), tau (B, T, D)
-        in pass time; time_index (T, B) pass time of each stored frame. Returns z (allocated on the
-        first call, in the input projection's dtype).
+        coords (B, T, N, 2) feature units, state (B, T, N, 6) (vis logit, conf logit, motion deltas),
+        tau (B, T, D), all in pass time; time_index (T, B) pass time of each stored frame;
+        grid_affine from `_grid_affine`. Returns z (allocated on the first call, in the input
+        projection's dtype).
         """
-        b, t = coords.shape[:2]
-        n = coords.shape[2]
+        b, t, n = coords.shape[:3]
         ti = time_index[t0:t1]  # (K, B)
         clip = torch.arange(b, device=ti.device)[None]  # (1, B)
-        xy = coords[clip, ti].reshape(-1, n, 2)  # (K*B, N, 2)
-        embs = self._corr_embeddings(pyramid, track_feats, xy, t0, t1)  # per level (B, N, K, 256)
-        state = torch.cat([logits[clip, ti], deltas[clip, ti]], dim=-1).permute(1, 2, 0, 3)  # (B, N, K, 6)
-        tokens = torch.cat([state[..., :2], *embs, self._motion_encoding(state[..., 2:])], dim=-1)
+        scale, shift = grid_affine
+        grids = coords[clip, ti].reshape(1, -1, n, 1, 2) * scale + shift  # (L, K*B, N, P, 2)
+        embs = self._corr_embeddings(pyramid, track_feats, grids, t0, t1)  # per level (B, N, K, 256)
+        rows = state[clip, ti].permute(1, 2, 0, 3)  # (B, N, K, 6)
+        tokens = torch.cat([rows[..., :2], *embs, self._motion_encoding(rows[..., 2:])], dim=-1)
         tokens = tokens + tau[clip, ti].transpose(0, 1)[:, None]  # (B, N, K, D)
         out = self.updateformer.input_transform(tokens)  # (B, N, K, C)
         if z is None:
@@ -329,12 +335,13 @@ class CoTrackerThreeOffline(nn.Module):
             has_next = (steps < lengths - 1)[:, :, None, None]  # (B, T, 1, 1)
         coords = xy[:, None].expand(b, t_max, n, 2).clone()  # (B, T, N, 2)
         logits = xy.new_zeros(b, t_max, n, 2)  # (vis, conf) logits
-        row_bytes = b * n * CORR_POINT_FRAME_BYTES  # one stored frame of every clip
+        grid_affine = self._grid_affine(pyramid)
+        chunks = chunk_bounds(t_max, rows_per_chunk(b * n * CORR_POINT_FRAME_BYTES, self.chunk_bytes, t_max))
         for _ in range(iters):
-            deltas = self._motion_deltas(coords, has_next)
+            state = torch.cat([logits, self._motion_deltas(coords, has_next)], dim=-1)  # (B, T, N, 6)
             z = None
-            for t0, t1 in chunk_bounds(t_max, rows_per_chunk(row_bytes, self.chunk_bytes, t_max)):
-                z = self._tokens(pyramid, track_feats, coords, logits, deltas, tau, time_index, t0, t1, z)
+            for t0, t1 in chunks:
+                z = self._tokens(pyramid, track_feats, grid_affine, coords, state, tau, time_index, t0, t1, z)
             delta = self.updateformer(z, n, frame_valid, point_valid, self.chunk_bytes)  # (B, T, N, 4)
             coords = coords + delta[..., :2]
             logits = logits + delta[..., 2:]
