@@ -179,7 +179,7 @@ def peak_live_bytes(tracker, clips, queries) -> int:
 
 # ----------------------------------------------------------------------------- modes
 LAUNCH_SETTINGS = {  # label: (encoder_chunk, chunk_bytes)
-    "defaults (encoder 16 frames, chunks 256 MiB)": (16, "default"),
+    "defaults (encoder 16 frames, chunks 512 MiB)": (16, "default"),
     "encoder 64, chunks 1 GiB": (64, 2**30),
     "encoder 64, chunks 4 GiB": (64, 4 * 2**30),
     "encoder 64, no chunking": (64, None),
@@ -196,7 +196,12 @@ def run_launches(args) -> dict:
         batched = count_ops(tracker, clips, queries)
         per_video_solo = sum(ops for ops, _ in solo) / len(solo)
         per_video_batched = batched[0] / len(clips)
+        frames, points = max(t for t, _ in shapes), max(n for _, n in shapes)
+        budget = {} if chunk_bytes == "default" else {"chunk_bytes": chunk_bytes}
+        estimate = estimate_tracking_bytes(frames, points, SSV2_SIZE, batch=len(shapes), encoder_chunk=encoder_chunk,
+                                           **budget)
         result["settings"][label] = {
+            "estimated_peak_gb_batch8_fp32": round(estimate / 1e9, 2),
             "ops_per_video_batch1": round(per_video_solo),
             "ops_per_video_batch8": round(per_video_batched),
             "ratio": round(per_video_batched / per_video_solo, 3),
@@ -272,11 +277,12 @@ def run_rss(args) -> dict:
 
 def run_time_cpu(video, queries, weights, encoder_chunk: int) -> dict:
     tracker = load_tracker(weights, device="cpu", encoder_chunk=encoder_chunk)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tracker.track_many([video], [queries], backward_tracking=True)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"time_s": round(elapsed, 2), "peak_rss_mb": round(peak_rss_mb), "threads": torch.get_num_threads()}
+    return {"time_s": round(elapsed, 2), "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak_rss_mb),
+            "threads": torch.get_num_threads()}
 
 
 def run_time_cuda(video, queries, weights, precision: str, repeats: int, encoder_chunk: int):

@@ -222,16 +222,15 @@ class CoTrackerThreeOffline(nn.Module):
 
     # ----------------------------------------------------------------------------- per-iteration pieces
     def _grid_affine(self, pyramid: FeaturePyramid) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift), each (L, 1, 1, P, 2): level-0 feature units xy -> grid_sample coordinates
-        of the level-l patch points, grid = xy * scale + shift ((xy / 2^l + offset) normalised to
-        [-1, 1] with align_corners=True)."""
+        """scale (L, 1, 1, 1, 2) and shift (L, 1, 1, P, 2) taking level-0 feature units xy to the
+        grid_sample coordinates of the level-l patch points: grid = xy * scale + shift, i.e.
+        (xy / 2^l + offset) normalised to [-1, 1] with align_corners=True."""
         sizes = torch.tensor(
             [[max(f.shape[-1] - 1, 1), max(f.shape[-2] - 1, 1)] for f in pyramid.levels],
             dtype=torch.float32, device=self.patch_offsets.device,
         )[:, None, None, None, :]  # (L, 1, 1, 1, 2) (w - 1, h - 1)
         levels = 2.0 ** torch.arange(len(pyramid.levels), dtype=torch.float32, device=sizes.device)
-        scale = 2.0 / (levels[:, None, None, None, None] * sizes)
-        return scale.expand(-1, -1, -1, self.patch_offsets.shape[0], -1), 2.0 * self.patch_offsets / sizes - 1.0
+        return 2.0 / (levels[:, None, None, None, None] * sizes), 2.0 * self.patch_offsets / sizes - 1.0
 
     def _corr_embeddings(
         self, pyramid: FeaturePyramid, track_feats: list[torch.Tensor], grids: torch.Tensor, t0: int, t1: int
