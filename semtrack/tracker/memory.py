@@ -8,7 +8,7 @@ exact: every chunked op is row-wise.
 
 The per-row constants below are peak live bytes per row element of the fp32 ops, counted on the
 meta device (a `TorchDispatchMode` adding each new storage and subtracting it when its last tensor
-dies, attention as one fused kernel: `benchmarks/bench_tracker.py --memory`), rounded up.
+dies, attention as one fused kernel: `benchmarks/bench_tracker.py --mode memory`), rounded up.
 """
 from __future__ import annotations
 
