@@ -13,6 +13,7 @@ import torch
 
 from _shared import shared_path
 from semtrack.tracker import CoTrackerThreeOffline, OfflineTracker, random_state_dict
+from semtrack.tracker.model import resize_frames
 
 COORD_TOL, RAW_COORD_TOL, PROB_TOL, INTER_TOL = 1e-3, 2e-3, 2e-5, 1e-4
 MANIFEST = shared_path("cotracker3", "state_dict_manifest.tsv")
@@ -97,6 +98,7 @@ def small_run(model):
     modules = {
         "fnet": model.fnet,
         "corr_mlp": model.corr_mlp,
+        "input_transform": uf.input_transform,
         "updateformer": uf,
         "time_block0": uf.time_blocks[0],
         "virtual2point0": uf.space_virtual2point_blocks[0],
@@ -122,14 +124,14 @@ def test_model_small_outputs(small_run):
 
 def test_model_small_per_iteration(small_run):
     ref, _, calls = small_run
-    deltas = [out for _, out in calls["updateformer"]]  # (B, N, T, 4) per iteration
+    deltas = [out for _, out in calls["updateformer"]]  # (B, T, N, 4) per iteration
     assert len(deltas) == 6
-    assert _maxdiff(torch.stack(deltas), ref["updateformer_out"]) < INTER_TOL
+    assert _maxdiff(torch.stack(deltas).transpose(2, 3), ref["updateformer_out"]) < INTER_TOL
     coords = torch.from_numpy(ref["queries"][:, None, :, 1:] / 4.0).expand(1, 12, 10, 2)
     logits = torch.zeros(1, 12, 10, 2)
     for it, delta in enumerate(deltas):
-        coords = coords + delta[..., :2].transpose(1, 2)
-        logits = logits + delta[..., 2:].transpose(1, 2)
+        coords = coords + delta[..., :2]
+        logits = logits + delta[..., 2:]
         assert _maxdiff(coords * 4, ref["coords_iters"][it]) < COORD_TOL, it
         assert _maxdiff(torch.sigmoid(logits[..., 0]), ref["vis_iters"][it]) < PROB_TOL, it
         assert _maxdiff(torch.sigmoid(logits[..., 1]), ref["conf_iters"][it]) < PROB_TOL, it
@@ -138,11 +140,11 @@ def test_model_small_per_iteration(small_run):
 def test_model_small_intermediates(small_run, model):
     ref, _, calls = small_run
     assert _maxdiff(calls["fnet"][0][1], ref["fnet_out"]) < INTER_TOL
-    corr_in = calls["corr_mlp"][0][0][0]  # iteration 0, level 0: (B, N, T, 2401)
+    corr_in = calls["corr_mlp"][0][0][0]  # iteration 0, level 0: (B, N, T, 2401) (one chunk of frames)
     assert _maxdiff(corr_in.view(1, 10, 12, 7, 7, 7, 7).transpose(1, 2), ref["corr_volume_it0_l0"]) < INTER_TOL
     embs = torch.cat([out for _, out in calls["corr_mlp"][:4]], dim=-1).transpose(1, 2)
     assert _maxdiff(embs, ref["corr_embs_it0"]) < INTER_TOL
-    assert _maxdiff(calls["updateformer"][0][0][0], ref["updateformer_in_it0"]) < INTER_TOL
+    assert _maxdiff(calls["input_transform"][0][0][0], ref["updateformer_in_it0"]) < INTER_TOL  # (B, N, T, 1110)
     for name in ("time_block0", "virtual2point0", "virtual_block0", "point2virtual0"):
         assert _maxdiff(calls[name][0][1], ref[f"{name}_out_it0"]) < INTER_TOL, name
     assert _maxdiff(model.time_embedding(12), ref["time_emb_interp"]) < 1e-6
@@ -155,26 +157,27 @@ def test_model_small_encoder_pyramid_and_query_features(model):
         stages = model.fnet.stages(2 * (video[0, :1] / 255.0) - 1.0)
         for i, stage in enumerate(stages, start=1):
             assert _maxdiff(stage, ref[f"enc_layer{i}_f0"]) < INTER_TOL, i
-        pyramid = model.pyramid(model.encode(video))
-        assert _maxdiff(pyramid[0][:, 0], ref["fmaps_l0_f0"]) < INTER_TOL
+        pyramid = model.encode_clips(list(video))  # levels (T, B, C, h, w)
+        assert _maxdiff(pyramid.levels[0][0], ref["fmaps_l0_f0"]) < INTER_TOL
         for level in (1, 2, 3):
-            assert _maxdiff(pyramid[level], ref[f"fmaps_l{level}"]) < INTER_TOL, level
+            assert _maxdiff(pyramid.levels[level].transpose(0, 1), ref[f"fmaps_l{level}"]) < INTER_TOL, level
         queries = torch.from_numpy(ref["queries"])
-        for level, fmap in enumerate(pyramid):
-            feat = model.query_features(fmap, queries[..., 0].long(), queries[..., 1:] / 4 / 2**level)
-            assert _maxdiff(feat.permute(0, 3, 2, 1), ref[f"track_feat_support_l{level}"]) < INTER_TOL, level
+        feats = model.query_features(pyramid, queries[..., 0].long(), queries[..., 1:] / 4)  # (B, N, P, C)
+        for level, feat in enumerate(feats):
+            assert _maxdiff(feat.transpose(1, 2), ref[f"track_feat_support_l{level}"]) < INTER_TOL, level
 
 
 def test_encoder_chunking_does_not_change_features(model):
     video = torch.from_numpy(_fixture("model_small.npz")["video"])
     with torch.no_grad():
-        whole = model.encode(video)
+        whole = model.encode_clips(list(video)).levels
         previous, model.encoder_chunk = model.encoder_chunk, 5
         try:
-            chunked = model.encode(video)
+            chunked = model.encode_clips(list(video)).levels
         finally:
             model.encoder_chunk = previous
-    assert torch.allclose(whole, chunked, atol=1e-6)
+    for level_whole, level_chunked in zip(whole, chunked):
+        assert torch.allclose(level_whole, level_chunked, atol=1e-6)
 
 
 def test_model_batch_of_two_equals_single_runs(model):
@@ -195,8 +198,8 @@ def _record_model_passes(tracker, monkeypatch):
     passes = []
     track = tracker.model.track
 
-    def recording_track(pyramid, queries, iters):
-        out = track(pyramid, queries, iters)
+    def recording_track(pyramid, queries, iters, point_valid=None, reverse=False):
+        out = track(pyramid, queries, iters, point_valid, reverse)
         passes.append((queries.clone(), out))
         return out
 
@@ -215,7 +218,7 @@ def _check_raw_pass(recorded, ref, prefix):
 def test_predictor_queries_backward_tracking(tracker, monkeypatch):
     ref = _fixture("predictor_queries.npz")
     video = torch.from_numpy(ref["video_uint8"]).float()
-    assert _maxdiff(tracker._resize(video[:, :1])[:, 0], ref["model_video_f0"]) < INTER_TOL
+    assert _maxdiff(resize_frames(video[0, :1], tracker.interp_shape), ref["model_video_f0"]) < INTER_TOL
     passes = _record_model_passes(tracker, monkeypatch)
     tracks, visible = tracker(video, queries=torch.from_numpy(ref["queries"]), backward_tracking=True)
     assert len(passes) == 2  # one encoder pass is shared by the forward and backward model passes
@@ -295,7 +298,7 @@ def test_bf16_autocast_stays_close_to_fp32(model):
     ref = _fixture("model_small.npz")
     video, queries = torch.from_numpy(ref["video"]), torch.from_numpy(ref["queries"])
     with torch.no_grad():
-        pyramid = model.pyramid(model.encode(video))
+        pyramid = model.encode_clips(list(video))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             coords, vis, conf = model.track(pyramid, queries, iters=2)
     assert coords.dtype == torch.float32 and vis.dtype == torch.float32

@@ -1,8 +1,9 @@
 """CoTracker3 offline tracker, re-implemented from ../shared/cotracker3/ARCHITECTURE.md.
 
-`load_tracker(weights)` -> `OfflineTracker` (the offline predictor, batched, fp32 or bf16);
+`load_tracker(weights)` -> `OfflineTracker` (the offline predictor, fp32 or bf16);
+`OfflineTracker.track_many` tracks a list of clips of any lengths/sizes/point counts in one call;
 `OfflineTracker.model` is the `CoTrackerThreeOffline` module that loads `scaled_offline.pth`
-with strict=True.
+with strict=True. `estimate_tracking_bytes` bounds the peak memory of one call.
 """
 from .memory import estimate_tracking_bytes
 from .model import CoTrackerThreeOffline

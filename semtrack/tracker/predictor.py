@@ -1,26 +1,47 @@
 """Offline predictor around the CoTracker3 model (ARCHITECTURE.md sec. 6), batched.
 
-Unlike the official predictor it accepts several equal-length videos per call, can run under
-bf16 autocast, and encodes the frames only once when tracking backward (the reversed pass reuses
-the forward pass's feature pyramid flipped in time).
+Unlike the official predictor it tracks several clips per call, also of different lengths, sizes
+and point counts (`track_many`: padded and masked so that each clip's result is its solo run's),
+takes uint8 clips (converted and resized per encoder chunk), can run under bf16 autocast, and
+encodes the frames only once when tracking backward (the reversed pass reads the same feature
+pyramid in reverse order).
+
+Query frames are validated without a device synchronisation: on the host for CPU query tensors
+(ValueError), with `torch._assert_async` for queries already on an accelerator (an invalid frame
+then fails as a device-side assert, which ends the CUDA context: pass CPU queries when their
+frames are not known to be valid).
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CoTrackerThreeOffline
+from .memory import CHUNK_BYTES, ENCODER_CHUNK
+from .model import CoTrackerThreeOffline, FeaturePyramid, pass_times
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def _check_query_frames(frames: torch.Tensor, length: int, what: str) -> None:
+    """Query frames (float, any shape) must lie in [0, length - 1]; checked without a device sync."""
+    if frames.device.type == "cpu":
+        if bool(((frames < 0) | (frames >= length)).any()):
+            raise ValueError(f"{what}: query frames must lie in [0, {length - 1}] for a {length}-frame video")
+    else:
+        torch._assert_async(((frames >= 0) & (frames < length)).all(), f"{what}: query frame outside the video")
 
 
 class OfflineTracker(nn.Module):
     """CoTracker3 offline predictor; with no arguments, the configuration of hub `cotracker3_offline`.
 
-    `__call__(video (B, T, 3, H, W) float [0, 255], queries (B, N, 3) (t, x, y) input pixels or None,
+    `track_many(videos, queries=None, ...)`: a list of clips of any lengths, sizes and point
+    counts -> one result per clip, equal to the clip's solo run (see there).
+
+    `__call__(video (B, T, 3, H, W) [0, 255], queries (B, N, 3) (t, x, y) input pixels or None,
     grid_size=0, grid_query_frame=0, segm_mask=None (B|1, 1, H, W), backward_tracking=False)`
     -> tracks (B, T, N, 2) float32 input pixels, visibility (B, T, N) bool.
 
@@ -30,10 +51,12 @@ class OfflineTracker(nn.Module):
     segm_mask, which then also adds the support grid); neither -> dense mode (sec. 6.6).
 
     precision: "fp32" (reference, matches the official outputs) or "bf16" (autocast; sampling
-    coordinates, the coordinate/logit state and the normalisations stay float32). bf16 is meant
-    for CUDA: on CPUs without native bf16 convolutions it is much slower than fp32.
-    encoder_chunk: frames (over the whole batch) per encoder call; bounds the encoder's memory
-    (about 50 MB of activations per 384x512 frame in fp32) and does not change the result.
+    coordinates, the coordinate/logit state, the feature pyramid and the normalisations stay
+    float32). bf16 is meant for CUDA: on CPUs without native bf16 convolutions it is much slower.
+    encoder_chunk: frames (over all clips of a call) per encoder call; bounds the encoder's memory
+    (about 50 MB of activations per 384x512 frame in fp32). chunk_bytes: intermediates of one
+    chunk of the correlation and transformer steps (None: no chunking; larger chunks mean fewer
+    kernel launches). Neither changes the result.
     interp_shape: (H, W), multiples of 4, the frames are resized to; default the model resolution
     (384, 512). Other sizes leave the official configuration (the motion features keep their
     384x512 constants), so outputs then differ from the official predictor's.
@@ -46,14 +69,16 @@ class OfflineTracker(nn.Module):
         support_grid_size: int = 6,
         vis_threshold: float = 0.9,
         precision: str = "fp32",
-        encoder_chunk: int = 16,
+        encoder_chunk: int = ENCODER_CHUNK,
         interp_shape: tuple[int, int] | None = None,
+        chunk_bytes: int | None = CHUNK_BYTES,
     ):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.model = model if model is not None else CoTrackerThreeOffline(encoder_chunk=encoder_chunk)
+        self.model = model if model is not None else CoTrackerThreeOffline()
         self.model.encoder_chunk = encoder_chunk
+        self.model.chunk_bytes = chunk_bytes
         self.interp_shape = tuple(interp_shape) if interp_shape is not None else self.model.model_resolution
         self.iters = iters
         self.support_grid_size = support_grid_size
@@ -77,50 +102,151 @@ class OfflineTracker(nn.Module):
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _scale(self, h: int, w: int, device: torch.device, inverse: bool = False) -> torch.Tensor:
-        """Align-corners factors (2,) float32 (sx, sy): input -> model pixels, or back if `inverse`."""
+    def _scales(self, sizes: Sequence[tuple[int, int]], device, inverse: bool = False) -> torch.Tensor:
+        """Align-corners factors (B, 1, 2) float32 (sx, sy) per clip size (H, W): input -> model
+        pixels, or back if `inverse`."""
         hm, wm = self.interp_shape
         if inverse:
-            return torch.tensor([(w - 1) / (wm - 1), (h - 1) / (hm - 1)], dtype=torch.float32, device=device)
-        return torch.tensor([(wm - 1) / (w - 1), (hm - 1) / (h - 1)], dtype=torch.float32, device=device)
+            factors = [[(w - 1) / (wm - 1), (h - 1) / (hm - 1)] for h, w in sizes]
+        else:
+            factors = [[(wm - 1) / (w - 1), (hm - 1) / (h - 1)] for h, w in sizes]
+        return torch.tensor(factors, dtype=torch.float32, device=device)[:, None]
 
-    def _resize(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) -> (B, T, 3, Hm, Wm) float32, bilinear, align_corners=True, no antialias."""
-        b, t = video.shape[:2]
-        frames = F.interpolate(
-            video.reshape(b * t, *video.shape[2:]).float(), size=self.interp_shape, mode="bilinear", align_corners=True
-        )
-        return frames.view(b, t, *frames.shape[1:])
+    def _support(self, b: int, device) -> torch.Tensor:
+        """The (B, 36, 3) support grid queries (t = 0) in model pixels."""
+        grid = self.grid_points(self.support_grid_size).to(device)
+        return torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)[None].expand(b, -1, -1)
 
-    def _track(self, pyramid: list[torch.Tensor], queries: torch.Tensor, backward: bool):
-        """Model pass(es) on a precomputed pyramid; queries (B, N, 3) model pixels.
+    def _passes(self, pyramid: FeaturePyramid, queries: torch.Tensor, point_valid, backward: bool):
+        """Model pass(es) on a pyramid; queries (B, N, 3) model pixels, t in clip time.
 
         Returns coords (B, T, N, 2) model pixels and vis probabilities (B, T, N), with frames
-        before each query frame taken from the backward pass when `backward`.
+        before each query frame taken from the backward pass when `backward`. The backward pass
+        tracks every clip reversed within its own length.
         """
-        t = pyramid[0].shape[1]
-        coords, vis, _ = self.model.track(pyramid, queries, self.iters)
+        coords, vis, _ = self.model.track(pyramid, queries, self.iters, point_valid)
         if backward:
+            t = pyramid.num_frames
+            lengths = torch.tensor(pyramid.lengths, dtype=queries.dtype, device=queries.device)[:, None]
             rev = queries.clone()
-            rev[..., 0] = t - 1 - queries[..., 0]
-            coords_b, vis_b, _ = self.model.track([level.flip(1) for level in pyramid], rev, self.iters)
+            rev[..., 0] = lengths - 1 - queries[..., 0]
+            coords_b, vis_b, _ = self.model.track(pyramid, rev, self.iters, point_valid, reverse=True)
+            back = pass_times(pyramid.lengths, t, True, queries.device).T  # (B, T) pass time of clip frame t
+            clip = torch.arange(pyramid.batch, device=queries.device)[:, None]
             frames = torch.arange(t, device=queries.device, dtype=queries.dtype)
             before = frames[None, :, None] < queries[:, None, :, 0]  # (B, T, N)
-            coords = torch.where(before[..., None], coords_b.flip(1), coords)
-            vis = torch.where(before, vis_b.flip(1), vis)
+            coords = torch.where(before[..., None], coords_b[clip, back], coords)
+            vis = torch.where(before, vis_b[clip, back], vis)
         return coords, vis
 
-    def _finish(self, coords, vis, queries, h: int, w: int):
+    def _run(self, clips: Sequence[torch.Tensor], queries: torch.Tensor, point_valid, backward: bool):
+        """Encode `clips` once and track queries (B, N, 3) model pixels -> coords, vis (see `_passes`)."""
+        with self._autocast(queries.device):
+            pyramid = self.model.encode_clips(clips, self.interp_shape)
+            return self._passes(pyramid, queries, point_valid, backward)
+
+    def _finish(self, coords, vis, queries, scale):
         """Threshold, overwrite each query frame with the query, rescale to input pixels.
 
-        coords (B, T, N, 2), vis (B, T, N), queries (B, N, 3), all at model resolution.
+        coords (B, T, N, 2), vis (B, T, N), queries (B, N, 3), all at model resolution; scale
+        (B, 1, 2) model -> input pixels. Returns tracks (B, T, N, 2) float32, visible (B, T, N) bool.
         """
         b, _, n = vis.shape
         visible = vis > self.vis_threshold
         frame = queries[..., 0].long()[:, None, :]  # (B, 1, N)
         coords = coords.scatter(1, frame[..., None].expand(b, 1, n, 2), queries[:, None, :, 1:].to(coords.dtype))
         visible = visible.scatter(1, frame, True)
-        return coords * self._scale(h, w, coords.device, inverse=True), visible
+        return coords * scale[:, None], visible
+
+    # ----------------------------------------------------------------------------- many clips
+    @torch.no_grad()
+    def track_many(
+        self,
+        videos: Sequence[torch.Tensor],
+        queries: Sequence[torch.Tensor] | None = None,
+        grid_size: int = 0,
+        grid_query_frame: int = 0,
+        backward_tracking: bool = True,
+        return_probs: bool = False,
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """Track points in several clips at once; each clip's result equals its solo run.
+
+        videos: clips (T_i, 3, H_i, W_i), uint8 or float with values 0..255, on the tracker's
+        device; lengths, sizes and point counts may all differ. queries: per clip (N_i, 3) float
+        (t, x, y), t a frame index, x, y in that clip's pixels (queries mode: plus each clip's own
+        6x6 support grid); or None with grid_size > 0 (grid mode: grid_size^2 points at frame
+        grid_query_frame of every clip, no support grid). backward_tracking: frames before a
+        query frame come from tracking the clip reversed (within its own length).
+
+        Returns per clip (tracks (T_i, N_i, 2) float32 clip pixels, visible (T_i, N_i) bool), plus
+        probs (T_i, N_i) float32 with return_probs: the visibility probability after the
+        forward/backward merge, before the threshold (and before the query frame is forced
+        visible). The clips are padded to the longest clip and the most points, with padded frames
+        and points masked out, so one call runs one set of kernels for all of them.
+        """
+        clips = self._check_clips(videos)
+        device = clips[0].device
+        lengths = [c.shape[0] for c in clips]
+        sizes = [tuple(c.shape[-2:]) for c in clips]
+        if queries is not None:
+            user, point_valid = self._user_queries(clips, queries, support=grid_size == 0)
+            counts = [len(q) for q in queries]
+        elif grid_size > 0:
+            if not 0 <= grid_query_frame < min(lengths):
+                raise ValueError(f"grid_query_frame={grid_query_frame} outside [0, {min(lengths) - 1}]")
+            points = self.grid_points(grid_size).to(device)
+            user = torch.cat([torch.full_like(points[:, :1], float(grid_query_frame)), points], dim=1)
+            user, point_valid = user[None].expand(len(clips), -1, -1), None
+            counts = [len(points)] * len(clips)
+        else:
+            raise ValueError("track_many needs queries or grid_size > 0")
+        coords, vis = self._run(clips, user, point_valid, backward_tracking)
+        n = max(counts)
+        tracks, visible = self._finish(coords[:, :, :n], vis[:, :, :n], user[:, :n], self._scales(sizes, device, True))
+        out = []
+        for i, (t, k) in enumerate(zip(lengths, counts)):
+            result = (tracks[i, :t, :k], visible[i, :t, :k])
+            out.append(result + (vis[i, :t, :k],) if return_probs else result)
+        return out
+
+    @staticmethod
+    def _check_clips(videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if isinstance(videos, torch.Tensor) or len(videos) == 0:
+            raise ValueError("videos must be a non-empty list of (T, 3, H, W) clips")
+        for i, clip in enumerate(videos):
+            if clip.ndim != 4 or clip.shape[1] != 3 or clip.shape[0] < 1:
+                raise ValueError(f"video {i} must be (T, 3, H, W) with T >= 1, got shape {tuple(clip.shape)}")
+            if min(clip.shape[-2:]) < 2:
+                raise ValueError(f"video {i}: frames must be at least 2x2 pixels, got {tuple(clip.shape[-2:])}")
+            if clip.device != videos[0].device:
+                raise ValueError(f"video {i} is on {clip.device}, video 0 on {videos[0].device}")
+        return list(videos)
+
+    def _user_queries(self, clips, queries: Sequence[torch.Tensor], support: bool):
+        """Per-clip queries (N_i, 3) clip pixels -> (B, N', 3) model pixels, padded to the most points
+        (padding: (0, 0, 0)) and followed by the support grid if `support`; point_valid (B, N') bool
+        or None when nothing is padded."""
+        if isinstance(queries, torch.Tensor) or len(queries) != len(clips):
+            raise ValueError(f"queries must be a list of {len(clips)} (N, 3) tensors, one per video")
+        device = clips[0].device
+        for i, (clip, q) in enumerate(zip(clips, queries)):
+            if q.ndim != 2 or q.shape[1] != 3:
+                raise ValueError(f"queries {i} must be (N, 3) (t, x, y), got shape {tuple(q.shape)}")
+            _check_query_frames(q[:, 0], clip.shape[0], f"video {i}")
+        counts = [len(q) for q in queries]
+        n = max(counts)
+        padded = torch.nn.utils.rnn.pad_sequence(
+            [q.to(device=device, dtype=torch.float32) for q in queries], batch_first=True
+        )  # (B, n, 3)
+        scale = self._scales([tuple(c.shape[-2:]) for c in clips], device)
+        user = torch.cat([padded[..., :1], padded[..., 1:] * scale], dim=-1)
+        point_valid = None
+        if any(k != n for k in counts):
+            valid = [[j < k for j in range(n)] + [True] * (self.support_grid_size**2 if support else 0) for k in counts]
+            point_valid = torch.tensor(valid, dtype=torch.bool, device=device)
+        if support:
+            user = torch.cat([user, self._support(len(clips), device)], dim=1)
+        return user, point_valid
 
     # ----------------------------------------------------------------------------- forward
     @torch.no_grad()
@@ -144,11 +270,9 @@ class OfflineTracker(nn.Module):
         if queries is not None:
             if queries.ndim != 3 or queries.shape[0] != b or queries.shape[2] != 3:
                 raise ValueError(f"queries must be (B={b}, N, 3) (t, x, y), got shape {tuple(queries.shape)}")
-            frame = queries[..., 0]
-            if bool(((frame < 0) | (frame >= t)).any()):
-                raise ValueError(f"query frames must lie in [0, {t - 1}] for a {t}-frame video")
-            q = queries.to(device=device, dtype=torch.float32).clone()
-            q[..., 1:] = q[..., 1:] * self._scale(h, w, device)
+            _check_query_frames(queries[..., 0], t, "video")
+            q = queries.to(device=device, dtype=torch.float32)
+            q = torch.cat([q[..., :1], q[..., 1:] * self._scales([(h, w)], device)], dim=-1)
             support = grid_size == 0 or segm_mask is not None
         else:
             if not 0 <= grid_query_frame < t:
@@ -161,14 +285,9 @@ class OfflineTracker(nn.Module):
             support = segm_mask is not None
         n = q.shape[1]
         if support:
-            grid = self.grid_points(self.support_grid_size).to(device)
-            extra = torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)[None].expand(b, -1, -1)
-            q = torch.cat([q, extra], dim=1)  # (B, N + 36, 3)
-        resized = self._resize(video)
-        with self._autocast(device):
-            pyramid = self.model.pyramid(self.model.encode(resized))
-            coords, vis = self._track(pyramid, q, backward_tracking)
-        return self._finish(coords[:, :, :n], vis[:, :, :n], q[:, :n], h, w)
+            q = torch.cat([q, self._support(b, device)], dim=1)  # (B, N + 36, 3)
+        coords, vis = self._run(list(video), q, None, backward_tracking)
+        return self._finish(coords[:, :, :n], vis[:, :, :n], q[:, :n], self._scales([(h, w)] * b, device, True))
 
     def _mask_points(self, points: torch.Tensor, segm_mask: torch.Tensor) -> torch.Tensor:
         """Keep the grid points (P, 2) where batch element 0's mask (resized, nearest) is non-zero."""
@@ -192,18 +311,18 @@ class OfflineTracker(nn.Module):
         gh, gw = h // step, w // step
         ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
         base = torch.stack([xs, ys], dim=-1).reshape(-1, 2).float() * step  # (gh*gw, 2) (x, y)
-        scale = self._scale(h, w, video.device)
+        scale = self._scales([(h, w)], video.device)[0]
+        back = self._scales([(h, w)] * b, video.device, inverse=True)
         tracks, visible = [], []
-        resized = self._resize(video)
         with self._autocast(video.device):
-            pyramid = self.model.pyramid(self.model.encode(resized))
+            pyramid = self.model.encode_clips(list(video), self.interp_shape)
         for offset in range(step * step):
             pts = (base + torch.tensor([offset % step, offset // step], dtype=torch.float32)).to(video.device)
             q = torch.cat([torch.full_like(pts[:, :1], float(grid_query_frame)), pts * scale], dim=1)
             q = q[None].expand(b, -1, -1)
             with self._autocast(video.device):
-                coords, vis = self._track(pyramid, q, backward)
-            out = self._finish(coords, vis, q, h, w)
+                coords, vis = self._passes(pyramid, q, None, backward)
+            out = self._finish(coords, vis, q, back)
             tracks.append(out[0])
             visible.append(out[1])
         return torch.cat(tracks, dim=2), torch.cat(visible, dim=2)
