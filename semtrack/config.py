@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 from semtrack import clustering, points
 from semtrack.layout import OutputLayout, dump_name
+from semtrack.tracker.memory import MODEL_RESOLUTION
 
 # Frames: defaults shared with datamodules.video.VideoCSVDataset.
 FPS = 10.0  # target frame rate (the research script's default was every decoded frame: fps=None)
@@ -24,7 +25,6 @@ DECODERS = ("auto", "decord", "pyav")
 VIDEO_ID_RULES = ("stem", "research")
 NUM_FRAMES_CLUSTERING = 32  # research default
 MIN_FRAMES = 2  # the smallest `max_frames`: a track needs two frames
-TRACKER_RESOLUTION = (384, 512)  # CoTracker3's model resolution (H, W)
 
 GROUPS = ("input/output", "research compatibility", "frames", "features", "clustering", "points", "tracker", "job")
 # What --research_compat sets, unless the option is given too: every behaviour of the research script
@@ -111,9 +111,11 @@ class ExtractConfig:
     cotracker_checkpoint: Optional[str] = _option(
         None, "tracker", "CoTracker3 weights file or URL", shown="as --weights says")
     tracker_resolution: tuple[int, int] = _option(
-        TRACKER_RESOLUTION, "tracker", "H W frames are resized to for tracking (multiples of 32)")
+        MODEL_RESOLUTION, "tracker", "H W frames are resized to for tracking (multiples of 32)")
     matmul_precision: Literal["highest", "high"] = _option(
         "highest", "tracker", "fp32 matmuls/convolutions on GPUs: highest (strict fp32) or high (TF32, faster)")
+    save_confidence: bool = _option(
+        False, "tracker", "keep the visibility probabilities (float16 (T, N), metadata key 'confidence')")
     max_tracking_memory_gb: Optional[float] = _option(
         None, "tracker", "estimated tracking memory above which a video is a recorded failure",
         shown="10 per GPU minus the models; half the free memory on CPU")

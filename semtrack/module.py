@@ -5,7 +5,7 @@ import lightning as L
 import torch
 
 from semtrack.config import ExtractConfig
-from semtrack.pipeline import TRACKER_PRECISION, BatchResult, Pipeline, tracking_budget
+from semtrack.pipeline import TRACKER_PRECISION, BatchResult, Pipeline, tracking_budget, tune_tracker
 from semtrack.records import Clip
 
 
@@ -54,6 +54,7 @@ class SemanticTracker(L.LightningModule):
     def on_predict_start(self) -> None:
         model_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         budget = tracking_budget(self.config, self.device, model_bytes)
+        tune_tracker(self.tracker, self.device, budget)
         self.pipeline = Pipeline(self.config, self.features, self.tracker, self.device, self.tracker_precision(),
                                  budget)
 

@@ -3,10 +3,12 @@
     tokens  = features(frames[cluster_frames])         DINOv2, per clip      (K, 16, 16, D)
     labels  = cluster(tokens)                          all clips at once     (K, 16, 16)
     points  = select_query_points(labels, ...)         per clip              (N, 3) (t, x, y)
-    tracks  = track(frames, points)                    clips of one shape    (T, N, 2), (T, N)
+    tracks  = tracker.track_many(frames, points)       clips of any shape    (T, N, 2), (T, N)
 
 Grid mode skips the first three. Each stage is `StageRunner.run`: a failing call is retried clip by
-clip and a failure is pinned on its clip. Results leave the device once, at the end.
+clip and a failure is pinned on its clip. The tracker takes the batch in as few calls as fit the
+memory budget (clips in order of length, so a call pads little). Results leave the device once, at
+the end.
 """
 from __future__ import annotations
 
@@ -20,20 +22,33 @@ from semtrack.config import ExtractConfig
 from semtrack.points import QueryPoints, grid_query_points, select_query_points
 from semtrack.records import Clip, ClusterView, Failure, Tracks, VideoResult
 from semtrack.resources import available_memory
-from semtrack.runner import GB, StageRunner, TrackingBudget, grouped
+from semtrack.runner import GB, StageRunner, TrackingBudget
 from semtrack.tracker import estimate_tracking_bytes
 
 STAGES = ("features", "clustering", "points", "tracking")
 TRACKER_PRECISION = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp32", "bf16-mixed": "bf16"}
 CUDA_BUDGET_BYTES = 10 * GB  # tracking memory per GPU rank, models included
+# On a GPU, fewer and larger chunks of the tracker's ops launch fewer kernels; exact either way.
+CUDA_ENCODER_CHUNK = 64  # frames per encoder call
+CUDA_CHUNK_SHARE = 0.25  # of the tracking budget, for one chunk's intermediates
 
 
 @dataclass
 class BatchResult:
-    """What one step hands the writer: a result per clip (batch order) and {stage: (seconds, videos)}."""
+    """What one step hands the writer: a result per clip (batch order), {stage: (seconds, videos)}
+    and, per tracker call, (clips, frames, frames after padding)."""
 
     results: list[VideoResult]
     timings: dict[str, tuple[float, int]]
+    tracking_calls: list[tuple[int, int, int]]
+
+
+def tune_tracker(tracker, device: torch.device, budget: float | None) -> None:
+    """Chunk sizes for the device: on CUDA `CUDA_ENCODER_CHUNK` frames per encoder call and a
+    `CUDA_CHUNK_SHARE` of the budget per chunk; elsewhere the tracker's defaults."""
+    if device.type == "cuda" and budget:
+        tracker.model.encoder_chunk = CUDA_ENCODER_CHUNK
+        tracker.model.chunk_bytes = int(budget * CUDA_CHUNK_SHARE)
 
 
 def tracking_budget(config: ExtractConfig, device: torch.device, model_bytes: int) -> float | None:
@@ -67,34 +82,33 @@ class Pipeline:
                 run.fail(clip, "decode", clip.error or "no frames decoded")
         live = run.alive(clips)
         frames = {c.row: c.frames.to(self.device, non_blocking=True) for c in live}  # (T, 3, H, W) uint8
-        points, labels = {}, {}
+        points, labels, self._calls = {}, {}, []
         if cfg.use_grid:
             budget = self.tracking_budget({c.row: cfg.cotracker_grid_size**2 for c in live})
-            by_shape = grouped(lambda c: (c.num_frames, *c.size), budget.calls)  # one tracker call per shape
-            tracks = run.run("tracking", live, self._grid_tracking, frames, calls=by_shape)
+            tracks = run.run("tracking", live, self._grid_tracking, frames, calls=budget.calls_by_length)
         else:
             cluster_frames = {c.row: c.cluster_frames.to(self.device, non_blocking=True) for c in live}
             tokens = run.run("features", live, self._features, frames, cluster_frames)
             labels = run.run("clustering", live, self._clustering, tokens)
             points = run.run("points", live, self._points, labels, cluster_frames)
             budget = self.tracking_budget({row: len(qp) for row, qp in points.items()})
-            by_points = grouped(lambda c: (c.num_frames, *c.size, len(points[c.row])), budget.calls)
-            tracks = run.run("tracking", live, self._tracking, frames, points, calls=by_points)
+            tracks = run.run("tracking", live, self._tracking, frames, points, calls=budget.calls_by_length)
         results = [self._result(clip, tracks, points, labels, run.failures.get(clip.row)) for clip in clips]
         if run.clock.cuda:
             torch.cuda.current_stream().synchronize()  # the stage clocks' events are complete
-        return BatchResult(results, run.clock.totals())
+        return BatchResult(results, run.clock.totals(), self._calls)
 
     def _result(self, clip: Clip, tracks: dict, points: dict, labels: dict, failure: Failure | None) -> VideoResult:
         """The clip's result, its tensors copied to the CPU (the one device -> host copy)."""
         if failure is not None:
             return VideoResult(clip, failure=failure)
-        tr, vis, obj_ids, query_frames = (t.cpu() for t in tracks[clip.row])
+        tr, vis, obj_ids, query_frames, probs = (None if t is None else t.cpu() for t in tracks[clip.row])
         qp = points.get(clip.row)
         view = None
         if self.config.debug_mode and qp is not None:
             view = ClusterView(labels[clip.row].cpu(), qp.source_frames.cpu())
-        return VideoResult(clip, Tracks(tr, vis, obj_ids, query_frames, qp.num_dropped if qp else 0), clusters=view)
+        dropped = qp.num_dropped if qp else 0
+        return VideoResult(clip, Tracks(tr, vis, obj_ids, query_frames, dropped, probs), clusters=view)
 
     # ------------------------------------------------------------------ stages
     def _features(self, clips, frames, cluster_frames) -> list[torch.Tensor]:
@@ -124,20 +138,26 @@ class Pipeline:
         return out
 
     def _tracking(self, clips, frames, points) -> list[tuple]:
-        """Clips of one shape and point count -> (tracks, visibility, obj_ids, query_frames) per clip."""
-        video = torch.stack(frames).float()  # (B, T, 3, H, W) 0..255
-        queries = torch.stack([qp.queries for qp in points])  # (B, N, 3)
-        with torch.autocast(video.device.type, enabled=False):  # the tracker runs its own precision
-            tracks, vis = self.tracker(video, queries=queries, backward_tracking=True)
-        return [(tr, vi, qp.obj_ids, qp.queries[:, 0].long()) for tr, vi, qp in zip(tracks, vis, points)]
+        """uint8 clips (T_i, 3, H_i, W_i) and their points, in one tracker call -> per clip (tracks,
+        visibility, obj_ids, query_frames, visibility probabilities or None)."""
+        out = self._track(frames, queries=[qp.queries for qp in points], backward_tracking=True)
+        return [(*tr, qp.obj_ids, qp.queries[:, 0].long(), probs) for (*tr, probs), qp in zip(out, points)]
 
     def _grid_tracking(self, clips, frames) -> list[tuple]:
+        """Grid mode: a grid_size^2 grid at frame 0 of every clip, no backward pass."""
         size = self.config.cotracker_grid_size
-        video = torch.stack(frames).float()
-        with torch.autocast(video.device.type, enabled=False):
-            tracks, vis = self.tracker(video, grid_size=size, grid_query_frame=0)
-        grid = grid_query_points(size, 0, device=video.device)
-        return [(tr, vi, grid.obj_ids, grid.query_frames) for tr, vi in zip(tracks, vis)]
+        out = self._track(frames, grid_size=size, grid_query_frame=0, backward_tracking=False)
+        grid = grid_query_points(size, 0, device=self.device)
+        return [(*tr, grid.obj_ids, grid.query_frames, probs) for *tr, probs in out]
+
+    def _track(self, frames: list[torch.Tensor], **options) -> list[tuple]:
+        """`track_many` in the tracker's own precision (not the Trainer's autocast) -> per clip
+        (tracks, visibility, probabilities or None); records the call's padding."""
+        lengths = [len(f) for f in frames]
+        self._calls.append((len(frames), sum(lengths), max(lengths) * len(frames)))
+        with torch.autocast(self.device.type, enabled=False):
+            out = self.tracker.track_many(frames, return_probs=self.config.save_confidence, **options)
+        return [o if self.config.save_confidence else (*o, None) for o in out]
 
     # ------------------------------------------------------------------ tracking memory
     def tracking_budget(self, num_points: dict[int, int]) -> TrackingBudget:
@@ -150,7 +170,8 @@ class Pipeline:
             size = (max(c.size[0] for c in clips), max(c.size[1] for c in clips))
             return estimate_tracking_bytes(
                 frames or max(c.num_frames for c in clips), max(num_points[c.row] for c in clips), size,
-                cfg.tracker_resolution, backward=not cfg.use_grid, dtype_bytes=dtype_bytes, batch=len(clips))
+                cfg.tracker_resolution, backward=not cfg.use_grid, dtype_bytes=dtype_bytes, batch=len(clips),
+                encoder_chunk=self.tracker.model.encoder_chunk, chunk_bytes=self.tracker.model.chunk_bytes)
 
         def describe(clip: Clip) -> str:
             return f"{clip.num_frames} frames x {num_points[clip.row]} points at {height}x{width}"

@@ -68,7 +68,8 @@ class Tracks:
 
     tracks: (T, N, 2) float32 (x, y) clip pixels; visibility: (T, N) bool; obj_ids: (N,) int64
     entity of each point; query_frames: (N,) int64 frame each point was queried at (index into T);
-    num_dropped: points removed as redundant (`min_point_distance`).
+    num_dropped: points removed as redundant (`min_point_distance`); confidence: (T, N) float32
+    CoTracker3's visibility probabilities (`--save_confidence`), else None.
     """
 
     tracks: torch.Tensor
@@ -76,6 +77,7 @@ class Tracks:
     obj_ids: torch.Tensor
     query_frames: torch.Tensor
     num_dropped: int = 0
+    confidence: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

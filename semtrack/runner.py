@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections import defaultdict
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -60,21 +60,6 @@ class StageClock:
 def one_call(clips: list[Clip]) -> tuple[list[list[Clip]], dict[int, str]]:
     """Every clip in one call, none refused."""
     return [clips], {}
-
-
-def grouped(key: Callable[[Clip], Hashable], then: Calls = one_call) -> Calls:
-    """Calls of clips with equal `key`, each group cut further by `then`."""
-    def calls(clips: list[Clip]) -> tuple[list[list[Clip]], dict[int, str]]:
-        groups: dict[Hashable, list[Clip]] = defaultdict(list)
-        for clip in clips:
-            groups[key(clip)].append(clip)
-        out, refused = [], {}
-        for group in groups.values():
-            parts, rejected = then(group)
-            out += parts
-            refused.update(rejected)
-        return out, refused
-    return calls
 
 
 class StageRunner:
@@ -155,6 +140,10 @@ class TrackingBudget:
         if all(self.need(call, None) <= self.limit for call in balanced):
             return balanced, refused
         return greedy, refused
+
+    def calls_by_length(self, clips: list[Clip]) -> tuple[list[list[Clip]], dict[int, str]]:
+        """`calls` on the clips in order of frame count: a call of several clips pads little."""
+        return self.calls(sorted(clips, key=lambda c: c.num_frames))
 
     def refusal(self, clip: Clip) -> str:
         """Why `clip` is not tracked, naming the fix: the largest --max_frames that fits, or a budget that would."""

@@ -111,6 +111,8 @@ class TrackWriter(BasePredictionWriter):
             "dinov2_weights": self.weights["dinov2"],
             "config": dict(self.options),
         }
+        if tr.confidence is not None:
+            meta["confidence"] = tr.confidence.to(torch.float16)  # (T, N)
         save_tracks(self.layout.pickle(clip.dataset, clip.video_id), {
             "pred_tracks": tr.tracks.to(torch.float16),  # (T, N, 2)
             "pred_visibility": tr.visibility.to(torch.bool),  # (T, N)

@@ -40,10 +40,12 @@ def test_dinov2_inputs_are_the_research_inputs():
 class EchoTracker:
     """Stand-in tracker: every point stays at its query pixel, so the tracks give the queries back."""
 
-    def __call__(self, video, queries, backward_tracking):
-        b, t = video.shape[:2]
-        tracks = queries[:, None, :, 1:].expand(b, t, -1, 2).clone()  # (B, T, N, 2)
-        return tracks, torch.ones(tracks.shape[:3], dtype=torch.bool)
+    def track_many(self, videos, queries, backward_tracking, return_probs):
+        out = []
+        for video, q in zip(videos, queries):
+            tracks = q[None, :, 1:].expand(len(video), -1, 2).clone()  # (T, N, 2)
+            out.append((tracks, torch.ones(tracks.shape[:2], dtype=torch.bool)))
+        return out
 
 
 @pytest.mark.parametrize("merge_ratio, num_iters", [(25, 11), (40, 5)])

@@ -12,6 +12,7 @@ dies, attention as one fused kernel: `benchmarks/bench_tracker.py --mode memory`
 """
 from __future__ import annotations
 
+MODEL_RESOLUTION = (384, 512)  # (H, W) CoTracker3 was trained at; its motion features assume it
 SUPPORT_POINTS = 36  # 6 x 6 support grid added in queries mode
 VIRTUAL_TRACKS = 64
 LATENT_DIM = 128  # feature channels of the pyramid
@@ -69,7 +70,7 @@ def estimate_tracking_bytes(
     num_frames: int,
     num_points: int,
     clip_size: tuple[int, int],
-    resolution: tuple[int, int] = (384, 512),
+    resolution: tuple[int, int] = MODEL_RESOLUTION,
     backward: bool = True,
     dtype_bytes: int = 4,
     batch: int = 1,

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import BasicEncoder
-from .memory import CHUNK_BYTES, CORR_POINT_FRAME_BYTES, chunk_bounds, rows_per_chunk
+from .memory import (
+    CHUNK_BYTES,
+    CORR_POINT_FRAME_BYTES,
+    ENCODER_CHUNK,
+    MODEL_RESOLUTION,
+    chunk_bounds,
+    rows_per_chunk,
+)
 from .updateformer import EfficientUpdateFormer, Mlp
 
 
@@ -110,9 +117,9 @@ class CoTrackerThreeOffline(nn.Module):
         corr_levels: int = 4,
         window_len: int = 60,
         num_virtual_tracks: int = 64,
-        model_resolution: tuple[int, int] = (384, 512),
+        model_resolution: tuple[int, int] = MODEL_RESOLUTION,
         latent_dim: int = 128,
-        encoder_chunk: int = 200,
+        encoder_chunk: int = ENCODER_CHUNK,
         chunk_bytes: int | None = CHUNK_BYTES,
     ):
         super().__init__()
