@@ -26,6 +26,9 @@ What it reports (per precision; printed and written to `--json`):
   `write_on_batch_end`: pickles, GIFs if asked). `startup_wait_s`: the wait for the first batch.
   `decode_s_per_video`: decoding + resampling each row once in this process (`VideoCSVDataset[i]`)
   after the run: the CPU work the DataLoader workers have to hide.
+* `tracker_calls`, `videos_per_tracker_call`, `padded_frame_fraction`: how the tracker batched
+  (length-bucketed batches, one `track_many` call per batch unless the memory budget splits it; the
+  share of the frames it ran that were padding).
 * `busy_fraction`: sum of the four compute stages' clock time / steady loop wall time (first batch
   excluded). On CUDA the stage clocks are CUDA-event intervals on the compute stream, so this is an
   upper bound of the GPU's busy time (an interval also counts the GPU idling inside a stage while
@@ -37,8 +40,9 @@ What it reports (per precision; printed and written to `--json`):
   resident set); `children_max_rss_gb`: the largest finished child process's peak (rank 0: the
   DataLoader workers, and small helpers such as git).
 * `bf16_vs_fp32` (`--compare_precision`: runs `32-true` then `bf16-mixed` on the same CSV): per
-  video, how many query points both runs chose (bf16 autocast also covers DINOv2, which can change
-  the clusters; points are matched by query frame, pixel and entity id), and over the matched
+  video, how many query points both runs chose (DINOv2 stays fp32 unless `--features_precision bf16`,
+  which can change the clusters; points are matched by query frame, pixel and entity id), and over
+  the matched
   points the max / mean track deviation in pixels and the visibility agreement
   (`semtrack.load_tracks` on both pickles). bf16 is meant for CUDA: on CPU it is several times
   slower than fp32.
@@ -98,6 +102,7 @@ class LoopProbe(Callback):
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.writes: list[float] = []
+        self.tracker_calls: list[tuple[int, int, int]] = []  # (clips, frames, padded frames) per call
         self.videos: list[int] = []
         self.stage_s: dict[str, float] = {}
         self.batch_compute: list[float] = []  # per batch: seconds of the compute stages
@@ -121,6 +126,7 @@ class LoopProbe(Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.ends.append(time.perf_counter())
         self.writes.append(self.writer.last_write_s)
+        self.tracker_calls += outputs.tracking_calls
         self.videos.append(len(batch))
         for stage, (seconds, _videos) in outputs.timings.items():
             self.stage_s[stage] = self.stage_s.get(stage, 0.0) + seconds
@@ -178,6 +184,10 @@ class LoopProbe(Callback):
             "stage_s_per_video": stages,
             "step_s_per_video": per_video(sum(steps), videos),
             "busy_fraction": sum(self.batch_compute[1:]) / steady_wall if steady_wall > 0 else None,
+            "tracker_calls": len(self.tracker_calls),
+            "videos_per_tracker_call": per_video(sum(c for c, _, _ in self.tracker_calls), len(self.tracker_calls)),
+            "padded_frame_fraction": per_video(sum(p - f for _, f, p in self.tracker_calls),
+                                               sum(p for _, _, p in self.tracker_calls)),
         }
 
 
@@ -229,8 +239,9 @@ def _query_index(tf) -> dict[tuple, int]:
 def compare_outputs(cfg32: ExtractConfig, cfg16: ExtractConfig) -> dict:
     """bf16 vs fp32 pickles of the same videos.
 
-    bf16 autocast also runs DINOv2, so the clusters and hence the query points can differ. Points
-    are matched by (query frame, query pixel, entity id); the deviation is over matched points:
+    With DINOv2 in fp32 (the default) both runs have the same query points; with
+    `--features_precision bf16` the clusters can differ. Points are matched by (query frame, query
+    pixel, entity id); the deviation is over matched points:
     Euclidean distance per (frame, point) in clip pixels, and visibility agreement.
     """
     per_video, devs, vis_same, vis_total = [], [], 0, 0
@@ -351,6 +362,8 @@ def print_summary(result: dict) -> None:
                   "(stage times below are rank 0's)")
         stages = ", ".join(f"{k} {_fmt(v)}" for k, v in loop["stage_s_per_video"].items())
         print(f"  s/video: {stages}")
+        print(f"  tracker: {loop['tracker_calls']} calls, {_fmt(loop['videos_per_tracker_call'], '.2f')} videos per "
+              f"call, {_fmt(loop['padded_frame_fraction'])} of the frames padding")
         print(f"  startup wait {_fmt(loop['startup_wait_s'], '.2f')} s; decode in-process "
               f"{_fmt(run['decode_s_per_video'])} s/video; busy fraction {_fmt(loop['busy_fraction'])}; "
               f"nvml utilization {_fmt(run['nvml_utilization'])}")
