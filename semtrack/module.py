@@ -54,7 +54,7 @@ class SemanticTracker(L.LightningModule):
     def on_predict_start(self) -> None:
         model_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         budget = tracking_budget(self.config, self.device, model_bytes)
-        tune_tracker(self.tracker, self.device, budget)
+        tune_tracker(self.tracker, self.device)
         self.pipeline = Pipeline(self.config, self.features, self.tracker, self.device, self.tracker_precision(),
                                  budget)
 
