@@ -84,3 +84,16 @@ def test_the_default_job_resamples_a_25fps_clip_to_10fps(tmp_path, videos_dir):
     tf = load_tracks(tmp_path / "cotracker3_bip_fr_32_fps_10" / "ucf101" / "feat_dump" / "tiny_25fps.pkl")
     assert tf.num_frames == math.floor(t_last * 10 + 0.5) + 1
     assert tf.meta["fps"] == 10.0 and tf.meta["source_fps"] == 25.0
+
+
+@pytest.mark.parametrize("flag", ["--cotracker_checkpoint", "--dinov2_checkpoint"])
+def test_a_video_passed_as_a_checkpoint_is_one_line_and_exit_2(flag, tmp_path, videos_dir, capsys):
+    csv = tmp_path / "v.csv"
+    csv.write_text(f"video_path,dataset\n{videos_dir / 'tiny_ssv2.webm'},ssv2\n")
+    status = main(["--csv_path", str(csv), "--base_feat_path", str(tmp_path / "out"), "--weights", "random",
+                   "--dinov2_model", "vits14", "--tracker_resolution", "64", "96", "--num_workers", "0",
+                   flag, str(videos_dir / "tiny_25fps.mp4"), "--trainer.enable_progress_bar=false"])
+    assert status == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "tiny_25fps.mp4 is not a" in err[0] and "checkpoint" in err[0]
+    assert "Traceback" not in err[0] and not list((tmp_path / "out").rglob("*.pkl"))
