@@ -132,17 +132,20 @@ def write_report_files(layout: OutputLayout, report: dict, records: list[dict]) 
         write_text_atomic(layout.manifest, manifest_csv(latest.values()))
 
 
-def rebuild(layout: OutputLayout, run_id: str | None = None) -> tuple[dict, list[str]]:
-    """Read the ledger, build the report and write its files -> (report, errors: one line per file
-    that could not be written)."""
+def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] | None = None) -> dict:
+    """Read the ledger, build the report and write its files -> the report. `errors` (one line each:
+    what the run could not write) go into `last_run.errors`; a report file that cannot be written
+    adds its line there too (in the returned report only)."""
     records = read_records(layout)
     report = build_report(layout, records, run_id)
-    errors = []
+    if report["last_run"] is not None:
+        report["last_run"]["errors"] = list(errors or ())
     try:
         write_report_files(layout, report, records)
     except OSError as exc:
-        errors.append(f"could not write the report files in {layout.root}: {one_line(exc)}")
-    return report, errors
+        if report["last_run"] is not None:
+            report["last_run"]["errors"].append(f"could not write the report files in {layout.root}: {one_line(exc)}")
+    return report
 
 
 def _rate(run: dict) -> str:
@@ -184,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {layout.root} has no ledger ({layout.ledger_dir}/*.jsonl): not a semtrack output folder",
               file=sys.stderr)
         return 2
-    report, errors = rebuild(layout)
+    report = rebuild(layout)
     print(format_report(report))
+    errors = report["last_run"]["errors"] if report["last_run"] else []
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     return 1 if errors or report["counts"]["failed"] else 0

@@ -114,7 +114,7 @@ class FolderLock:
     def _take(self, name: str, mode: int, message) -> None:
         path = self.layout.lock_file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # read-only: a held lock keeps no file open for writing
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -131,8 +131,7 @@ class FolderLock:
             return
         self._fds.append(fd)
         if mode == fcntl.LOCK_EX:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (_owner_line() + "\n").encode(), 0)
+            path.write_text(_owner_line() + "\n", encoding="utf-8")
 
     @staticmethod
     def _holder(fd: int, wanted: int) -> str:

@@ -315,10 +315,9 @@ class TrackWriter(BasePredictionWriter):
 
     def _rebuild(self, trainer) -> dict:
         """Rank 0: the folder's report from the ledger, written to its files and printed."""
-        report, errors = rebuild(self.layout, self.run_id)
+        report = rebuild(self.layout, self.run_id, self.errors)
         if report["last_run"] is not None:
-            report["last_run"]["errors"] = self.errors + errors
-        self.errors += errors
+            self.errors = report["last_run"]["errors"]
         print("\n" + format_report(report), file=sys.stderr, flush=True)  # after the bar line
         for line in self.errors:
             print(f"error: {line}", file=sys.stderr, flush=True)
