@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,10 +88,9 @@ class LedgerPart:
 
 
 def fallback_path(run_id: str, rank: int) -> Path:
-    """Where records go that the output folder could not take: the system's temporary folder."""
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / f"semtrack-ledger-{run_id}.r{rank}.jsonl"
+    """Where records go that the output folder could not take: the system's temporary folder, under a
+    name no ledger file of the folder has (copied into `<root>/ledger/` as it is, it is read with them)."""
+    return Path(tempfile.gettempdir()) / f"semtrack-ledger-{run_id}.r{rank}.saved.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,9 +143,22 @@ def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] |
     try:
         write_report_files(layout, report, records)
     except OSError as exc:
+        stale = [path for path in (layout.failures, layout.report, layout.manifest) if _removed(path)]
+        note = f"; removed the stale {', '.join(p.name for p in stale)}" if stale else ""
         if report["last_run"] is not None:
-            report["last_run"]["errors"].append(f"could not write the report files in {layout.root}: {one_line(exc)}")
+            report["last_run"]["errors"].append(
+                f"could not write the report files in {layout.root}: {one_line(exc)}{note}; run semtrack-report "
+                f"{layout.root} once it can be written")
     return report
+
+
+def _removed(path: Path) -> bool:
+    """Remove a report file that can no longer be brought up to date -> whether one was removed."""
+    try:
+        path.unlink()
+        return True
+    except OSError:
+        return False
 
 
 def _rate(run: dict) -> str:

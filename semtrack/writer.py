@@ -306,7 +306,7 @@ class TrackWriter(BasePredictionWriter):
         path = fallback_path(self.run_id, self.rank)
         try:
             LedgerPart(path).append(self._unrecorded)
-            where = (f"{len(self._unrecorded)} ledger record(s) were saved to {path}: copy it into "
+            where = (f"{len(self._unrecorded)} ledger record(s) were saved to {path}: copy that file into "
                      f"{self.layout.ledger_dir}/ once the folder can be written, then run semtrack-report "
                      f"{self.layout.root}")
         except OSError as exc:
