@@ -53,7 +53,7 @@ class ExtractConfig:
         "sample.csv", "input/output", "CSV of videos: columns video_path, dataset [, video_id, fps]")
     base_feat_path: str = _option("./semtrack_out", "input/output", "output root; outputs go to <base>/<dump_name>/")
     output_format: Literal["pickle", "webdataset"] = _option(
-        "pickle", "input/output", "pickle: one file per video; webdataset: tar shards and manifest.csv")
+        "pickle", "input/output", "one pickle per video, or webdataset: tar shards")
     videos_per_tar: int = _option(1000, "input/output", "webdataset: videos per tar shard")
     fps: Optional[float] = _option(
         FPS, "frames", "target frame rate; none keeps every decoded frame (the research default)")
@@ -108,15 +108,13 @@ class ExtractConfig:
     num_workers: int = _option(4, "job", "decoding processes")
     make_vis: bool = _option(False, "job", "also write a trail GIF per video")
     vis_max_width: Optional[int] = _option(None, "job", "GIFs and overlays at most this wide (px)", shown="full size")
-    debug_mode: bool = _option(
-        False, "job", "the first row only (also when done), into <folder>/debug/, with timings and overlays")
+    debug_mode: bool = _option(False, "job", "first row only, even if done, into debug/, with timings, overlays")
     rerun: bool = _option(False, "job", "redo videos whose outputs exist")
     verify_outputs: bool = _option(False, "job", "re-read and validate done videos' pickles before skipping them")
     num_shards: Optional[int] = _option(
-        None, "job", "split the CSV rows into this many shards, one per job", shown="$SLURM_ARRAY_TASK_COUNT or 1")
+        None, "job", "shards of the rows, one per job", shown="$SLURM_ARRAY_TASK_COUNT")
     shard_index: Optional[int] = _option(
-        None, "job", "the shard this job runs (0-based): rows with index % num_shards == shard_index",
-        shown="from $SLURM_ARRAY_TASK_ID")
+        None, "job", "this job's shard: the rows i with i mod num_shards = it", shown="$SLURM_ARRAY_TASK_ID")
 
     def __post_init__(self) -> None:
         if self.clustering_method not in clustering.CLUSTERING_METHODS:
