@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.video import VideoCSVDataset
 from semtrack.config import ExtractConfig
 from semtrack.layout import job_layout
-from semtrack.ledger import DoneRule, csv_keys, latest_videos, read_records
+from semtrack.ledger import DoneRule, csv_keys, iter_records, latest_videos
 from semtrack.records import Clip
 from semtrack.shards import Shard, resolve_shard
 
@@ -153,20 +153,10 @@ class ExtractionDataModule(L.LightningDataModule):
         mine, run_rows = assigned_rows(dataset.rows, shard, rank, world_size, cfg.debug_mode)
         layout = job_layout(cfg)
         rerun = cfg.rerun or cfg.debug_mode
-        latest = {} if rerun else latest_videos(read_records(layout))
+        latest = {} if rerun else latest_videos(iter_records(layout), {(r.dataset, r.video_id) for r in mine})
         decided = DoneRule(layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs).plan(mine, rerun)
         return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
                        csv_rows=len(dataset.rows), csv_keys=csv_keys(dataset.rows), adopted=decided.adopted)
-
-    @property
-    def num_rows(self) -> int:
-        """The run's rows (its shard, all ranks)."""
-        return 0 if self.plan is None else self.plan.rows
-
-    @property
-    def num_skipped(self) -> int:
-        """This process's rows skipped because they are done."""
-        return 0 if self.plan is None else self.plan.skipped
 
     def setup(self, stage: str | None = None) -> None:
         if self.plan is not None:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Container, Iterable, Iterator, Sequence
 
 from semtrack.layout import OutputLayout
 from semtrack.trackfile import TrackFileError, loads_tracks
@@ -98,13 +98,12 @@ def fallback_path(run_id: str, rank: int) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_records(layout: OutputLayout) -> list[dict]:
+def iter_records(layout: OutputLayout) -> Iterator[dict]:
     """Every record of every ledger file of the folder (files in name order, lines in order); torn
     or foreign lines are skipped."""
     folder = layout.ledger_dir
     if not folder.is_dir():
-        return []
-    records = []
+        return
     for path in sorted(folder.glob("*.jsonl")):
         try:
             lines = path.read_bytes().splitlines()
@@ -116,8 +115,12 @@ def read_records(layout: OutputLayout) -> list[dict]:
             except ValueError:
                 continue
             if _well_formed(record):
-                records.append(record)
-    return records
+                yield record
+
+
+def read_records(layout: OutputLayout) -> list[dict]:
+    """`iter_records` as a list."""
+    return list(iter_records(layout))
 
 
 _REQUIRED = {"start": ("time",), "end": ("time",), "video": ("time", "row", "dataset", "video_id", "status")}
@@ -130,11 +133,18 @@ def _well_formed(record) -> bool:
     return all(key in record for key in _REQUIRED.get(record.get("kind"), ("-",)))
 
 
-def latest_videos(records: Iterable[dict]) -> dict[tuple[str, str], dict]:
-    """{(dataset, video_id): its latest `video` record} (by `time`, ties by order read)."""
-    videos = [r for r in records if r["kind"] == "video"]
-    videos.sort(key=lambda r: r["time"])
-    return {(r["dataset"], r["video_id"]): r for r in videos}
+def latest_videos(records: Iterable[dict], keys: Container[tuple[str, str]] | None = None
+                  ) -> dict[tuple[str, str], dict]:
+    """{(dataset, video_id): its latest `video` record} (by `time`, ties to the one read last), of
+    the videos in `keys` (default all). Holds one record per video while reading."""
+    latest: dict[tuple[str, str], dict] = {}
+    for r in records:
+        if r["kind"] != "video":
+            continue
+        key = (r["dataset"], r["video_id"])
+        if (keys is None or key in keys) and (key not in latest or r["time"] >= latest[key]["time"]):
+            latest[key] = r
+    return latest
 
 
 # ---------------------------------------------------------------------------------------------

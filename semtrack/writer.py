@@ -135,7 +135,10 @@ class TrackWriter(BasePredictionWriter):
         if plan is not None:
             start.update(csv_rows=plan.csv_rows, csv_keys=plan.csv_keys, rows=plan.rows, assigned=plan.assigned,
                          skipped=plan.skipped)
-        self.ledger.append([self._stamp(start), *(self._stamp(r) for r in (plan.adopted if plan else []))])
+        try:
+            self.ledger.append([self._stamp(start), *(self._stamp(r) for r in (plan.adopted if plan else []))])
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write the ledger {self.ledger.path}: {one_line(exc)}") from None
         self.started = self.stop.started = True
         say(trainer, f"models loaded in {time.perf_counter() - self._setup_time:.1f} s; decoding the first videos")
         self.stop.check()

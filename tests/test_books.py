@@ -294,7 +294,7 @@ def test_a_full_disk_keeps_every_record_and_exits_1(tmp_path, clips, capsys):
         assert len(list(out.glob("*/gif_dump/*.gif"))) == 2
 
 
-def test_a_folder_turned_read_only_keeps_every_record_and_exits_1(tmp_path, clips, videos_dir):
+def test_a_folder_turned_read_only_keeps_every_record_and_exits_1(tmp_path, clips, videos_dir, capsys):
     csv_path = write_csv(tmp_path / "three.csv", [(videos_dir / "tiny_ssv2.webm", "a", "x"),
                                                   (videos_dir / "tiny_25fps.mp4", "b", "y"),
                                                   (videos_dir / "tiny_ssv2.webm", "b", "z")])
@@ -323,3 +323,8 @@ def test_a_folder_turned_read_only_keeps_every_record_and_exits_1(tmp_path, clip
         report = report_of(out)
         assert report["counts"]["done"] + report["counts"]["failed"] + report["counts"]["pending"] == 3
         assert report["runs"][0]["status"] == "stopped"
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        capsys.readouterr()
+        assert main(["--csv_path", str(csv_path), "--base_feat_path", str(base), *GRID, *QUIET]) == 2
+        err = capsys.readouterr().err  # refused before any video is read
+        assert err.startswith(f"error: cannot write the output folder {out}") and "Read-only" in err
