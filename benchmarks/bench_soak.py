@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50, help="videos before the growth is measured")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--json", help="write the result (with every sample) here")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     clip = shared_path("videos", "tiny_ssv2.webm")
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / "soak.csv"
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         report = holder["writer"].report
     result = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "rows": args.rows, "warmup": args.warmup, "wall_s": round(wall, 1),
+              "rows": args.rows, "warmup": args.warmup, "threads": args.threads, "wall_s": round(wall, 1),
               "done": report["last_run"]["counts"]["done"], **summary(probe.samples, args.warmup),
               "samples": probe.samples}
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))

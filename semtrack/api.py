@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import sys
 import warnings
 from typing import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from datamodules.extraction import ExtractionDataModule
 from semtrack.config import ExtractConfig
@@ -94,10 +96,14 @@ def preflight(config: ExtractConfig, precision: str, datamodule: ExtractionDataM
     -> the datamodule, holding the CSV it read."""
     datamodule = datamodule if datamodule is not None else ExtractionDataModule(config)
     layout = job_layout(config)
-    layout.check_names(datamodule.make_dataset().rows, debug=config.debug_mode)
+    rows = datamodule.make_dataset().rows
+    layout.check_names(rows, debug=config.debug_mode)
     resolve_shard(config.num_shards, config.shard_index)
     check_sidecar(config, precision)
     check_writable(layout)
+    if rank_zero_only.rank == 0:  # the rank Lightning reads from the launcher's environment
+        print(f"semtrack: {len(rows)} rows in {config.csv_path}; checking which are done in {layout.root}",
+              file=sys.stderr, flush=True)
     return datamodule
 
 
