@@ -1,7 +1,13 @@
-"""The extraction job's DataModule: the CSV rows still to do, decoded into `Clip`s in DataLoader workers."""
+"""The extraction job's DataModule: the CSV rows still to do, decoded into `Clip`s in DataLoader workers.
+
+Which rows a process runs: the shard's rows (`semtrack.shards`), of which global rank r of a DDP run
+takes every `world_size`-th from the r-th; of those, the ones not done yet by the ledger's rule
+(`semtrack.ledger.DoneRule`). Each process checks only its own rows, so no rank waits for another.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import lightning as L
@@ -9,8 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.video import VideoCSVDataset
 from semtrack.config import ExtractConfig
+from semtrack.layout import job_layout
+from semtrack.ledger import DoneRule, csv_keys, iter_records, latest_videos
 from semtrack.records import Clip
-from semtrack.trackfile import TrackFileError, load_tracks
+from semtrack.shards import Shard, resolve_shard
 
 BUCKET_MAX_BYTES = 2e9  # decoded frames held for length bucketing, at most (unless one batch needs more)
 
@@ -90,60 +98,72 @@ class ClipBatches:
         yield from length_batches(self.loader, self.batch_size, self.window, self.max_bytes)
 
 
-class ExtractionDataModule(L.LightningDataModule):
-    """The CSV rows this run still has to do, decoded by `VideoCSVDataset` in DataLoader workers.
+@dataclass
+class RowPlan:
+    """What one process of a run does. `rows`: the run's rows (its shard, all ranks); `assigned`:
+    this process's share; `pending`: the row indices of it still to do; `skipped`: done already;
+    `adopted`: ledger records for valid pickles found without one; `csv_rows`, `csv_keys`: the
+    CSV's row count and key digest (`semtrack.ledger.csv_keys`)."""
 
-    Rows whose pickle already loads with `semtrack.trackfile.load_tracks` are skipped (counted in
-    `num_skipped`) unless `config.rerun`; a corrupt pickle is redone. Global rank 0 decides and
-    broadcasts the list; each rank takes every `world_size`-th pending row, so every row goes to
-    exactly one rank. Debug mode keeps only the first CSV row.
+    rows: int
+    assigned: int
+    pending: list[int]
+    skipped: int
+    csv_rows: int
+    csv_keys: str
+    adopted: list[dict] = field(default_factory=list)
+
+
+def assigned_rows(rows: list, shard: Shard, rank: int, world_size: int, debug: bool) -> tuple[list, int]:
+    """-> (this process's rows, the run's row count): the shard's rows, every `world_size`-th from
+    `rank`; in debug mode the first CSV row only, on rank 0."""
+    run_rows = rows[:1] if debug else shard.rows(rows)
+    return run_rows[rank::world_size], len(run_rows)
+
+
+class ExtractionDataModule(L.LightningDataModule):
+    """The CSV rows this process still has to do, decoded by `VideoCSVDataset` in DataLoader workers.
+
+    A row is skipped (counted in `plan.skipped`) when the ledger records it done and its outputs are
+    on disk (`semtrack.ledger.DoneRule`; a pickle without a record is validated and adopted), unless
+    `config.rerun`; failed rows are retried. Debug mode runs the first CSV row, done or not.
     """
 
     def __init__(self, config: ExtractConfig | None = None):
         super().__init__()
         self.config = config if config is not None else ExtractConfig()
         self.dataset: VideoCSVDataset | None = None
-        self.pending: list[int] = []
-        self.num_rows = 0
-        self.num_skipped = 0
+        self.plan: RowPlan | None = None
 
     def make_dataset(self) -> VideoCSVDataset:
-        """The full dataset (validates the CSV: ValueError naming the file and the culprit)."""
-        cfg = self.config
-        kwargs = {"native_fps_datasets": cfg.native_fps_datasets} if cfg.native_fps_datasets is not None else {}
-        return VideoCSVDataset(
-            cfg.csv_path, fps=cfg.fps, num_frames_clustering=cfg.num_frames_clustering, fps_rule=cfg.fps_rule,
-            max_frames=cfg.max_frames, decoder=cfg.decoder, video_id_rule=cfg.video_id_rule, **kwargs,
-        )
+        """The full dataset, read once (validates the CSV: ValueError naming the file and the culprit)."""
+        if self.dataset is None:
+            cfg = self.config
+            kwargs = {"native_fps_datasets": cfg.native_fps_datasets} if cfg.native_fps_datasets is not None else {}
+            self.dataset = VideoCSVDataset(
+                cfg.csv_path, fps=cfg.fps, num_frames_clustering=cfg.num_frames_clustering, fps_rule=cfg.fps_rule,
+                max_frames=cfg.max_frames, decoder=cfg.decoder, video_id_rule=cfg.video_id_rule, **kwargs,
+            )
+        return self.dataset
 
-    def pending_rows(self, dataset: VideoCSVDataset) -> tuple[list[int], int]:
-        """-> (row indices to process, number skipped because a valid pickle exists)."""
-        rows = dataset.rows[:1] if self.config.debug_mode else dataset.rows
-        layout = self.config.layout
-        pending, skipped = [], 0
-        for row in rows:
-            path = layout.pickle(row.dataset, row.video_id)
-            if not self.config.rerun and path.is_file():
-                try:
-                    load_tracks(path)
-                    skipped += 1
-                    continue
-                except TrackFileError:
-                    pass  # corrupt or truncated: redo it
-            pending.append(row.index)
-        return pending, skipped
+    def row_plan(self, dataset: VideoCSVDataset, rank: int = 0, world_size: int = 1) -> RowPlan:
+        """This process's rows and which of them are still to do (reads the ledger, stats the outputs)."""
+        cfg = self.config
+        shard = Shard() if cfg.debug_mode else resolve_shard(cfg.num_shards, cfg.shard_index)
+        mine, run_rows = assigned_rows(dataset.rows, shard, rank, world_size, cfg.debug_mode)
+        layout = job_layout(cfg)
+        rerun = cfg.rerun or cfg.debug_mode
+        latest = {} if rerun else latest_videos(iter_records(layout), {(r.dataset, r.video_id) for r in mine})
+        decided = DoneRule(layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs).plan(mine, rerun)
+        return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
+                       csv_rows=len(dataset.rows), csv_keys=csv_keys(dataset.rows), adopted=decided.adopted)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
+        if self.plan is not None:
             return
-        dataset = self.make_dataset()
         trainer = self.trainer
-        decision = self.pending_rows(dataset) if trainer is None or trainer.is_global_zero else None
-        if trainer is not None:
-            decision = trainer.strategy.broadcast(decision, src=0)
-        self.pending, self.num_skipped = decision
-        self.num_rows = len(dataset.rows[:1] if self.config.debug_mode else dataset.rows)
-        self.dataset = dataset
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.plan = self.row_plan(self.make_dataset(), rank, world)
 
     def transfer_batch_to_device(self, batch: list[Clip], device, dataloader_idx: int) -> list[Clip]:
         """Clips stay on the CPU (pinned on CUDA): the pipeline moves what each stage needs, and the
@@ -151,12 +171,11 @@ class ExtractionDataModule(L.LightningDataModule):
         return batch
 
     def predict_dataloader(self) -> ClipBatches:
-        """This rank's share of the pending rows (every `world_size`-th, from its rank), decoded in
-        `num_workers` processes and grouped into batches of similar length."""
+        """This process's pending rows, decoded in `num_workers` processes and grouped into batches of
+        similar length."""
         self.setup("predict")
         cfg, trainer = self.config, self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         accelerated = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        loader = DataLoader(PendingRows(self.dataset, self.pending[rank::world]), batch_size=None, shuffle=False,
+        loader = DataLoader(PendingRows(self.dataset, self.plan.pending), batch_size=None, shuffle=False,
                             num_workers=cfg.num_workers, pin_memory=accelerated)
         return ClipBatches(loader, cfg.batch_size, cfg.batch_size * cfg.bucket_batches, BUCKET_MAX_BYTES)

@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.video import VideoRow, decode_video, read_video_csv
 from semtrack.layout import OutputLayout
-from semtrack.trackfile import TrackFile, TrackFileError, load_tracks
+from semtrack.trackfile import TrackFile, TrackFileError, load_tracks, loads_tracks
 from semtrack.util import stable_seed
+from semtrack.webdataset import read_manifest, read_member
 
 MODES = ("train", "eval")
 ON_MISSING = ("warn", "error")
@@ -271,7 +272,9 @@ class PointTrackDataset(Dataset):
 
     Args:
         csv_path: the extraction CSV (`video_path`, `dataset`, optional `video_id`, `split`, ...).
-        tracks_root: `<base_feat_path>/<dump_name>`; pickles where `semtrack.layout.OutputLayout` puts them.
+        tracks_root: `<base_feat_path>/<dump_name>`; pickles where `semtrack.layout.OutputLayout` puts them,
+            or, when the folder has a `manifest.csv` (`--output_format webdataset`), the tar shard
+            members it lists (the same pickle bytes; a row the manifest lacks is looked up as a pickle).
         num_frames: F frames per item, `linspace(0, T-1, F)` over the T tracked frames.
         num_points: P points per item (cluster-proportional sample, or all points then padding);
             None = every point (items then differ in P; `collate_tracks` pads).
@@ -284,7 +287,8 @@ class PointTrackDataset(Dataset):
             the count; a row that fails later, e.g. its video cannot be decoded, is replaced by the
             next row, with a warning) or "error" (raise ValueError).
         verify: "load" (validate every pickle at construction, exact `len`) or "exists" (only check
-            the files exist: fast start for very large datasets; invalid pickles surface per item).
+            the files (or tar shards) exist: fast start for very large datasets; invalid pickles
+            surface per item).
         split, split_column: keep only rows whose `split_column` is `split` ("train", "val", "test").
         row_indices: keep only these CSV rows (0-based, after the header).
 
@@ -340,18 +344,12 @@ class PointTrackDataset(Dataset):
         if row_indices is not None:
             keep = set(row_indices)
             rows = [r for r in rows if r.index in keep]
+        manifest = self.layout.manifest
+        self.members: dict[tuple[str, str], dict] = read_manifest(manifest) if manifest.is_file() else {}
         self.rows: list[VideoRow] = []
         self.skipped: list[tuple[str, str]] = []
         for row in rows:
-            path = self.layout.pickle(row.dataset, row.video_id)
-            reason = None
-            if not path.is_file():
-                reason = f"missing pickle {path}"
-            elif verify == "load":
-                try:
-                    load_tracks(path)
-                except TrackFileError as exc:
-                    reason = str(exc)
+            reason = self._check(row, verify)
             if reason is None:
                 self.rows.append(row)
             else:
@@ -367,6 +365,19 @@ class PointTrackDataset(Dataset):
             warnings.warn(message + "; they are skipped", stacklevel=2)
         if not self.rows:
             raise ValueError(f"{csv_path}: no row has a valid track pickle under {self.layout.root}")
+
+    def _check(self, row: VideoRow, verify: str) -> str | None:
+        """Why `row` cannot be served (missing or, with verify="load", invalid tracks), or None."""
+        member = self.members.get((row.dataset, row.video_id))
+        path = self.layout.root / member["shard"] if member else self.layout.pickle(row.dataset, row.video_id)
+        if not path.is_file():
+            return f"missing {'tar shard' if member else 'pickle'} {path}"
+        if verify == "load":
+            try:
+                self._load(row)
+            except _ItemFailure as exc:
+                return str(exc)
+        return None
 
     @property
     def num_missing(self) -> int:
@@ -391,10 +402,15 @@ class PointTrackDataset(Dataset):
         raise RuntimeError(f"{self.csv_path}: no row could be served")
 
     def _load(self, row: VideoRow) -> TrackFile:
+        member = self.members.get((row.dataset, row.video_id))
         try:
-            return load_tracks(self.layout.pickle(row.dataset, row.video_id))
+            if member is None:
+                return load_tracks(self.layout.pickle(row.dataset, row.video_id))
+            return loads_tracks(read_member(self.layout.root, member), f"{member['shard']}:{member['member']}")
         except TrackFileError as exc:
             raise _ItemFailure(str(exc)) from None
+        except OSError as exc:
+            raise _ItemFailure(f"{member['shard']}: cannot read member {member['member']} ({exc})") from None
 
     def _decode(self, row: VideoRow, tf: TrackFile, frame_indices: torch.Tensor):
         """-> (frames (F,3,H,W) uint8, frame times (F,) float64 seconds)."""

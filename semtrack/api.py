@@ -1,23 +1,38 @@
 """Assembling and running the extraction job: the one place that builds its Trainer.
 
 `semtrack.extract(csv_path, base_feat_path, **options)` runs the job in this process and returns
-its run report (the dict saved as `run_report.json`). The command line (`semtrack.cli`) and the
-benchmarks build the same objects through `build_trainer` and `run`.
+the folder's report (the dict saved as `run_report.json`). The command line (`semtrack.cli`) and
+the benchmarks build the same objects through `build_trainer` and `run`.
+
+How a run ends: normally (the report says which videos failed); `RunInterrupted` after SIGTERM or
+SIGINT (the report is written; `signum` says which); `RunFailed` when it stopped after processing
+had started (a folder that cannot be written, an error in the loop; the report is written as far
+as it can be); any other exception means it could not start (nothing was processed).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import sys
 import warnings
 from typing import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from datamodules.extraction import ExtractionDataModule
 from semtrack.config import ExtractConfig
+from semtrack.hygiene import check_writable
+from semtrack.layout import job_layout
+from semtrack.ledger import read_records
 from semtrack.module import SemanticTracker
+from semtrack.report import build_report
+from semtrack.shards import resolve_shard
 from semtrack.sidecar import check_sidecar
+from semtrack.stopping import Stopped
+from semtrack.util import one_line
 from semtrack.writer import ExtractionProgressBar, TrackWriter
 
 TRAINER_DEFAULTS = {
@@ -57,21 +72,75 @@ def build_trainer(config: ExtractConfig, callbacks: Sequence[Callback] = (), **t
     return L.Trainer(**options, callbacks=[*job, *callbacks]), writer
 
 
-def preflight(config: ExtractConfig, precision: str) -> None:
-    """Checks before any video is read: the CSV is valid (ValueError naming the file and the
-    culprit) and the output folder's config sidecar agrees with this run (or is created)."""
-    ExtractionDataModule(config).make_dataset()
+class RunInterrupted(Exception):
+    """The run stopped on SIGTERM or SIGINT (`signum`) at a video boundary; `report` as saved."""
+
+    def __init__(self, signum: int, report: dict | None):
+        self.signum, self.report = signum, report
+        super().__init__(f"stopped by {signal.Signals(signum).name}; run the same command again to resume")
+
+
+class RunFailed(Exception):
+    """The run stopped after processing had started (the message says why); `report` as saved."""
+
+    def __init__(self, reason: str, report: dict | None):
+        self.report = report
+        super().__init__(reason)
+
+
+def preflight(config: ExtractConfig, precision: str, datamodule: ExtractionDataModule | None = None
+              ) -> ExtractionDataModule:
+    """Checks before any video is read (ValueError / OSError naming the culprit): the CSV is valid,
+    its datasets and video ids fit the output folder (`OutputLayout.check_names`), the shard is
+    valid, the folder's config sidecar agrees with this run, and the folder can be written.
+    -> the datamodule, holding the CSV it read."""
+    datamodule = datamodule if datamodule is not None else ExtractionDataModule(config)
+    layout = job_layout(config)
+    rows = datamodule.make_dataset().rows
+    layout.check_names(rows, debug=config.debug_mode)
+    resolve_shard(config.num_shards, config.shard_index)
     check_sidecar(config, precision)
+    check_writable(layout)
+    if rank_zero_only.rank == 0:  # the rank Lightning reads from the launcher's environment
+        print(f"semtrack: {len(rows)} rows in {config.csv_path}; checking which are done in {layout.root}",
+              file=sys.stderr, flush=True)
+    return datamodule
+
+
+def execute(trainer: L.Trainer, writer: TrackWriter, model: SemanticTracker, datamodule: ExtractionDataModule) -> None:
+    """`trainer.predict` (predictions not collected: the writer has them), its end mapped to
+    `RunInterrupted` / `RunFailed` (module docstring); the writer's lock and signal handlers are
+    released whatever happens."""
+    try:
+        trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    except BaseException as exc:
+        stop = writer.stop
+        if stop.signum is not None:
+            raise RunInterrupted(stop.signum, writer.report) from exc
+        if writer.started and isinstance(exc, Exception):
+            reason = stop.reason or (exc.reason if isinstance(exc, Stopped) else None) or one_line(exc)
+            raise RunFailed(reason, writer.report) from exc
+        raise
+    finally:
+        writer.release()
+    if writer.report is None:  # the run happened in spawned processes: read what rank 0 saved
+        writer.report = build_report(job_layout(writer.config), read_records(job_layout(writer.config)))
 
 
 def predict(trainer: L.Trainer, config: ExtractConfig) -> None:
-    """Run the job on a built trainer (predictions are not collected: the writer has them)."""
-    preflight(config, trainer.precision)
-    trainer.predict(SemanticTracker(config), datamodule=ExtractionDataModule(config), return_predictions=False)
+    """Run the job on a built trainer (its writer is the first callback)."""
+    writer = next(c for c in trainer.callbacks if isinstance(c, TrackWriter))
+    writer.stop.install()  # signals during the checks below stop the run too
+    try:
+        datamodule = preflight(config, trainer.precision)
+    except BaseException:
+        writer.release()
+        raise
+    execute(trainer, writer, SemanticTracker(config), datamodule)
 
 
 def run(config: ExtractConfig, callbacks: Sequence[Callback] = (), **trainer_options) -> dict:
-    """Run the job for `config`; `callbacks` run after the job's writer. -> the run report."""
+    """Run the job for `config`; `callbacks` run after the job's writer. -> the folder's report."""
     trainer, writer = build_trainer(config, callbacks, **trainer_options)
     predict(trainer, config)
     return writer.report
@@ -86,7 +155,8 @@ def extract(csv_path: str, base_feat_path: str = "./semtrack_out", **options) ->
     done, failed, skipped), failures with stage and reason, per-stage mean seconds, throughput.
 
     Several devices from Python: use `strategy="ddp_spawn"` (the default DDP launcher re-runs the
-    calling script), or the command line (`scripts/extract.py --devices N`).
+    calling script), or the command line (`scripts/extract.py --devices N`). Raises `RunInterrupted`
+    on SIGTERM / SIGINT and `RunFailed` when the run stops early (both carry the report).
     """
     fields = {f.name for f in dataclasses.fields(ExtractConfig)}
     trainer_options = {k: options.pop(k) for k in list(options) if k not in fields}

@@ -10,8 +10,11 @@ Two spellings, one job (both build it with `semtrack.api.build_trainer`):
   (every extraction option under `extract:`; `predict --help` shows all of Lightning's options).
   `--print_config` and `--config` given with flat flags switch to this form (`translate`).
 
-Exit status: 0 when every video was done or skipped, 1 when any failed, 2 when the job could not
-start (bad CSV, option, weights or sidecar), reported in one line.
+Exit status: 0 when every video of this run was done or skipped; 1 when one failed, or the run
+stopped after processing had started (a folder that cannot be written, an error in the loop), or
+its report could not be written; 2 when the job could not start (bad CSV, names, option, weights,
+sidecar, an unwritable folder, another run holding the folder or shard), reported in one line;
+130 / 143 when stopped by SIGINT / SIGTERM (at a video boundary, the report written).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import signal
 import sys
 import types
 import typing
@@ -210,7 +214,7 @@ def _lightning_cli(args: list[str]):
     from lightning.pytorch.cli import LightningCLI
 
     from datamodules.extraction import ExtractionDataModule
-    from semtrack.api import TRAINER_DEFAULTS, build_trainer, preflight
+    from semtrack.api import TRAINER_DEFAULTS, build_trainer, execute, preflight
     from semtrack.module import SemanticTracker
 
     class ExtractCLI(LightningCLI):
@@ -232,11 +236,15 @@ def _lightning_cli(args: list[str]):
             return trainer
 
         def before_predict(self) -> None:
-            preflight(self._get(self.config_init, "extract"), self.trainer.precision)
+            self.writer.stop.install()
+            try:
+                preflight(self._get(self.config_init, "extract"), self.trainer.precision, self.datamodule)
+            except BaseException:
+                self.writer.release()
+                raise
 
-        def predict(self, **kwargs) -> None:
-            kwargs["return_predictions"] = False  # the writer has them; memory stays flat
-            self.trainer.predict(**kwargs)
+        def predict(self, model, datamodule=None, **kwargs) -> None:
+            execute(self.trainer, self.writer, model, datamodule)  # predictions not collected: flat memory
 
     return ExtractCLI(
         SemanticTracker, ExtractionDataModule, args=args, trainer_defaults=dict(TRAINER_DEFAULTS),
@@ -246,8 +254,26 @@ def _lightning_cli(args: list[str]):
 
 
 # ---------------------------------------------------------------------------- main
+def exit_status(report: dict | None) -> int:
+    """0 when this run's videos were all done or skipped and its report was written, else 1."""
+    run = None if report is None else report.get("last_run")
+    if run is None:
+        return 1
+    return 1 if run["counts"]["failed"] or run.get("errors") or run["status"] != "complete" else 0
+
+
+def _reason(exc: BaseException) -> str:
+    """The message of an error; an OSError raised with (errno, message) shows the message alone."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        return exc.strerror
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the program on `argv` (default `sys.argv[1:]`); returns the exit status."""
+    from semtrack.api import RunFailed, RunInterrupted
+    from semtrack.stopping import Stopped
+
     argv = list(sys.argv[1:] if argv is None else argv)
     lightning_form = SUBCOMMAND in argv[:1] or any(a.split("=")[0] in ("--config", "--print_config") for a in argv)
     args = translate(argv) if lightning_form else argv
@@ -261,9 +287,17 @@ def main(argv: list[str] | None = None) -> int:
 
             config, trainer_options = parse_flat(args)
             report = run(config, **trainer_options)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+    except (RunInterrupted, Stopped, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", None) or signal.SIGINT
+        print(f"semtrack: stopped by {signal.Signals(signum).name}; run the same command again to resume",
+              file=sys.stderr)
+        return 128 + signum
+    except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"error: {_reason(exc)}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved
-    return 1 if report is None or report["counts"]["failed"] else 0
+    return exit_status(report)

@@ -49,8 +49,10 @@ def _option(default, group: str, help: str, shown: str | None = None):
 # The memory budget only decides whether a video is tracked (and with which others), never how.
 RUN_ONLY_OPTIONS = frozenset(
     {"csv_path", "base_feat_path", "batch_size", "bucket_batches", "num_workers", "make_vis", "vis_max_width",
-     "debug_mode", "rerun", "max_tracking_memory_gb"}
+     "debug_mode", "rerun", "max_tracking_memory_gb", "output_format", "videos_per_tar", "num_shards", "shard_index",
+     "verify_outputs"}
 )
+OUTPUT_FORMATS = ("pickle", "webdataset")
 
 
 @dataclass
@@ -65,6 +67,9 @@ class ExtractConfig:
         False, "research compatibility",
         "the research script's behaviour: " + ", ".join(f"--{k} {'none' if v is None else v}".replace(" True", "")
                                                         for k, v in RESEARCH_PRESET.items()) + " unless given")
+    output_format: Literal["pickle", "webdataset"] = _option(
+        "pickle", "input/output", "one pickle per video, or webdataset: tar shards")
+    videos_per_tar: int = _option(1000, "input/output", "webdataset: videos per tar shard")
     fps: Optional[float] = _option(
         FPS, "frames", "target frame rate; none keeps every decoded frame (the research default)")
     fps_rule: Literal["timestamp", "interval"] = _option(
@@ -125,8 +130,13 @@ class ExtractConfig:
     num_workers: int = _option(4, "job", "decoding processes")
     make_vis: bool = _option(False, "job", "also write a trail GIF per video")
     vis_max_width: Optional[int] = _option(None, "job", "GIFs and overlays at most this wide (px)", shown="full size")
-    debug_mode: bool = _option(False, "job", "first row only, with timings and cluster overlays")
+    debug_mode: bool = _option(False, "job", "first row only, even if done, into debug/, with timings, overlays")
     rerun: bool = _option(False, "job", "redo videos whose outputs exist")
+    verify_outputs: bool = _option(False, "job", "re-read and validate done videos' pickles before skipping them")
+    num_shards: Optional[int] = _option(
+        None, "job", "shards of the rows, one per job", shown="$SLURM_ARRAY_TASK_COUNT")
+    shard_index: Optional[int] = _option(
+        None, "job", "this job's shard: the rows i with i mod num_shards = it", shown="$SLURM_ARRAY_TASK_ID")
 
     def __post_init__(self) -> None:
         if self.clustering_method not in clustering.CLUSTERING_METHODS:
@@ -137,7 +147,7 @@ class ExtractConfig:
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be positive or None (native rate), got {self.fps!r}")
         positive = ("num_frames_clustering", "n_clusters", "num_points_per_entity", "cotracker_grid_size",
-                    "num_iters", "batch_size", "bucket_batches", "sklearn_n_init")
+                    "num_iters", "batch_size", "bucket_batches", "sklearn_n_init", "videos_per_tar")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -149,6 +159,13 @@ class ExtractConfig:
             raise ValueError("num_workers and min_point_distance must be >= 0")
         if self.max_frames is not None and (isinstance(self.max_frames, bool) or self.max_frames < MIN_FRAMES):
             raise ValueError(f"max_frames must be an integer >= {MIN_FRAMES} or None, got {self.max_frames!r}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
+        if self.num_shards is not None and (isinstance(self.num_shards, bool) or self.num_shards < 1):
+            raise ValueError(f"num_shards must be a positive integer or None, got {self.num_shards!r}")
+        if self.shard_index is not None and (self.shard_index < 0 or (
+                self.num_shards is not None and self.shard_index >= self.num_shards)):
+            raise ValueError(f"shard_index must be in 0..num_shards-1, got {self.shard_index!r}")
         budget = self.max_tracking_memory_gb
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
             raise ValueError(f"max_tracking_memory_gb must be a positive number of GB or None, got {budget!r}")

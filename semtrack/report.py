@@ -1,39 +1,116 @@
-"""The run report: per-rank parts merged into `run_report.json` and `failures.csv`, and its text form."""
+"""The folder's report, rebuilt from its ledger: `run_report.json`, `failures.csv` (and, for
+WebDataset output, `manifest.csv`), and its text form.
+
+The report covers the whole folder, whichever runs, shards or ranks wrote it: `counts` (rows of the
+CSV, done, failed, pending) and `failures` come from each video's latest ledger record. `last_run`
+holds one run's own figures (the run that just ended, or the latest one): its counts (rows it was
+given, done, failed, skipped, pending), its failures, mean seconds per video per stage, wall time
+and `videos_per_s` (done videos only; `attempts_per_s` counts failures too). `runs` lists every run.
+
+    semtrack-report OUT_DIR            (also: python -m semtrack.report OUT_DIR)
+
+merges every ledger file of OUT_DIR, rewrites those files and prints the report. Exit status: 0 no
+video of the folder failed, 1 some did (or the files could not be written), 2 no ledger there.
+"""
 from __future__ import annotations
 
+import argparse
 import csv
 import io
+import json
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import semtrack
+from semtrack.layout import OutputLayout
+from semtrack.ledger import DONE, FAILED, latest_videos, read_records
 from semtrack.pipeline import STAGES
+from semtrack.util import one_line, write_text_atomic
+from semtrack.webdataset import manifest_csv
 
 FAILURE_COLUMNS = ("row", "video_id", "dataset", "video_path", "stage", "reason")
+MAX_PRINTED_FAILURES = 20
 
 
-def merge_parts(parts: list[dict], num_rows: int, num_skipped: int, output_dir: str, csv_path: str) -> dict:
-    """One run report from the per-rank parts (counts summed, failures by CSV row, stage means)."""
+def _failure(record: dict) -> dict:
+    return {"row": record["row"], "video_id": record["video_id"], "dataset": record["dataset"],
+            "video_path": record.get("video_path", ""), "stage": record.get("stage", ""),
+            "reason": record.get("reason", ""), "run": record["run"]}
+
+
+def _sorted_failures(records) -> list[dict]:
+    return sorted((_failure(r) for r in records), key=lambda f: (f["row"], f["dataset"], f["video_id"]))
+
+
+def run_summary(run_id: str, records: list[dict]) -> dict:
+    """One run's figures from its `start`, `video` and `end` records (all processes of the run)."""
+    starts = [r for r in records if r["kind"] == "start"]
+    ends = [r for r in records if r["kind"] == "end"]
+    videos = [r for r in records if r["kind"] == "video" and not r.get("adopted")]
+    done = sum(r["status"] == DONE for r in videos)
+    failed = sum(r["status"] == FAILED for r in videos)
+    first = min(starts, key=lambda r: r["time"]) if starts else {}
+    rows = first.get("rows", done + failed)
+    skipped = sum(r.get("skipped", 0) for r in starts)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for part in parts:
-        for stage, (seconds, videos) in part["stage_totals"].items():
+    for end in ends:
+        for stage, (seconds, count) in end.get("stage_totals", {}).items():
             totals[stage][0] += seconds
-            totals[stage][1] += videos
-    done = sum(p["done"] for p in parts)
-    failed = sum(p["failed"] for p in parts)
-    wall = max((p["wall_s"] for p in parts), default=0.0)
-    failures = sorted((f for p in parts for f in p["failures"]), key=lambda f: f["row"])
+            totals[stage][1] += count
+    wall = max((e.get("wall_s", 0.0) for e in ends), default=0.0)
+    world = first.get("world_size", len(starts))
+    complete = bool(starts) and len(ends) == world and all(e.get("status") == "complete" for e in ends)
+    stopped = [e for e in ends if e.get("status") != "complete"]
+    return {
+        "run_id": run_id,
+        "started": first.get("time"),
+        "shard": first.get("shard", [0, 1]),
+        "world_size": world,
+        "csv_path": first.get("csv_path"),
+        "status": "complete" if complete else (stopped[0].get("status", "stopped") if stopped else "interrupted"),
+        "reason": stopped[0].get("reason") if stopped else None,
+        "counts": {"rows": rows, "done": done, "failed": failed, "skipped": skipped,
+                   "pending": max(0, rows - done - failed - skipped)},
+        "failures": _sorted_failures(r for r in videos if r["status"] == FAILED),
+        "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in (*STAGES, "write") if totals[s][1]},
+        "data_wait_s": sum(e.get("data_wait_s", 0.0) for e in ends),
+        "points_dropped": sum(e.get("points_dropped", 0) for e in ends),
+        "startup_s": max((e["startup_s"] for e in ends if e.get("startup_s") is not None), default=None),
+        "wall_s": wall,
+        "videos_per_s": done / wall if wall > 0 else 0.0,
+        "attempts_per_s": (done + failed) / wall if wall > 0 else 0.0,
+    }
+
+
+def build_report(layout: OutputLayout, records: list[dict], run_id: str | None = None) -> dict:
+    """The folder's report from all its ledger `records`; `last_run` is run `run_id` (default: the
+    run that started last). `counts.rows` is the latest run's CSV row count; `pending` is None when
+    runs read different CSVs (it cannot be told then)."""
+    by_run: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_run[r["run"]].append(r)
+    starts = sorted((r for r in records if r["kind"] == "start"), key=lambda r: r["time"])
+    runs = sorted(by_run, key=lambda run: min(r["time"] for r in by_run[run]))
+    if run_id is None and runs:
+        run_id = runs[-1]
+    latest = latest_videos(records)
+    done = sum(r["status"] == DONE for r in latest.values())
+    failed = sum(r["status"] == FAILED for r in latest.values())
+    last_start = starts[-1] if starts else {}
+    rows = last_start.get("csv_rows", done + failed)
+    same_csv = len({s.get("csv_keys") for s in starts}) <= 1
+    summaries = [run_summary(run, by_run[run]) for run in runs]
     return {
         "semtrack_version": semtrack.__version__,
-        "output_dir": str(output_dir),
-        "csv_path": str(csv_path),
-        "world_size": len(parts),
-        "counts": {"rows": num_rows, "done": done, "failed": failed, "skipped": num_skipped},
-        "failures": failures,
-        "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in (*STAGES, "write") if totals[s][1]},
-        "data_wait_s": sum(p["data_wait_s"] for p in parts),
-        "points_dropped": sum(p["points_dropped"] for p in parts),
-        "wall_s": wall,
-        "videos_per_s": (done + failed) / wall if wall > 0 else 0.0,
+        "output_dir": str(layout.root),
+        "csv_path": last_start.get("csv_path"),
+        "counts": {"rows": rows, "done": done, "failed": failed,
+                   "pending": max(0, rows - done - failed) if same_csv else None},
+        "failures": _sorted_failures(r for r in latest.values() if r["status"] == FAILED),
+        "last_run": next((s for s in summaries if s["run_id"] == run_id), None),
+        "runs": [{k: s[k] for k in ("run_id", "started", "shard", "world_size", "status", "counts", "wall_s",
+                                    "videos_per_s")} for s in summaries],
     }
 
 
@@ -46,15 +123,90 @@ def failures_csv(failures: list[dict]) -> str:
     return out.getvalue()
 
 
+def write_report_files(layout: OutputLayout, report: dict, records: list[dict]) -> None:
+    """Write `failures.csv`, `run_report.json` and, when the ledger names tar shards, `manifest.csv`."""
+    write_text_atomic(layout.failures, failures_csv(report["failures"]))
+    write_text_atomic(layout.report, json.dumps(report, indent=2) + "\n")
+    latest = latest_videos(records)
+    if any("shard" in ((r.get("outputs") or {}).get("pickle") or {}) for r in latest.values()):
+        write_text_atomic(layout.manifest, manifest_csv(latest.values()))
+
+
+def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] | None = None) -> dict:
+    """Read the ledger, build the report and write its files -> the report. `errors` (one line each:
+    what the run could not write) go into `last_run.errors`; a report file that cannot be written
+    adds its line there too (in the returned report only)."""
+    records = read_records(layout)
+    report = build_report(layout, records, run_id)
+    if report["last_run"] is not None:
+        report["last_run"]["errors"] = list(errors or ())
+    try:
+        write_report_files(layout, report, records)
+    except OSError as exc:
+        stale = [path for path in (layout.failures, layout.report, layout.manifest) if _removed(path)]
+        note = f"; removed the stale {', '.join(p.name for p in stale)}" if stale else ""
+        if report["last_run"] is not None:
+            report["last_run"]["errors"].append(
+                f"could not write the report files in {layout.root}: {one_line(exc)}{note}; run semtrack-report "
+                f"{layout.root} once it can be written")
+    return report
+
+
+def _removed(path: Path) -> bool:
+    """Remove a report file that can no longer be brought up to date -> whether one was removed."""
+    try:
+        path.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def _rate(run: dict) -> str:
+    return f"{run['videos_per_s']:.2f} done videos/s, {run['world_size']} rank(s)"
+
+
 def format_report(report: dict) -> str:
-    """The report as the few lines printed at the end of a run."""
+    """The report as the few lines printed at the end of a run (failures: the first `MAX_PRINTED_FAILURES`)."""
     c = report["counts"]
-    lines = [
-        f"semtrack: {c['rows']} rows: {c['done']} done, {c['failed']} failed, {c['skipped']} skipped "
-        f"in {report['wall_s']:.1f} s ({report['videos_per_s']:.2f} videos/s, {report['world_size']} rank(s))"
-    ]
-    if report["stage_mean_s"]:
-        lines.append("  mean s/video: " + ", ".join(f"{k} {v:.3f}" for k, v in report["stage_mean_s"].items()))
-    lines += [f"  FAILED row {f['row']} {f['video_id']} [{f['stage']}]: {f['reason']}" for f in report["failures"]]
+    pending = "?" if c["pending"] is None else c["pending"]
+    lines = [f"semtrack: {c['rows']} rows: {c['done']} done, {c['failed']} failed, {pending} pending "
+             f"(whole folder, {len(report['runs'])} run(s))"]
+    run = report["last_run"]
+    if run is not None:
+        rc = run["counts"]
+        where = "" if run["shard"][1] == 1 else f", shard {run['shard'][0]} of {run['shard'][1]}"
+        status = "" if run["status"] == "complete" else f"; {run['status']}: {run['reason'] or 'incomplete'}"
+        lines.append(f"  this run{where}: {rc['rows']} rows: {rc['done']} done, {rc['failed']} failed, "
+                     f"{rc['skipped']} skipped, {rc['pending']} not reached in {run['wall_s']:.1f} s "
+                     f"({_rate(run)}){status}")
+        if run["stage_mean_s"]:
+            lines.append("  mean s/video: " + ", ".join(f"{k} {v:.3f}" for k, v in run["stage_mean_s"].items()))
+    failures = report["failures"]
+    lines += [f"  FAILED row {f['row']} {f['video_id']} [{f['stage']}]: {f['reason']}"
+              for f in failures[:MAX_PRINTED_FAILURES]]
+    if len(failures) > MAX_PRINTED_FAILURES:
+        lines.append(f"  ... and {len(failures) - MAX_PRINTED_FAILURES} more failures in failures.csv")
     lines.append(f"  outputs: {report['output_dir']}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`semtrack-report OUT_DIR`: merge the folder's ledger, rewrite its report files, print the report."""
+    parser = argparse.ArgumentParser(prog="semtrack-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>)")
+    args = parser.parse_args(argv)
+    layout = OutputLayout(args.out_dir)
+    if not layout.ledger_dir.is_dir() or not any(Path(layout.ledger_dir).glob("*.jsonl")):
+        print(f"error: {layout.root} has no ledger ({layout.ledger_dir}/*.jsonl): not a semtrack output folder",
+              file=sys.stderr)
+        return 2
+    report = rebuild(layout)
+    print(format_report(report))
+    errors = report["last_run"]["errors"] if report["last_run"] else []
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if errors or report["counts"]["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

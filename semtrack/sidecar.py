@@ -1,13 +1,23 @@
 """The output folder's config sidecar: which options made its outputs, so a run that would mix in
-outputs made differently is refused."""
+outputs made differently is refused.
+
+`check_sidecar` compares before any video is read (and writes nothing); `write_sidecar` records the
+options once the models have loaded, so a run that fails to start leaves no sidecar behind. A
+sidecar in a folder that holds no outputs (no ledger record, no pickle, no tar shard) is replaced
+rather than obeyed.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import semtrack
 from semtrack.config import ExtractConfig
-from semtrack.util import one_line, write_text_atomic
+from semtrack.util import one_line, temporary_path
+
+DEFAULT_FORMAT = "pickle"  # what a sidecar without an output_format key describes
 
 
 def run_options(config: ExtractConfig, precision: str) -> dict:
@@ -22,26 +32,81 @@ def run_options(config: ExtractConfig, precision: str) -> dict:
     return options
 
 
+def _read(path: Path) -> dict:
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        recorded["options"].items()
+        return recorded
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{path}: unreadable config sidecar ({one_line(exc)}); remove it or use another --base_feat_path"
+        ) from None
+
+
+def has_outputs(config: ExtractConfig) -> bool:
+    """Whether the output folder holds any output: a ledger file, a pickle or a tar shard."""
+    layout = config.layout
+    patterns = ((layout.ledger_dir, "*.jsonl"), (layout.shards_dir, "*.tar"), (layout.root, "*/feat_dump/*.pkl"))
+    return any(next(folder.glob(pattern), None) is not None for folder, pattern in patterns if folder.is_dir())
+
+
+def _differences(recorded: dict, options: dict, output_format: str) -> list[str]:
+    theirs, ours = recorded["options"], options
+    differing = [f"{k}: folder has {theirs.get(k)!r}, this run {ours.get(k)!r}"
+                 for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    folder_format = recorded.get("output_format", DEFAULT_FORMAT)
+    if folder_format != output_format:
+        differing.append(f"output_format: folder has {folder_format!r}, this run {output_format!r}")
+    return differing
+
+
 def check_sidecar(config: ExtractConfig, precision: str) -> Path:
-    """Create the output folder's sidecar, or refuse (ValueError naming each differing option) if the
-    folder's existing sidecar records different output options. Returns the sidecar path."""
+    """Refuse (ValueError naming each differing option) a run whose output options differ from the
+    sidecar of a folder that holds outputs. Writes nothing. Returns the sidecar path."""
+    path = config.layout.sidecar
+    if not path.is_file():
+        return path
+    differing = _differences(_read(path), run_options(config, precision), config.output_format)
+    if differing and has_outputs(config):
+        raise ValueError(
+            f"refusing to write into {config.layout.root}: its outputs were made with a different "
+            f"configuration ({'; '.join(differing)}). Use another --base_feat_path, or delete that folder to "
+            "start over."
+        )
+    return path
+
+
+def write_sidecar(config: ExtractConfig, precision: str) -> Path:
+    """Record this run's output options in the folder's sidecar, unless an equal one is there.
+
+    Created with a hard link from a complete temporary file, so of two runs starting at once in an
+    empty folder one creates it and the other then checks against it (ValueError as `check_sidecar`).
+    A sidecar of a folder without outputs is replaced."""
     path = config.layout.sidecar
     options = run_options(config, precision)
+    sidecar = {"semtrack_version": semtrack.__version__, "dump_name": config.dump_name(),
+               "output_format": config.output_format, "options": options}
     if path.is_file():
+        if not _differences(_read(path), options, config.output_format):
+            return path
+        check_sidecar(config, precision)  # raises if the folder has outputs
+        path.unlink(missing_ok=True)
+    tmp = temporary_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         try:
-            recorded = json.loads(path.read_text(encoding="utf-8"))["options"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
-                f"{path}: unreadable config sidecar ({one_line(exc)}); remove it or use another --base_feat_path"
-            ) from None
-        differing = sorted(k for k in set(recorded) | set(options) if recorded.get(k) != options.get(k))
-        if differing:
-            detail = "; ".join(f"{k}: folder has {recorded.get(k)!r}, this run {options.get(k)!r}" for k in differing)
-            raise ValueError(
-                f"refusing to write into {config.layout.root}: its outputs were made with a different "
-                f"configuration ({detail}). Use another --base_feat_path, or delete that folder to start over."
-            )
-        return path
-    sidecar = {"semtrack_version": semtrack.__version__, "dump_name": config.dump_name(), "options": options}
-    write_text_atomic(path, json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+            os.link(tmp, path)
+        except FileExistsError:  # another run created it first: it must agree
+            differing = _differences(_read(path), options, config.output_format)
+            if differing:
+                raise ValueError(f"refusing to write into {config.layout.root}: a run with a different "
+                                 f"configuration started at the same time ({'; '.join(differing)})") from None
+        except OSError:
+            os.replace(tmp, path)  # a filesystem without hard links
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return path

@@ -1,14 +1,29 @@
-"""Three helpers every stage shares: one-line error reasons, atomic file writes, stable seeds."""
+"""Three helpers every stage shares: one-line error reasons, atomic file writes (temporary names that
+say which host and process wrote them), stable seeds."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Iterator
 
 MAX_REASON_CHARS = 300
-TMP_MARK = ".tmp-"  # temporary files are `<name>.tmp-<pid>` beside their target
+TMP_MARK = ".tmp-"  # temporary files are `<name>.tmp-<host>-<pid>` beside their target
+HOST_TAG_CHARS = 32  # the host part of a temporary name: the short host name, at most this long
+PID_DIGITS = 7  # Linux process ids stay below 2**22
+TMP_SUFFIX_MAX = len(TMP_MARK) + HOST_TAG_CHARS + 1 + PID_DIGITS  # the longest suffix a temporary name adds
+TEMPORARY_NAME = re.compile(r"^(?P<target>.+)\.tmp-(?P<host>[A-Za-z0-9_-]{1,%d})-(?P<pid>[0-9]{1,%d})$"
+                            % (HOST_TAG_CHARS, PID_DIGITS))
+
+
+def host_tag(hostname: str | None = None) -> str:
+    """This machine's name as temporary names hold it: the short host name (before the first '.'),
+    characters other than letters, digits, '_' and '-' replaced by '_', at most `HOST_TAG_CHARS`."""
+    short = (hostname if hostname is not None else socket.gethostname()).split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", short)[:HOST_TAG_CHARS] or "host"
 
 
 def clip_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
@@ -24,8 +39,9 @@ def one_line(exc: BaseException, limit: int = MAX_REASON_CHARS) -> str:
 
 
 def temporary_path(path: Path) -> Path:
-    """Where `atomic_write` writes `path` before renaming it: same folder, `TMP_MARK` + this pid."""
-    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    """Where `atomic_write` writes `path` before renaming it: same folder, `<name>.tmp-<host>-<pid>`
+    (`host_tag`), so a later run can tell whether the process that wrote it is gone."""
+    return path.with_name(f"{path.name}{TMP_MARK}{host_tag()}-{os.getpid()}")
 
 
 def _fsync_file(path: Path) -> None:

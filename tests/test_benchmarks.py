@@ -89,7 +89,7 @@ def test_bench_extract_json_on_tiny_csv(tmp_path, videos_dir):
 
     run = result["runs"]["32-true"]
     loop = run["loop"]
-    assert run["run_report"]["counts"] == {"rows": 2, "done": 2, "failed": 0, "skipped": 0}
+    assert run["run_report"]["counts"] == {"rows": 2, "done": 2, "failed": 0, "pending": 0}
     assert loop["batches"] == 2 and loop["videos"] == 2
     assert run["all_ranks"]["ranks"] == 1 and run["all_ranks"]["videos_per_s"] == pytest.approx(loop["videos_per_s"])
     assert 0 < loop["videos_per_s"] <= loop["steady_videos_per_s"] * 1.5

@@ -13,8 +13,9 @@ import torch
 from datamodules.extraction import ExtractionDataModule
 from semtrack.cli import main, translate
 from semtrack.config import ExtractConfig
-from semtrack.report import failures_csv, merge_parts
-from semtrack.sidecar import check_sidecar
+from semtrack.layout import OutputLayout
+from semtrack.report import build_report, failures_csv
+from semtrack.sidecar import check_sidecar, write_sidecar
 from semtrack.tracker import estimate_tracking_bytes
 from semtrack.trackfile import save_tracks
 
@@ -79,17 +80,28 @@ def test_translate_keeps_lightning_form_and_is_idempotent():
 
 
 # ------------------------------------------------------------------------------ sidecar
-def test_sidecar_created_then_refuses_a_different_configuration(tmp_path):
+def test_sidecar_written_then_refuses_a_different_configuration_once_there_are_outputs(tmp_path):
     cfg = ExtractConfig(base_feat_path=str(tmp_path), weights="random")
-    path = check_sidecar(cfg, "32-true")
-    recorded = json.loads(path.read_text())["options"]
-    assert recorded["num_points_per_entity"] == 16 and recorded["tracker_weights"] == "random"
+    assert not check_sidecar(cfg, "32-true").exists()  # checking writes nothing
+    path = write_sidecar(cfg, "32-true")
+    recorded = json.loads(path.read_text())
+    assert recorded["options"]["num_points_per_entity"] == 16 and recorded["options"]["tracker_weights"] == "random"
+    assert recorded["output_format"] == "pickle"
+    other = ExtractConfig(base_feat_path=str(tmp_path), weights="random", num_points_per_entity=8)
+    check_sidecar(other, "32-true")  # a folder without outputs: its sidecar is replaced, not obeyed
+    save_tracks(cfg.layout.pickle("d", "v"), _tracks())
     # run-only options may change between runs of one folder
-    check_sidecar(ExtractConfig(base_feat_path=str(tmp_path), weights="random", batch_size=4, rerun=True), "32-true")
+    check_sidecar(ExtractConfig(base_feat_path=str(tmp_path), weights="random", batch_size=4, rerun=True,
+                                num_shards=2, shard_index=1, verify_outputs=True), "32-true")
     with pytest.raises(ValueError, match="refusing.*num_points_per_entity"):
-        check_sidecar(ExtractConfig(base_feat_path=str(tmp_path), weights="random", num_points_per_entity=8), "32-true")
+        check_sidecar(other, "32-true")
+    with pytest.raises(ValueError, match="refusing.*num_points_per_entity"):
+        write_sidecar(other, "32-true")
     with pytest.raises(ValueError, match="precision"):
         check_sidecar(cfg, "bf16-mixed")
+    with pytest.raises(ValueError, match="output_format"):
+        check_sidecar(ExtractConfig(base_feat_path=str(tmp_path), weights="random", output_format="webdataset"),
+                      "32-true")
 
 
 # ------------------------------------------------------------------------------ skip / redo
@@ -112,33 +124,62 @@ def test_pending_rows_skip_valid_redo_corrupt_and_rerun(tmp_path, videos_dir):
     save_tracks(corrupt, _tracks())
     corrupt.write_bytes(corrupt.read_bytes()[:50])  # truncated: redone
     dm = ExtractionDataModule(cfg)
-    assert dm.pending_rows(dm.make_dataset()) == ([1, 2], 1)
+    plan = dm.row_plan(dm.make_dataset())
+    assert (plan.pending, plan.skipped) == ([1, 2], 1)  # no ledger record: the valid pickle is adopted
+    assert [(r["video_id"], r["status"], r["adopted"]) for r in plan.adopted] == [("tiny_ssv2", "done", True)]
     rerun = ExtractionDataModule(ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), rerun=True))
-    assert rerun.pending_rows(rerun.make_dataset()) == ([0, 1, 2], 0)
+    plan = rerun.row_plan(rerun.make_dataset())
+    assert (plan.pending, plan.skipped) == ([0, 1, 2], 0)
     debug = ExtractionDataModule(
         ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), debug_mode=True)
     )
-    assert debug.pending_rows(debug.make_dataset()) == ([], 1)  # first row only, and it is done
+    plan = debug.row_plan(debug.make_dataset())
+    assert (plan.pending, plan.skipped) == ([0], 0)  # the first row only, done or not
+    vis = ExtractionDataModule(ExtractConfig(csv_path=str(csv), base_feat_path=str(tmp_path / "out"), make_vis=True))
+    assert vis.row_plan(vis.make_dataset()).pending == [0, 1, 2]  # no GIF: the first row is not done
 
 
 # ------------------------------------------------------------------------------ report
-def test_merge_parts_sums_ranks_and_orders_failures(tmp_path):
-    fail = lambda row: {"row": row, "video_id": f"v{row}", "dataset": "d", "video_path": f"/x/v{row}.mp4",  # noqa: E731
-                        "stage": "decode", "reason": "bad, \"quoted\""}
-    parts = [
-        {"done": 3, "failed": 1, "failures": [fail(5)], "stage_totals": {"tracking": [6.0, 3]}, "wall_s": 10.0,
-         "data_wait_s": 1.0, "points_dropped": 2},
-        {"done": 2, "failed": 1, "failures": [fail(1)], "stage_totals": {"tracking": [2.0, 2], "write": [1.0, 2]},
-         "wall_s": 8.0, "data_wait_s": 0.5, "points_dropped": 0},
+def _video(run, rank, row, status, t, **extra):
+    return {"kind": "video", "run": run, "rank": rank, "row": row, "dataset": "d", "video_id": f"v{row}",
+            "status": status, "time": t, **extra}
+
+
+def test_report_sums_ranks_orders_failures_and_keeps_the_folder_over_runs(tmp_path):
+    fail = {"stage": "decode", "reason": 'bad, "quoted"'}
+    start = {"kind": "start", "world_size": 2, "shard": [0, 1], "csv_rows": 9, "csv_keys": "k", "rows": 9}
+    records = [
+        {**start, "run": "A", "rank": 0, "time": 1.0, "skipped": 1, "assigned": 5},
+        {**start, "run": "A", "rank": 1, "time": 1.0, "skipped": 1, "assigned": 4},
+        *(_video("A", 0, row, "done", 2.0) for row in (0, 2, 4)),
+        _video("A", 0, 6, "failed", 2.0, video_path="/x/v6.mp4", **fail),
+        *(_video("A", 1, row, "done", 2.0) for row in (3, 5)),
+        _video("A", 1, 1, "failed", 2.0, video_path="/x/v1.mp4", **fail),
+        {"kind": "end", "run": "A", "rank": 0, "time": 3.0, "status": "complete", "wall_s": 10.0,
+         "stage_totals": {"tracking": [6.0, 3]}, "data_wait_s": 1.0, "points_dropped": 2},
+        {"kind": "end", "run": "A", "rank": 1, "time": 3.0, "status": "complete", "wall_s": 8.0,
+         "stage_totals": {"tracking": [2.0, 2], "write": [1.0, 2]}, "data_wait_s": 0.5, "points_dropped": 0},
     ]
-    report = merge_parts(parts, num_rows=9, num_skipped=2, output_dir=str(tmp_path), csv_path="v.csv")
-    assert report["counts"] == {"rows": 9, "done": 5, "failed": 2, "skipped": 2}
-    assert [f["row"] for f in report["failures"]] == [1, 5]
-    assert report["stage_mean_s"] == {"tracking": 8.0 / 5, "write": 0.5}
-    assert report["videos_per_s"] == 7 / 10.0 and report["world_size"] == 2
+    report = build_report(OutputLayout(tmp_path), records)
+    assert report["counts"] == {"rows": 9, "done": 5, "failed": 2, "pending": 2}
+    run = report["last_run"]
+    assert run["counts"] == {"rows": 9, "done": 5, "failed": 2, "skipped": 2, "pending": 0}
+    assert [f["row"] for f in report["failures"]] == [1, 6] == [f["row"] for f in run["failures"]]
+    assert run["stage_mean_s"] == {"tracking": 8.0 / 5, "write": 0.5}
+    assert run["videos_per_s"] == 5 / 10.0 and run["attempts_per_s"] == 7 / 10.0 and run["world_size"] == 2
+    assert run["status"] == "complete"
     text = failures_csv(report["failures"])
     assert text.splitlines()[0] == "row,video_id,dataset,video_path,stage,reason"
     assert text.splitlines()[1] == '1,v1,d,/x/v1.mp4,decode,"bad, ""quoted"""'
+    # a later partial run (one rank, killed: no end record) redoes row 1: the folder keeps row 6's failure
+    later = [{**start, "run": "B", "rank": 0, "time": 5.0, "world_size": 1, "rows": 1, "skipped": 0},
+             _video("B", 0, 1, "done", 6.0)]
+    report = build_report(OutputLayout(tmp_path), records + later)
+    assert report["counts"] == {"rows": 9, "done": 6, "failed": 1, "pending": 2}
+    assert [f["row"] for f in report["failures"]] == [6]
+    assert report["last_run"]["run_id"] == "B" and report["last_run"]["status"] == "interrupted"
+    assert report["last_run"]["counts"] == {"rows": 1, "done": 1, "failed": 0, "skipped": 0, "pending": 0}
+    assert [r["run_id"] for r in report["runs"]] == ["A", "B"]
 
 
 # ------------------------------------------------------------------------------ tracking memory guard

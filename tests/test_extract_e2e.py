@@ -146,8 +146,8 @@ def test_semantic_run_gifs_failures_report_sidecar(semantic):
     assert sorted(line.split(",")[1] for line in lines[1:]) == sorted(BROKEN)
     assert all(line.split(",")[4] == "decode" for line in lines[1:])
     report = json.loads((out / "run_report.json").read_text())
-    assert report["counts"] == {"rows": 4, "done": 2, "failed": 2, "skipped": 0}
-    assert set(report["stage_mean_s"]) >= {"features", "clustering", "points", "tracking", "write"}
+    assert report["counts"] == {"rows": 4, "done": 2, "failed": 2, "pending": 0}
+    assert set(report["last_run"]["stage_mean_s"]) >= {"features", "clustering", "points", "tracking", "write"}
     assert {x["video_id"] for x in report["failures"]} == set(BROKEN)
     assert "2 done, 2 failed" in semantic["proc"].stderr
     sidecar = json.loads((out / "semtrack_config.json").read_text())["options"]
@@ -170,7 +170,8 @@ def test_resume_skips_valid_and_redoes_corrupt(semantic):
     proc = run_script(*semantic["args"])
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = json.loads((out / "run_report.json").read_text())
-    assert report["counts"] == {"rows": 4, "done": 1, "failed": 2, "skipped": 1}
+    assert report["counts"] == {"rows": 4, "done": 2, "failed": 2, "pending": 0}  # the whole folder
+    assert report["last_run"]["counts"] == {"rows": 4, "done": 1, "failed": 2, "skipped": 1, "pending": 0}
     assert good.stat().st_mtime_ns == good_mtime
     assert contents(corrupt) == before  # redone, identical (deterministic)
 
@@ -207,7 +208,7 @@ def test_yaml_config_run_succeeds(reference):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(pickles(out)) == 4
     counts = json.loads((out / "run_report.json").read_text())["counts"]
-    assert counts == {"rows": 4, "done": 4, "failed": 0, "skipped": 0}
+    assert counts == {"rows": 4, "done": 4, "failed": 0, "pending": 0}
     assert (out / "failures.csv").read_text().splitlines() == ["row,video_id,dataset,video_path,stage,reason"]
     f = load_tracks(out / "ssv2/feat_dump/a.pkl")  # grid mode: ids and query frames match the tracks
     assert f.num_points == 4 and f.obj_ids.tolist() == [0] * 4 and f.query_frames.tolist() == [0] * 4
@@ -222,7 +223,9 @@ def test_two_ranks_give_identical_pickles_and_one_report(reference, grid_csv):
     out = base / "cotracker3_bip_fr_32_fps_10"
     assert pickles(out) == pickles(reference[1])
     report = json.loads((out / "run_report.json").read_text())
-    assert report["world_size"] == 2 and report["counts"] == {"rows": 4, "done": 4, "failed": 0, "skipped": 0}
+    assert report["last_run"]["world_size"] == 2
+    assert report["counts"] == {"rows": 4, "done": 4, "failed": 0, "pending": 0}
+    assert len(list((out / "ledger").glob("*.jsonl"))) == 2  # one ledger file per rank
     assert not list(out.glob("run_report.*.json"))
 
 
@@ -242,8 +245,8 @@ def test_kill_mid_run_then_resume(reference, grid_csv):
         load_tracks(p)  # complete, never partial
     resumed = run_script("--csv_path", str(grid_csv), "--base_feat_path", str(base), *GRID)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    counts = json.loads((out / "run_report.json").read_text())["counts"]
-    assert counts == {"rows": 4, "done": 4 - len(done_before), "failed": 0, "skipped": len(done_before)}
+    counts = json.loads((out / "run_report.json").read_text())["last_run"]["counts"]
+    assert counts == {"rows": 4, "done": 4 - len(done_before), "failed": 0, "skipped": len(done_before), "pending": 0}
     assert pickles(out) == pickles(reference[1])
 
 
@@ -277,7 +280,7 @@ def test_unicode_paths_and_a_directory_row_through_the_python_api(tmp_path, vide
     out = tmp_path / "out" / "cotracker3_bip_fr_32_fps_10"
     assert load_tracks(out / "my set" / "feat_dump" / "mön clip.pkl").num_points == 4
     assert report == json.loads((out / "run_report.json").read_text(encoding="utf-8"))
-    assert report["counts"] == {"rows": 2, "done": 1, "failed": 1, "skipped": 0}
+    assert report["counts"] == {"rows": 2, "done": 1, "failed": 1, "pending": 0}
     assert report["failures"][0]["video_id"] == folder.name and "directory" in report["failures"][0]["reason"]
 
 

@@ -1,0 +1,79 @@
+"""Stopping a run at a video boundary: on SIGTERM / SIGINT, or when the output folder cannot be written.
+
+`StopRequest.install()` makes SIGTERM (kill, docker stop, SLURM pre-emption) and SIGINT (Ctrl+C)
+request a stop instead of killing the process. Before videos are processed (`started` False) the
+signal interrupts at once (there is nothing to save); afterwards the writer calls `check()` at each
+video boundary, which raises `Stopped`, and the run saves its ledger and report on the way out. A
+second signal of either kind ends the process at once, as if no handler were installed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """The run stopped before its end: `signum` (a signal number) or `reason` (a folder write error)."""
+
+    def __init__(self, signum: int | None = None, reason: str | None = None):
+        self.signum, self.reason = signum, reason
+        super().__init__(reason or f"stopped by {signal.Signals(signum).name}")
+
+
+class StopRequest:
+    """Why the run should stop (`signum`, `reason`), and the signal handlers that request it."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.reason: str | None = None
+        self.started = False
+        self._previous: dict[int, object] = {}
+        self._pid: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None or self.reason is not None
+
+    def fail(self, reason: str) -> None:
+        """Stop at the next boundary because the folder cannot be written (`reason`, one line)."""
+        if self.reason is None:
+            self.reason = reason
+
+    def check(self) -> None:
+        """Raise `Stopped` if a stop was requested."""
+        if self.requested:
+            raise Stopped(self.signum, self.reason)
+
+    def stopped(self) -> Stopped:
+        return Stopped(self.signum, self.reason)
+
+    # ------------------------------------------------------------------ signals
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # the second signal: end now
+            self.restore()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        if not self.started:
+            raise Stopped(signum)
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT in this process (main thread only; elsewhere a no-op). Idempotent."""
+        if self._pid == os.getpid() or threading.current_thread() is not threading.main_thread():
+            return
+        self._pid = os.getpid()
+        for signum in SIGNALS:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced."""
+        if self._pid != os.getpid() or threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous, self._pid = {}, None
