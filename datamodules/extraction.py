@@ -56,13 +56,47 @@ def _cheapest_batch(window: list[Clip], size: int) -> list[int]:
     return best
 
 
+def _least_padding_partition(clips: list[Clip], batch_size: int) -> list[list[int]]:
+    """Positions in `clips` split into ceil(len / batch_size) batches of at most `batch_size` clips with
+    the fewest padded frames in all: runs of consecutive clips in frame-count order, chosen by dynamic
+    programming over where each run ends (decode failures cost nothing). Each batch is in `clips`' order."""
+    order = sorted(range(len(clips)), key=lambda i: (clips[i].num_frames, i))
+    frames = [0 if clips[i].frames is None else clips[i].num_frames for i in order]
+    real = [clips[i].frames is not None for i in order]
+    count = math.ceil(len(order) / batch_size)
+
+    def padding(start: int, end: int) -> int:  # run order[start:end]
+        longest = frames[end - 1]
+        return sum(longest - frames[i] for i in range(start, end) if real[i])
+
+    # cost[g][j]: least padding of the first j clips in g runs; cut[g][j]: where the last run starts
+    cost = [[math.inf] * (len(order) + 1) for _ in range(count + 1)]
+    cut = [[0] * (len(order) + 1) for _ in range(count + 1)]
+    cost[0][0] = 0
+    for g in range(1, count + 1):
+        for j in range(1, len(order) + 1):
+            for i in range(max(0, j - batch_size), j):
+                value = cost[g - 1][i] + padding(i, j)
+                if value < cost[g][j]:
+                    cost[g][j], cut[g][j] = value, i
+    runs, end = [], len(order)
+    for g in range(count, 0, -1):
+        start = cut[g][end]
+        runs.append(sorted(order[start:end]))
+        end = start
+    return sorted(runs)
+
+
 def length_batches(clips: Iterable[Clip], batch_size: int, window: int, max_bytes: float) -> Iterator[list[Clip]]:
     """Batches of `batch_size` clips of similar length from `clips` (any order kept within a batch).
 
     Holds up to `window` decoded clips (fewer once they hold more than `max_bytes` of frames) and
     emits the `batch_size` of them with the least frame padding (`_cheapest_batch`), so the tracker
-    pads little when it runs a batch in one call. Every batch but the last holds exactly
-    `batch_size` clips: len(clips) / batch_size batches, rounded up. `window <= batch_size`: CSV order.
+    pads little when it runs a batch in one call. The clips still held when `clips` ends are split
+    with the least padding in all (`_least_padding_partition`), so the stragglers of a look-ahead
+    window do not end up padded to one long clip. len(clips) / batch_size batches, rounded up; every
+    batch but the last ceil(held / batch_size) holds exactly `batch_size` clips. `window <=
+    batch_size`: CSV order.
     """
     held: list[Clip] = []
     for clip in clips:
@@ -71,10 +105,8 @@ def length_batches(clips: Iterable[Clip], batch_size: int, window: int, max_byte
             take = _cheapest_batch(held, batch_size)
             yield [held[i] for i in sorted(take)]
             held = [c for i, c in enumerate(held) if i not in take]
-    while held:
-        take = _cheapest_batch(held, min(batch_size, len(held)))
-        yield [held[i] for i in sorted(take)]
-        held = [c for i, c in enumerate(held) if i not in take]
+    for run in _least_padding_partition(held, batch_size):
+        yield [held[i] for i in run]
 
 
 class ClipBatches:
