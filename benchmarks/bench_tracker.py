@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _shared import shared_path  # noqa: E402
+from semtrack.pipeline import CUDA_CHUNK_BYTES, CUDA_ENCODER_CHUNK  # noqa: E402
 from semtrack.tracker import OfflineTracker, estimate_tracking_bytes, load_tracker  # noqa: E402
 
 NUM_FRAMES, NUM_QUERIES = 52, 224
@@ -180,6 +181,8 @@ def peak_live_bytes(tracker, clips, queries) -> int:
 # ----------------------------------------------------------------------------- modes
 LAUNCH_SETTINGS = {  # label: (encoder_chunk, chunk_bytes)
     "defaults (encoder 16 frames, chunks 512 MiB)": (16, "default"),
+    f"GPU job setting (encoder {CUDA_ENCODER_CHUNK}, chunks {CUDA_CHUNK_BYTES / 1e9:g} GB)": (
+        CUDA_ENCODER_CHUNK, CUDA_CHUNK_BYTES),
     "encoder 64, chunks 1 GiB": (64, 2**30),
     "encoder 64, chunks 4 GiB": (64, 4 * 2**30),
     "encoder 64, no chunking": (64, None),
