@@ -18,6 +18,20 @@ def videos_dir():
     return shared_path("videos")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one BLAS / OpenMP thread for a module of small tensors and scikit-learn fits:
+    faster than two contending threads on a busy 2-core runner (use with `pytest.mark.usefixtures`)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

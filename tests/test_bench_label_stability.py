@@ -14,13 +14,7 @@ import bench_label_stability as bench  # noqa: E402
 METHODS = {"bipartite", "kmeans", "bipartite_positional", "bipartite_score_grid"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two on a busy 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fractions(block: dict) -> list[float]:

@@ -23,17 +23,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 CASES = ["nocc", "cc", "nocc_small", "cc_small"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors and scikit-learn fits: one thread is faster than two on a busy 2-core runner
-    (thread count only moves exact-tie points, which the fixtures flag)."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
