@@ -97,10 +97,6 @@ class OutputLayout:
         """The layout `--debug_mode` writes: `<root>/debug/`."""
         return OutputLayout(self.root / DEBUG_DIR)
 
-    def dataset_dir(self, dataset: str) -> Path:
-        """`<root>/<dataset>` (the dataset column verbatim, as the research script)."""
-        return self.root / dataset
-
     def pickle(self, dataset: str, video_id: str) -> Path:
         return self.root / dataset / "feat_dump" / f"{video_id}.pkl"
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.tracks import (
     CenterCrop,
+    Compose,
     HorizontalFlip,
     PointTrackDataModule,
     PointTrackDataset,
@@ -220,6 +221,9 @@ def test_transforms_keep_frames_and_tracks_consistent():
     assert f.shape[-2:] == (48, 64) and torch.allclose(t[0, 0], torch.tensor([6.5, 8.5]))
     f, t, v = Resize(12)(frames, tracks, vis)
     assert f.shape[-2:] == (12, 16)
+    composed = Compose([CenterCrop((12, 16)), Resize((24, 32))])(frames, tracks, vis)
+    one_by_one = Resize((24, 32))(*CenterCrop((12, 16))(frames, tracks, vis))
+    assert all(torch.equal(a, b) for a, b in zip(composed, one_by_one))
     torch.manual_seed(0)
     f, t, v = RandomResizedCropFlip((16, 16), scale=(0.3, 0.6))(frames, tracks, vis)
     assert f.shape == (2, 3, 16, 16)
