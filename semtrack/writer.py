@@ -369,6 +369,6 @@ class ExtractionProgressBar(TQDMProgressBar):
             rate = w.done / max(w.elapsed, 1e-9)  # done videos only
             self.predict_progress_bar.set_postfix(
                 {"done": w.done, "failed": w.failed, "skipped": plan.skipped if plan else 0,
-                 "videos/s": f"{rate:.2f}"}, refresh=False
+                 "done/s": f"{rate:.2f}"}, refresh=False
             )
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
