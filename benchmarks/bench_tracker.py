@@ -8,9 +8,11 @@ Modes (stand-in weights "random" by default: the weights do not change the work 
   it. CPU: one fp32 call, peak RSS. CUDA (when present): fp32 and bf16 autocast, one warm-up then
   `--repeats` timed calls each, torch.cuda.max_memory_allocated, and the bf16-vs-fp32 deviation.
 * `launches`: aten ops dispatched per video (about one kernel launch each on CUDA) and host syncs,
-  counted on the meta device (no compute) with a `TorchDispatchMode`: 8 ragged SSV2-like clips
-  (T in 28..88, N in 192..336, 240x428 uint8, fixed seed) tracked one per call vs all in one call,
-  for several `chunk_bytes` budgets. Prediction tested: batch 8 <= 1/5 of batch 1 per video.
+  counted on the meta device (no compute) with a `TorchDispatchMode`, for two draws of 8 SSV2-like
+  clips (240x428 uint8, fixed seeds): `ragged` (T in 28..88, N in 192..336, as unbucketed rows) and
+  `bucket` (T in 28..32, as one length bucket of the DataModule), tracked one per call vs all in one
+  call, for several chunk settings, among them the GPU job's (the largest chunks whose estimate fits
+  the 10 GB budget, per call). Prediction tested: batch 8 <= 1/5 of batch 1 per video.
 * `memory`: peak live tensor bytes of one `track_many` call on the meta device (a storage counts
   from the op that creates it until its last tensor dies; attention counted as one fused kernel,
   as flash attention runs), N = 300 user points + 36 support, 384x512, fp32, at several T; the
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,7 +48,8 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _shared import shared_path  # noqa: E402
-from semtrack.pipeline import CUDA_CHUNK_BYTES, CUDA_ENCODER_CHUNK  # noqa: E402
+from semtrack.features import model_spec  # noqa: E402
+from semtrack.pipeline import CUDA_BUDGET_BYTES, CUDA_CHUNK_CHOICES, CUDA_ENCODER_CHUNK, chunk_bytes_for_call  # noqa: E402
 from semtrack.tracker import OfflineTracker, estimate_tracking_bytes, load_tracker  # noqa: E402
 
 NUM_FRAMES, NUM_QUERIES = 52, 224
@@ -179,39 +183,70 @@ def peak_live_bytes(tracker, clips, queries) -> int:
 
 
 # ----------------------------------------------------------------------------- modes
+PER_CALL = "per call"
 LAUNCH_SETTINGS = {  # label: (encoder_chunk, chunk_bytes)
     "defaults (encoder 16 frames, chunks 512 MiB)": (16, "default"),
-    f"GPU job setting (encoder {CUDA_ENCODER_CHUNK}, chunks {CUDA_CHUNK_BYTES / 1e9:g} GB)": (
-        CUDA_ENCODER_CHUNK, CUDA_CHUNK_BYTES),
-    "encoder 64, chunks 1 GiB": (64, 2**30),
-    "encoder 64, chunks 4 GiB": (64, 4 * 2**30),
+    f"GPU job: encoder {CUDA_ENCODER_CHUNK}, the largest chunks that fit the budget per call": (
+        CUDA_ENCODER_CHUNK, PER_CALL),
+    f"encoder {CUDA_ENCODER_CHUNK}, chunks {CUDA_CHUNK_CHOICES[-1] / 1e9:g} GB (the GPU job's smallest)": (
+        CUDA_ENCODER_CHUNK, CUDA_CHUNK_CHOICES[-1]),
     "encoder 64, no chunking": (64, None),
 }
 
 
+def bucket_shapes(count: int = 8, seed: int = 1) -> list[tuple[int, int]]:
+    """`count` (T, N) pairs of one length bucket as the DataModule forms them: T in 28..32 (SSV2's
+    commonest lengths), N drawn from the SSV2 range."""
+    rng = np.random.RandomState(seed)
+    return [(int(rng.randint(28, 33)), int(rng.randint(RAGGED_POINTS[0], RAGGED_POINTS[1] + 1))) for _ in range(count)]
+
+
+def gpu_budget() -> float:
+    """The GPU job's tracking budget per call: `CUDA_BUDGET_BYTES` minus the fp32 weights of the
+    tracker and DINOv2 ViT-B/14 (what `tracking_budget` subtracts on a GPU)."""
+    with torch.device("meta"):
+        models = [OfflineTracker(), timm.create_model(model_spec("vitb14").timm_name, pretrained=False, num_classes=0)]
+    return CUDA_BUDGET_BYTES - sum(4 * p.numel() for m in models for p in m.parameters())
+
+
+def count_setting(tracker, clips, queries, shapes, chunk_bytes, encoder_chunk, budget) -> tuple[int, int, float]:
+    """-> (ops, syncs, estimated bytes) of one call, with `chunk_bytes` PER_CALL chosen as the job does."""
+    frames, points = max(t for t, _ in shapes), max(n for _, n in shapes)
+
+    def estimate(chunk):
+        chunk = {} if chunk == "default" else {"chunk_bytes": chunk}
+        return estimate_tracking_bytes(frames, points, SSV2_SIZE, batch=len(shapes), encoder_chunk=encoder_chunk,
+                                       **chunk)
+
+    if chunk_bytes == PER_CALL:
+        chunk_bytes = chunk_bytes_for_call(estimate, budget, CUDA_CHUNK_CHOICES, CUDA_CHUNK_CHOICES[-1])
+    if chunk_bytes != "default":
+        tracker.model.chunk_bytes = chunk_bytes
+    ops, syncs = count_ops(tracker, clips, queries)
+    return ops, syncs, estimate(chunk_bytes)
+
+
 def run_launches(args) -> dict:
-    shapes = ragged_shapes()
-    clips, queries = meta_inputs(shapes)
-    result = {"shapes_T_N": shapes, "clip_size_hw": list(SSV2_SIZE), "settings": {}}
-    for label, (encoder_chunk, chunk_bytes) in LAUNCH_SETTINGS.items():
-        tracker = meta_tracker(encoder_chunk=encoder_chunk, chunk_bytes=chunk_bytes)
-        solo = [count_ops(tracker, [c], [q]) for c, q in zip(clips, queries)]
-        batched = count_ops(tracker, clips, queries)
-        per_video_solo = sum(ops for ops, _ in solo) / len(solo)
-        per_video_batched = batched[0] / len(clips)
-        frames, points = max(t for t, _ in shapes), max(n for _, n in shapes)
-        budget = {} if chunk_bytes == "default" else {"chunk_bytes": chunk_bytes}
-        estimate = estimate_tracking_bytes(frames, points, SSV2_SIZE, batch=len(shapes), encoder_chunk=encoder_chunk,
-                                           **budget)
-        result["settings"][label] = {
-            "estimated_peak_gb_batch8_fp32": round(estimate / 1e9, 2),
-            "ops_per_video_batch1": round(per_video_solo),
-            "ops_per_video_batch8": round(per_video_batched),
-            "ratio": round(per_video_batched / per_video_solo, 3),
-            "syncs_batch1": sum(s for _, s in solo),
-            "syncs_batch8": batched[1],
-        }
-        print(label, result["settings"][label], flush=True)
+    budget = gpu_budget()
+    result = {"clip_size_hw": list(SSV2_SIZE), "gpu_budget_gb": round(budget / 1e9, 2), "draws": {}}
+    for draw, shapes in (("ragged", ragged_shapes()), ("bucket", bucket_shapes())):
+        clips, queries = meta_inputs(shapes)
+        out = result["draws"][draw] = {"shapes_T_N": shapes, "settings": {}}
+        for label, (encoder_chunk, chunk_bytes) in LAUNCH_SETTINGS.items():
+            tracker = meta_tracker(encoder_chunk=encoder_chunk)
+            solo = [count_setting(tracker, [c], [q], [shape], chunk_bytes, encoder_chunk, budget)
+                    for c, q, shape in zip(clips, queries, shapes)]
+            ops, syncs, estimate = count_setting(tracker, clips, queries, shapes, chunk_bytes, encoder_chunk, budget)
+            per_video_solo = sum(o for o, _, _ in solo) / len(solo)
+            out["settings"][label] = {
+                "estimated_peak_gb_batch8_fp32": round(estimate / 1e9, 2),
+                "ops_per_video_batch1": round(per_video_solo),
+                "ops_per_video_batch8": round(ops / len(clips)),
+                "ratio": round(ops / len(clips) / per_video_solo, 3),
+                "syncs_batch1": sum(s for _, s, _ in solo),
+                "syncs_batch8": syncs,
+            }
+            print(draw, label, out["settings"][label], flush=True)
     return result
 
 

@@ -5,7 +5,7 @@ import lightning as L
 import torch
 
 from semtrack.config import ExtractConfig
-from semtrack.pipeline import TRACKER_PRECISION, BatchResult, Pipeline, tracking_budget, tune_tracker
+from semtrack.pipeline import TRACKER_PRECISION, BatchResult, Pipeline, chunk_choices, tracking_budget, tune_tracker
 from semtrack.records import Clip
 
 
@@ -56,7 +56,7 @@ class SemanticTracker(L.LightningModule):
         budget = tracking_budget(self.config, self.device, model_bytes)
         tune_tracker(self.tracker, self.device)
         self.pipeline = Pipeline(self.config, self.features, self.tracker, self.device, self.tracker_precision(),
-                                 budget)
+                                 budget, chunk_choices(self.device))
 
     def predict_step(self, batch: list[Clip], batch_idx: int = 0, dataloader_idx: int = 0) -> BatchResult:
         return self.pipeline(batch)

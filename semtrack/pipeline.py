@@ -13,7 +13,7 @@ the end.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,11 +28,13 @@ from semtrack.tracker import estimate_tracking_bytes
 STAGES = ("features", "clustering", "points", "tracking")
 TRACKER_PRECISION = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp32", "bf16-mixed": "bf16"}
 CUDA_BUDGET_BYTES = 10 * GB  # tracking memory per GPU rank, models included
-# On a GPU, fewer and larger chunks of the tracker's ops launch fewer kernels (exact either way).
-# Sized so that 8 SSV2 clips of 88 frames with 300 points are estimated at 8.8 GB in bf16, inside
-# CUDA_BUDGET_BYTES with the models (semtrack.tracker.estimate_tracking_bytes).
+# On a GPU, fewer and larger chunks of the tracker's ops launch fewer kernels (exact either way): each
+# tracking call takes the largest of CUDA_CHUNK_CHOICES (None: unchunked) whose estimate fits the
+# budget (`chunk_bytes_for_call`). The smallest, which the calls are grouped by, fits 8 SSV2 clips of
+# 88 frames with 300 points at 8.8 GB in bf16, inside CUDA_BUDGET_BYTES with the models
+# (semtrack.tracker.estimate_tracking_bytes).
 CUDA_ENCODER_CHUNK = 32  # frames per encoder call
-CUDA_CHUNK_BYTES = 1_500_000_000  # one chunk's intermediates
+CUDA_CHUNK_CHOICES = (None, 8 * GB, 4 * GB, 2 * GB, 1_500_000_000)  # one chunk's intermediates, largest first
 
 
 @dataclass
@@ -45,12 +47,27 @@ class BatchResult:
     tracking_calls: list[tuple[int, int, int]]
 
 
+def chunk_choices(device: torch.device) -> tuple[int | None, ...]:
+    """The chunk budgets a tracking call may use, largest first: `CUDA_CHUNK_CHOICES` on CUDA; elsewhere
+    only the tracker's default (a CPU gains nothing from big chunks)."""
+    return CUDA_CHUNK_CHOICES if device.type == "cuda" else ()
+
+
 def tune_tracker(tracker, device: torch.device) -> None:
-    """Chunk sizes for the device: on CUDA `CUDA_ENCODER_CHUNK` and `CUDA_CHUNK_BYTES`, elsewhere
-    the tracker's defaults (small chunks: a CPU gains nothing from big ones)."""
+    """Chunk sizes for the device: on CUDA `CUDA_ENCODER_CHUNK` and the smallest of `chunk_choices`,
+    elsewhere the tracker's defaults."""
     if device.type == "cuda":
         tracker.model.encoder_chunk = CUDA_ENCODER_CHUNK
-        tracker.model.chunk_bytes = CUDA_CHUNK_BYTES
+        tracker.model.chunk_bytes = chunk_choices(device)[-1]
+
+
+def chunk_bytes_for_call(estimate: Callable[[int | None], float], budget: float | None,
+                         choices: Sequence[int | None], default: int | None) -> int | None:
+    """The first of `choices` (largest first) whose `estimate(chunk_bytes)` fits `budget` bytes;
+    `default` when there are no choices, no budget, or none fits (the call was grouped to fit it)."""
+    if budget is None:
+        return default
+    return next((c for c in choices if estimate(c) <= budget), default)
 
 
 def tracking_budget(config: ExtractConfig, device: torch.device, model_bytes: int) -> float | None:
@@ -68,13 +85,16 @@ class Pipeline:
     """features -> clustering -> points -> tracking for batches of clips (see the module docstring).
 
     features: a `DinoV2Extractor` (None in grid mode); tracker: an `OfflineTracker`, both on `device`;
-    tracker_precision: "fp32" | "bf16"; budget: bytes one tracking call may use (None: no limit).
+    tracker_precision: "fp32" | "bf16"; budget: bytes one tracking call may use (None: no limit);
+    chunks: chunk budgets a call may use, largest first (`chunk_choices`); calls are grouped at the
+    tracker's own `chunk_bytes`, and each then runs with the largest choice that fits the budget.
     """
 
     def __init__(self, config: ExtractConfig, features, tracker, device: torch.device, tracker_precision: str,
-                 budget: float | None):
+                 budget: float | None, chunks: Sequence[int | None] = ()):
         self.config, self.features, self.tracker = config, features, tracker
         self.device, self.tracker_precision, self.budget = device, tracker_precision, budget
+        self.chunks, self.base_chunk_bytes = tuple(chunks), tracker.model.chunk_bytes
 
     # ------------------------------------------------------------------ the batch
     def __call__(self, clips: Sequence[Clip]) -> BatchResult:
@@ -142,38 +162,53 @@ class Pipeline:
     def _tracking(self, clips, frames, points) -> list[tuple]:
         """uint8 clips (T_i, 3, H_i, W_i) and their points, in one tracker call -> per clip (tracks,
         visibility, obj_ids, query_frames, visibility probabilities or None)."""
-        out = self._track(frames, queries=[qp.queries for qp in points], backward_tracking=True)
+        out = self._track(frames, max(len(qp) for qp in points), queries=[qp.queries for qp in points],
+                          backward_tracking=True)
         return [(*tr, qp.obj_ids, qp.queries[:, 0].long(), probs) for (*tr, probs), qp in zip(out, points)]
 
     def _grid_tracking(self, clips, frames) -> list[tuple]:
         """Grid mode: a grid_size^2 grid at frame 0 of every clip, no backward pass."""
         size = self.config.cotracker_grid_size
-        out = self._track(frames, grid_size=size, grid_query_frame=0, backward_tracking=False)
+        out = self._track(frames, size**2, grid_size=size, grid_query_frame=0, backward_tracking=False)
         grid = grid_query_points(size, 0, device=self.device)
         return [(*tr, grid.obj_ids, grid.query_frames, probs) for *tr, probs in out]
 
-    def _track(self, frames: list[torch.Tensor], **options) -> list[tuple]:
-        """`track_many` in the tracker's own precision (not the Trainer's autocast) -> per clip
-        (tracks, visibility, probabilities or None); records the call's padding."""
+    def _track(self, frames: list[torch.Tensor], num_points: int, **options) -> list[tuple]:
+        """`track_many` on uint8 clips (T_i, 3, H_i, W_i) with at most `num_points` points each, in the
+        tracker's own precision (not the Trainer's autocast) and the largest chunks that fit the
+        budget -> per clip (tracks, visibility, probabilities or None); records the call's padding."""
         lengths = [len(f) for f in frames]
         self._calls.append((len(frames), sum(lengths), max(lengths) * len(frames)))
-        with torch.autocast(self.device.type, enabled=False):
-            out = self.tracker.track_many(frames, return_probs=self.config.save_confidence, **options)
+        size = (max(f.shape[-2] for f in frames), max(f.shape[-1] for f in frames))
+        model = self.tracker.model
+        model.chunk_bytes = chunk_bytes_for_call(
+            lambda chunk: self._estimate(max(lengths), num_points, size, len(frames), chunk),
+            self.budget, self.chunks, self.base_chunk_bytes)
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                out = self.tracker.track_many(frames, return_probs=self.config.save_confidence, **options)
+        finally:
+            model.chunk_bytes = self.base_chunk_bytes
         return [o if self.config.save_confidence else (*o, None) for o in out]
 
     # ------------------------------------------------------------------ tracking memory
-    def tracking_budget(self, num_points: dict[int, int]) -> TrackingBudget:
-        """The memory guard for clips with `num_points` {row: N} points each."""
+    def _estimate(self, num_frames: int, num_points: int, size: tuple[int, int], batch: int,
+                  chunk_bytes: int | None) -> float:
+        """`estimate_tracking_bytes` of one call of this job's tracker with `chunk_bytes` chunks."""
         cfg = self.config
-        height, width = cfg.tracker_resolution
-        dtype_bytes = 2 if self.tracker_precision == "bf16" else 4
+        return estimate_tracking_bytes(
+            num_frames, num_points, size, cfg.tracker_resolution, backward=not cfg.use_grid,
+            dtype_bytes=2 if self.tracker_precision == "bf16" else 4, batch=batch,
+            encoder_chunk=self.tracker.model.encoder_chunk, chunk_bytes=chunk_bytes)
+
+    def tracking_budget(self, num_points: dict[int, int]) -> TrackingBudget:
+        """The memory guard for clips with `num_points` {row: N} points each (at the base chunk size)."""
+        height, width = self.config.tracker_resolution
 
         def need(clips: Sequence[Clip], frames: int | None) -> float:
             size = (max(c.size[0] for c in clips), max(c.size[1] for c in clips))
-            return estimate_tracking_bytes(
-                frames or max(c.num_frames for c in clips), max(num_points[c.row] for c in clips), size,
-                cfg.tracker_resolution, backward=not cfg.use_grid, dtype_bytes=dtype_bytes, batch=len(clips),
-                encoder_chunk=self.tracker.model.encoder_chunk, chunk_bytes=self.tracker.model.chunk_bytes)
+            return self._estimate(frames or max(c.num_frames for c in clips), max(num_points[c.row] for c in clips),
+                                  size, len(clips), self.base_chunk_bytes)
 
         def describe(clip: Clip) -> str:
             return f"{clip.num_frames} frames x {num_points[clip.row]} points at {height}x{width}"

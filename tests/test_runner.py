@@ -88,3 +88,42 @@ def test_tracking_estimate_grows_with_the_work():
     assert one < estimate_tracking_bytes(100, 300, (240, 428)) <= 2 * one
     assert one <= estimate_tracking_bytes(50, 400, (240, 428)) < estimate_tracking_bytes(500, 400, (240, 428))
     assert estimate_tracking_bytes(50, 300, (240, 428), resolution=(192, 256)) < one
+
+
+def test_each_tracking_call_takes_the_largest_chunks_that_fit_and_tracks_the_same():
+    """Grid mode, stand-in tracker at 64x96, two ragged clips in one call: with a budget that fits
+    the call unchunked the tracker runs unchunked, with one that fits only the small chunks it runs
+    chunked, without choices at the tracker's own size; the tracks agree and the tracker's setting
+    is restored after each call."""
+    from semtrack.pipeline import Pipeline
+    from semtrack.tracker import load_tracker
+
+    small = 2**20
+    tracker = load_tracker("random", interp_shape=(64, 96), chunk_bytes=small // 2)
+    seen = []
+    track_many = tracker.track_many
+
+    def spy(*args, **kwargs):
+        seen.append(tracker.model.chunk_bytes)
+        return track_many(*args, **kwargs)
+
+    tracker.track_many = spy
+    gen = torch.Generator().manual_seed(0)
+    clips = [Clip(i, f"v{i}", "d", f"/v{i}.mp4", frames=torch.randint(0, 256, (t, 3, 48, 64), generator=gen,
+                                                                      dtype=torch.uint8)) for i, t in enumerate((6, 8))]
+    config = ExtractConfig(use_grid=True, cotracker_grid_size=3, tracker_resolution=(64, 96), weights="random")
+
+    def run(budget, chunks):
+        pipeline = Pipeline(config, None, tracker, torch.device("cpu"), "fp32", budget, chunks)
+        fits_small = pipeline._estimate(8, 9, (48, 64), 2, small)
+        assert pipeline._estimate(8, 9, (48, 64), 2, None) > fits_small  # chunking really is in play
+        pipeline.budget = fits_small if budget == "small" else budget
+        results = pipeline(clips).results
+        assert tracker.model.chunk_bytes == small // 2
+        return [r.tracks for r in results]
+
+    unchunked, chunked, base = run(1e12, (None, small)), run("small", (None, small)), run(1e12, ())
+    assert seen == [None, small, small // 2]
+    for a, b, c in zip(unchunked, chunked, base):
+        assert torch.allclose(a.tracks, b.tracks, atol=1e-4) and torch.allclose(a.tracks, c.tracks, atol=1e-4)
+        assert torch.equal(a.visibility, b.visibility) and torch.equal(a.visibility, c.visibility)
