@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,7 +39,10 @@ def test_dinov2_inputs_are_the_research_inputs():
 
 
 class EchoTracker:
-    """Stand-in tracker: every point stays at its query pixel, so the tracks give the queries back."""
+    """Stand-in tracker: every point stays at its query pixel, so the tracks give the queries back
+    (`model` holds the chunk settings the pipeline reads and sets, as on an `OfflineTracker`)."""
+
+    model = SimpleNamespace(encoder_chunk=16, chunk_bytes=None)
 
     def track_many(self, videos, queries, backward_tracking, return_probs):
         out = []
