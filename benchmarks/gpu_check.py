@@ -11,7 +11,7 @@ then `bench_extract.py` on the SSV2-like set in four settings, and `bench_tracke
     fp32+bf16   --compare_precision --batch_size 8  strict fp32 and bf16-mixed, and their track deviation
     bf16-b1     --precision bf16-mixed --batch_size 1
     tf32-b8     --precision 32-true --matmul_precision high --batch_size 8
-    tracker     bench_tracker.py (the tracker alone, fp32 vs bf16, launches and memory)
+    tracker     bench_tracker.py (the tracker alone: fp32 vs bf16 time, peak GPU memory, their deviation)
 
 Each step has its own time limit (the whole is planned for under 7 minutes) and a failure does not
 stop the others. Everything lands in `--out`: each step's JSON and log, `summary.json` (the
