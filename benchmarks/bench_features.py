@@ -24,28 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-import av
-import numpy as np
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _shared import shared_path  # noqa: E402
+from _shared import decode_first, shared_path  # noqa: E402
 from semtrack.features import DinoV2Extractor, fixed_point_resize, resize_pil, resize_tensor  # noqa: E402
 
 CLIPS = {"ssv2_428x240": "bear_ssv2.webm", "720p_1296x720": "apple.mp4", "portrait_368x480": "cat.mp4"}
 RESIZES = {"pil_per_frame": resize_pil, "fixed_point": fixed_point_resize, "torch_kernel": resize_tensor}
-
-
-def decode(path: Path, num_frames: int) -> torch.Tensor:
-    """First `num_frames` frames as uint8 (T, 3, H, W) (PyAV, rgb24)."""
-    frames = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if len(frames) == num_frames:
-                break
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
 
 def timed(fn, device: torch.device, repeats: int, warmup=None) -> tuple[list[float], list[float]]:
@@ -124,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    clips = {name: decode(shared_path("videos", file), args.frames) for name, file in CLIPS.items()}
+    clips = {name: decode_first(shared_path("videos", file), args.frames) for name, file in CLIPS.items()}
     ext = DinoV2Extractor(args.model, checkpoint=args.checkpoint)
     rows = []
     for dev_name in devices:

@@ -153,13 +153,11 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def meta_tracker(interp_shape=(384, 512), encoder_chunk: int = 16, chunk_bytes="default", iters: int = 6):
+def meta_tracker(interp_shape=(384, 512), encoder_chunk: int = 16, iters: int = 6):
     """An `OfflineTracker` on the meta device (no weights, no compute)."""
     with torch.device("meta"):
         tracker = OfflineTracker(iters=iters, interp_shape=interp_shape, encoder_chunk=encoder_chunk).eval()
     tracker.to("meta")  # buffers made from numpy arrays start on the CPU
-    if chunk_bytes != "default":
-        tracker.model.chunk_bytes = chunk_bytes
     return tracker
 
 

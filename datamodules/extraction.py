@@ -40,17 +40,22 @@ def _frame_bytes(clip: Clip) -> int:
     return 0 if clip.frames is None else clip.frames.numel()
 
 
+def _padded_frames(clips: Iterable[Clip]) -> int:
+    """Frames of padding when `clips` share one tracker call (decode failures are not tracked: cost nothing)."""
+    clips = list(clips)
+    longest = max(c.num_frames for c in clips)
+    return sum(longest - c.num_frames for c in clips if c.frames is not None)
+
+
 def _cheapest_batch(window: list[Clip], size: int) -> list[int]:
     """Positions in `window` of the `size` clips whose frame counts are closest: of the runs of `size`
-    consecutive clips in frame-count order, the one with the fewest padded frames (decode failures
-    cost nothing); ties -> the run holding the oldest clip."""
+    consecutive clips in frame-count order, the one with the fewest padded frames; ties -> the run
+    holding the oldest clip."""
     order = sorted(range(len(window)), key=lambda i: (window[i].num_frames, i))
     best, best_key = None, None
     for start in range(len(window) - size + 1):
         run = order[start:start + size]
-        longest = max(window[i].num_frames for i in run)
-        padding = sum(longest - window[i].num_frames for i in run if window[i].frames is not None)
-        key = (padding, min(run))
+        key = (_padded_frames(window[i] for i in run), min(run))
         if best_key is None or key < best_key:
             best, best_key = run, key
     return best
@@ -59,15 +64,12 @@ def _cheapest_batch(window: list[Clip], size: int) -> list[int]:
 def _least_padding_partition(clips: list[Clip], batch_size: int) -> list[list[int]]:
     """Positions in `clips` split into ceil(len / batch_size) batches of at most `batch_size` clips with
     the fewest padded frames in all: runs of consecutive clips in frame-count order, chosen by dynamic
-    programming over where each run ends (decode failures cost nothing). Each batch is in `clips`' order."""
+    programming over where each run ends. Each batch is in `clips`' order."""
     order = sorted(range(len(clips)), key=lambda i: (clips[i].num_frames, i))
-    frames = [0 if clips[i].frames is None else clips[i].num_frames for i in order]
-    real = [clips[i].frames is not None for i in order]
     count = math.ceil(len(order) / batch_size)
 
     def padding(start: int, end: int) -> int:  # run order[start:end]
-        longest = frames[end - 1]
-        return sum(longest - frames[i] for i in range(start, end) if real[i])
+        return _padded_frames(clips[i] for i in order[start:end])
 
     # cost[g][j]: least padding of the first j clips in g runs; cut[g][j]: where the last run starts
     cost = [[math.inf] * (len(order) + 1) for _ in range(count + 1)]

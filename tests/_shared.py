@@ -1,8 +1,10 @@
-"""The one place tests and benchmarks find the shared reference data (`../shared`)."""
+"""The one place tests and benchmarks find the shared reference data (`../shared`), and read its clips."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +24,17 @@ def shared_dir() -> Path:
 def shared_path(*parts: str) -> Path:
     """A path inside the shared folder, e.g. `shared_path("videos", "cat.mp4")`."""
     return shared_dir().joinpath(*parts)
+
+
+def decode_first(path: str | os.PathLike, num_frames: int) -> torch.Tensor:
+    """The first `num_frames` frames of a video as uint8 (T, 3, H, W) RGB (PyAV, in decode order)."""
+    import av
+    import numpy as np
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) == num_frames:
+                break
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()

@@ -6,32 +6,21 @@ synchronisation on the traced path. Stand-in weights, tracker at 64x96, 2 refine
 """
 from __future__ import annotations
 
-import av
 import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _shared import decode_first
 from semtrack.tracker import OfflineTracker, load_tracker
 
 TRACK_TOL, PROB_TOL = 1e-4, 1e-5
 CLIPS = {"tiny_ssv2.webm": 4, "tiny_25fps.mp4": 7, "bear_ssv2.webm": 5}  # file: frames decoded
 
 
-def _decode(path, frames: int) -> torch.Tensor:
-    """The first `frames` frames as (T, 3, H, W) uint8."""
-    out = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            out.append(frame.to_ndarray(format="rgb24"))
-            if len(out) == frames:
-                break
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-
-
 @pytest.fixture(scope="module")
 def clips(videos_dir) -> list[torch.Tensor]:
-    return [_decode(videos_dir / name, frames) for name, frames in CLIPS.items()]
+    return [decode_first(videos_dir / name, frames) for name, frames in CLIPS.items()]
 
 
 @pytest.fixture(scope="module")
