@@ -383,6 +383,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.frames is None:
         args.frames = [50, 300, 1000, 3000] if args.mode == "memory" else [8, 24]
+    if args.mode in ("memory", "rss") and len(set(args.frames)) < 2:
+        parser.error(f"--mode {args.mode} measures a per-frame slope: give --frames at least two different lengths")
     result = {
         "mode": args.mode,
         "torch": torch.__version__,
