@@ -1,11 +1,18 @@
 """Count what a GPU would see of code run on the CPU: device ops and would-be host syncs.
 
 `DeviceCounter` runs code under a `TorchFunctionMode` and a `TorchDispatchMode` and follows which
-tensors live on "the device". The device is `COUNTED_DEVICE` (`torch.device("cpu", 0)`): a CPU
-device that torch tells apart from the host (`torch.device("cpu")`), so code built for
-`device=COUNTED_DEVICE` runs on the CPU while every upload is a real `_to_copy` and every factory
-call names the device. A tensor is on the device when a factory made it there, an upload put it
-there, it is a seeded model parameter or buffer, or an op made it from a device tensor.
+tensors would live on the GPU ("device tensors") although everything runs on the CPU:
+
+* seeds: model parameters and buffers (`seed`), and whatever the code uploads;
+* an upload: `.to(device)` / `.cuda()` of a host tensor with an explicit device;
+* a factory called with an explicit `device=` (`torch.zeros(n, device=x.device)`), or made by an op
+  inside a call that has a device tensor among its arguments;
+* the output of any op with a device tensor among its inputs.
+
+Everything else is a host tensor (`torch.arange(n)`, `torch.from_numpy(a)`, a clip's frames before
+their upload). Downloads (`.cpu()`, `.numpy()`, `.tolist()`, `__array__`, `.to("cpu")` with the
+string) give host tensors. Code that moves a device tensor to the host with `.to(torch.device(...))`
+is not seen as a download: on the CPU that device cannot be told apart from the host.
 
 Each aten op with a device tensor among its inputs (or a factory on the device) is one device op
 (one kernel launch on CUDA). An op is a would-be host sync when CUDA would have to wait for the
@@ -17,9 +24,11 @@ device before the host can go on:
     unique            `_unique2`, `unique_dim`, `unique_consecutive`
     repeat_interleave with a tensor of repeats and no `output_size`
     bincount          its output size is the data's maximum
-    d2h               `.cpu()`, `.to("cpu")`, `.numpy()`, `.tolist()`, `__array__` of a device tensor
-    h2d               a blocking upload: `.to(device)` without `non_blocking=True`, or
-                      `torch.tensor(data, device=...)` / `torch.as_tensor(..., device=...)`
+    d2h               a download (above)
+    h2d               a blocking upload: pageable memory, which CUDA copies after a stream sync:
+                      `.to(device)` without `non_blocking=True`, `torch.tensor(data, device=...)`,
+                      `x.new_tensor(data)`, or a host tensor (not a 0-d scalar) given to an op on
+                      device tensors (`x[[0, 2]]`, `x[host_index]`), which CUDA uploads first
 
 Each sync is attributed to the innermost frame of the project (`semtrack/`, `datamodules/`) that
 called it, as "path:line". Counts are kept per stage (`with counter.stage("features"): ...`).
@@ -37,7 +46,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-COUNTED_DEVICE = torch.device("cpu", 0)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_DIRS = tuple(str(REPO_ROOT / name) + "/" for name in ("semtrack", "datamodules"))
 SYNC_KINDS = ("item", "nonzero", "masked_select", "unique", "repeat_interleave", "bincount", "d2h", "h2d")
@@ -49,35 +57,21 @@ _MASK_INDEX = {aten.index.Tensor, aten.index_put_.default, aten.index_put.defaul
 _UNIQUE = {aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten._unique.default}
 _REPEAT = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
 _D2H_METHODS = {"cpu", "numpy", "tolist", "__array__"}
-_MAKERS = {"tensor", "as_tensor", "asarray"}
+_UPLOADS = {"to", "cuda"}
+_FROM_DATA = {"tensor", "as_tensor", "asarray"}  # make a tensor from host data
 
 
-def _is_counted_device(device) -> bool:
-    if isinstance(device, str):
-        device = torch.device(device)
-    return isinstance(device, torch.device) and device == COUNTED_DEVICE
-
-
-def _is_host(device) -> bool:
-    if isinstance(device, str):
-        device = torch.device(device)
-    return isinstance(device, torch.device) and device.type == "cpu" and device.index is None
-
-
-def _target_device(args, kwargs):
-    """The device a `Tensor.to(...)` call moves to (None: a dtype-only or same-device call)."""
-    if "device" in kwargs:
+def _move_target(name: str, args, kwargs):
+    """The device a `.to(...)` / `.cuda()` call names (None: a dtype-only call, or `.to(other)`)."""
+    if name == "cuda":
+        return "cuda"
+    if kwargs.get("device") is not None:
         return kwargs["device"]
-    for arg in args[1:]:
-        if isinstance(arg, (str, torch.device)):
-            return arg
-        if isinstance(arg, torch.Tensor):
-            return None  # `.to(other)`: follows `other`, which the dispatch side sees
-    return None
+    return next((a for a in args[1:] if isinstance(a, (str, torch.device))), None)
 
 
 def project_site() -> str:
-    """'path:line' of the innermost project frame on the stack (or the innermost non-torch frame)."""
+    """'path:line' of the innermost project frame on the stack (or the innermost frame outside torch)."""
     frame, fallback = sys._getframe(2), None
     while frame is not None:
         name = frame.f_code.co_filename
@@ -90,7 +84,7 @@ def project_site() -> str:
 
 
 class _Functions(TorchFunctionMode):
-    """Python-level calls: downloads and uploads that the aten level cannot tell apart on the CPU."""
+    """Python-level calls: where tensors move and which factories name a device."""
 
     def __init__(self, counter: DeviceCounter):
         super().__init__()
@@ -98,25 +92,56 @@ class _Functions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        counter = self.counter
+        counter, name = self.counter, getattr(func, "__name__", "")
         source = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if source is not None and counter.on_device(source):
-            if name in _D2H_METHODS or (name == "to" and _is_host(_target_device(args, kwargs))):
+            if name in _D2H_METHODS or (name == "to" and _move_target(name, args, kwargs) == "cpu"):
                 counter.sync("d2h")
                 with counter.paused():
                     out = func(*args, **kwargs)
-                    return out.detach() if out is source else out  # on the CPU: an alias, on the host
-        if name in _MAKERS and _is_counted_device(kwargs.get("device")) and source is None:
-            counter.sync("h2d")
-            out = func(*args, **kwargs)
+                    return out.detach() if out is source else out  # on the CPU: the same tensor
+            if name == "new_tensor":
+                counter.sync("h2d")
+                with counter.paused():
+                    out = func(*args, **kwargs)
+                counter.mark(out)
+                return out
+        elif source is not None and name in _UPLOADS and _move_target(name, args, kwargs) is not None:
+            if not kwargs.get("non_blocking", False):
+                counter.sync("h2d")
+            with counter.paused():
+                out = func(*_on_cpu(args), **_on_cpu(kwargs)) if name == "to" else source
+                out = out.detach() if out is source else out  # on the CPU: the same tensor
             counter.mark(out)
             return out
-        return func(*args, **kwargs)
+        explicit = kwargs.get("device") is not None
+        if explicit and name in _FROM_DATA and not (source is not None and counter.on_device(source)):
+            counter.sync("h2d")
+        args, kwargs = _on_cpu(args), _on_cpu(kwargs)
+        device_call = explicit or any(isinstance(t, torch.Tensor) and counter.on_device(t)
+                                      for t in tree_leaves((args, kwargs)))
+        with counter.device_call(device_call):
+            out = func(*args, **kwargs)
+        if explicit:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    counter.mark(t)
+        return out
+
+
+def _on_cpu(tree):
+    """`device="cuda"` anywhere in a call's arguments becomes the CPU: CUDA code paths run here."""
+    if isinstance(tree, dict):
+        return {k: _on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_on_cpu(v) for v in tree)
+    if isinstance(tree, torch.device) and tree.type == "cuda" or tree == "cuda":
+        return torch.device("cpu")
+    return tree
 
 
 class _Dispatch(TorchDispatchMode):
-    """aten ops: device ops, data-dependent syncs, uploads; device-ness flows from inputs to outputs."""
+    """aten ops: device ops, data-dependent syncs, implicit uploads; device-ness flows to outputs."""
 
     def __init__(self, counter: DeviceCounter):
         super().__init__()
@@ -128,16 +153,12 @@ class _Dispatch(TorchDispatchMode):
         if counter.is_paused:
             return func(*args, **kwargs)
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if func is aten._to_copy.default and _is_counted_device(kwargs.get("device")):
-            device = True
-            if not any(counter.on_device(t) for t in tensors) and not kwargs.get("non_blocking", False):
-                counter.sync("h2d")
-        elif tensors:
-            device = any(counter.on_device(t) for t in tensors)
-        else:
-            device = _is_counted_device(kwargs.get("device"))  # a factory
+        on_device = [counter.on_device(t) for t in tensors]
+        device = any(on_device) if tensors else counter.in_device_call
         out = func(*args, **kwargs)
         if device:
+            if any(not d and t.dim() > 0 for t, d in zip(tensors, on_device)):
+                counter.sync("h2d")  # CUDA would upload this host tensor first
             counter.op(func, args, kwargs)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
@@ -150,7 +171,9 @@ class DeviceCounter:
 
     `ops[stage]`: device ops; `syncs[stage][kind]`: syncs by kind (`SYNC_KINDS`); `sites`:
     Counter of "path:line" of every sync. `seed(*modules_or_tensors)` declares what already lives on
-    the device (model parameters and buffers) before counting.
+    the device (model parameters and buffers) before counting. Calls that name `device="cuda"` run
+    on the CPU, so code may take its CUDA branches (`device.type == "cuda"`) under the counter as
+    long as it calls nothing of `torch.cuda` itself.
     """
 
     def __init__(self):
@@ -160,6 +183,7 @@ class DeviceCounter:
         self.sites: Counter = Counter()
         self.current = "other"
         self.is_paused = False
+        self.in_device_call = False
         self._modes: list = []
 
     # ------------------------------------------------------------------ bookkeeping
@@ -194,6 +218,15 @@ class DeviceCounter:
             yield
         finally:
             self.is_paused = before
+
+    @contextlib.contextmanager
+    def device_call(self, flag: bool):
+        """Factories made inside (ops without tensor inputs) are on the device when `flag`."""
+        before, self.in_device_call = self.in_device_call, flag or self.in_device_call
+        try:
+            yield
+        finally:
+            self.in_device_call = before
 
     def sync(self, kind: str) -> None:
         self.syncs[self.current][kind] += 1

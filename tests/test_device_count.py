@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from _device_count import COUNTED_DEVICE, DeviceCounter
+from _device_count import DeviceCounter
 
-DEV = COUNTED_DEVICE
+DEV = torch.device("cuda")  # under the counter: the CPU, with CUDA's code paths
 
 
 def counted(fn) -> DeviceCounter:
@@ -21,7 +21,7 @@ def kinds(fn) -> dict[str, int]:
 
 
 def test_each_sync_kind_is_seen_with_its_site():
-    x = torch.arange(6.0, device=DEV)
+    x = torch.arange(6.0)  # seeded below: on the device
     cases = {
         "item": lambda: x.sum().item(),
         "nonzero": lambda: x[x > 2],
@@ -85,7 +85,7 @@ def test_host_tensors_and_downloads_are_not_device_ops():
 
 
 def test_stages_and_seeded_modules():
-    layer = torch.nn.Linear(3, 2).to(DEV)
+    layer = torch.nn.Linear(3, 2)
     counter = DeviceCounter()
     counter.seed(layer)
     with counter:
@@ -95,3 +95,19 @@ def test_stages_and_seeded_modules():
             int(out.argmax())
     assert counter.ops["features"] >= 2 and counter.total_syncs("features") == 0
     assert dict(counter.syncs["points"]) == {"item": 1}
+
+
+def test_device_named_by_a_tensor_and_cuda_paths_run_on_the_cpu():
+    frames = torch.ones(2, 3)
+
+    def step():
+        x = frames.to("cuda", non_blocking=True)  # a pinned upload: no sync
+        if x.device.type == "cpu":  # the counter keeps tensors on the CPU
+            pass
+        y = torch.zeros(2, 3, device=x.device) + x  # a device factory named through a tensor
+        z = torch.tensor([0.5, 1.5], device=x.device)  # from host data: blocking
+        w = y[[0, 1]] * z[:, None]  # a Python list index: an implicit upload
+        return w.new_tensor([1.0]), torch.arange(3) + 1  # new_tensor uploads; arange stays on the host
+
+    counter = counted(step)
+    assert dict(counter.syncs_by_kind()) == {"h2d": 3}
