@@ -4,8 +4,8 @@ Inputs: the first `--frames` frames of the shared `bear_ssv2.webm` (VP9, 428x240
 and of `bear.mp4` (854x480, 30 fps), decoded once with PyAV; `--points` points in 20 entities,
 random walks from uniform starts (seed 0), 10 % of the positions invisible. Each case is timed as
 the median process CPU time (`time.process_time`, this process only) of `--repeats` calls after one
-warm-up, at the default width (`DEFAULT_MAX_WIDTH`: SSV2 frames stay 428 wide, 480p ones become
-640x360) and at full size.
+warm-up (a baseline's calls, if any, taking turns with them), at the default width
+(`DEFAULT_MAX_WIDTH`: SSV2 frames stay 428 wide, 480p ones become 640x360) and at full size.
 
 `--baseline FILE` also times another renderer module's `save_trail_gif(path, frames, tracks,
 visibility, obj_ids, frame_times, max_width)` on the same inputs, e.g. the previous one:
@@ -62,15 +62,18 @@ def walks(t_len: int, width: int, height: int, n: int) -> tuple[np.ndarray, np.n
     return tracks, rng.random((t_len, n)) > 0.1, np.sort(rng.integers(0, ENTITIES, n))
 
 
-def cpu_ms(fn, repeats: int) -> float:
-    """Median process CPU time (ms) of fn() over `repeats` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
+def cpu_ms(fns: list, repeats: int) -> list[float]:
+    """Median process CPU time (ms) of each fn() over `repeats` rounds after one warm-up; the functions
+    take turns within a round, so a busy machine slows them alike."""
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.process_time() - start)
-    return 1000.0 * statistics.median(times)
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.process_time()
+            fn()
+            spent.append(time.process_time() - start)
+    return [1000.0 * statistics.median(spent) for spent in times]
 
 
 def load_module(path: Path):
@@ -106,13 +109,14 @@ def main() -> None:
             frames, times = decode(shared_path("videos", clip), args.frames)
             inputs = (frames, *walks(len(frames), frames.shape[2], frames.shape[1], args.points), times)
             for label, width in (("default", DEFAULT_MAX_WIDTH), ("full", None)):
-                case = {"clip": name, "size": f"{frames.shape[2]}x{frames.shape[1]}", "max_width": width,
-                        "ms": cpu_ms(functools.partial(gif_bytes, *inputs, width), args.repeats),
-                        "bytes": len(gif_bytes(*inputs, width))}
+                fns = [functools.partial(gif_bytes, *inputs, width)]
                 if baseline is not None:
-                    case["baseline_ms"] = cpu_ms(functools.partial(baseline.save_trail_gif, gif_path, *inputs, width),
-                                                 args.repeats)
-                    case["baseline_bytes"] = gif_path.stat().st_size
+                    fns.append(functools.partial(baseline.save_trail_gif, gif_path, *inputs, width))
+                spent = cpu_ms(fns, args.repeats)
+                case = {"clip": name, "size": f"{frames.shape[2]}x{frames.shape[1]}", "max_width": width,
+                        "ms": spent[0], "bytes": len(gif_bytes(*inputs, width))}
+                if baseline is not None:
+                    case["baseline_ms"], case["baseline_bytes"] = spent[1], gif_path.stat().st_size
                 results["cases"].append(case)
                 extra = "" if baseline is None else (
                     f"   baseline {case['baseline_ms']:7.1f} ms {case['baseline_bytes']:>9} B"

@@ -403,10 +403,11 @@ def gif_bytes(
     size = fitted_size(*source, max_width)
     tracks = scale_points(tracks, source, size) if size != source else np.asarray(tracks)
     indices, palette = render_indexed(resize_frames(frames, size), tracks, visibility, obj_ids, frame_times)
+    flat_palette = palette.reshape(-1).tolist()
     images = []
     for index in indices:
-        image = Image.fromarray(index, mode="P")
-        image.putpalette(palette.reshape(-1).tolist())
+        image = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
+        image.putpalette(flat_palette)
         images.append(image)
     buffer = io.BytesIO()  # optimize=False: PIL's transparent "unchanged" pixels speckle video
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],

@@ -1,6 +1,6 @@
 """`semtrack-vis`: the trail GIF of an existing track pickle.
 
-    semtrack-vis PICKLE [--video PATH] [--out GIF] [--max_width W|full]   (also: python -m semtrack.vis ...)
+    semtrack-vis PICKLE [--video PATH] [--out GIF] [--max_width W|none]   (also: python -m semtrack.vis ...)
 
 Reads PICKLE (`semtrack.trackfile.load_tracks`), decodes exactly the frames its tracks cover from the
 video it was extracted from (`meta["video_path"]`, or `--video`): the frames at the source timestamps
@@ -33,14 +33,14 @@ class VisError(Exception):
 
 
 def _max_width(text: str) -> int | None:
-    if text.lower() == "full":
+    if text.lower() in ("none", "null"):
         return None
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'full', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'none', got {text!r}")
     return value
 
 
@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--video", type=Path, help="the video the tracks were made from (default: the path the "
                                                    "pickle records; needed for research pickles)")
     parser.add_argument("--out", type=Path, help="the GIF to write (default: <pickle name>.gif here)")
-    parser.add_argument("--max_width", type=_max_width, default=DEFAULT_MAX_WIDTH, metavar="W|full",
-                        help=f"scale frames down to at most W pixels wide, or 'full' size "
+    parser.add_argument("--max_width", type=_max_width, default=DEFAULT_MAX_WIDTH, metavar="W|none",
+                        help=f"scale frames down to at most W pixels wide ('none': full size) "
                              f"(default: {DEFAULT_MAX_WIDTH})")
     return parser.parse_args(argv)
 
@@ -92,7 +92,7 @@ def draw(pickle: Path, video: Path | None, out: Path, max_width: int | None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`semtrack-vis PICKLE [--video PATH] [--out GIF] [--max_width W|full]`."""
+    """`semtrack-vis PICKLE [--video PATH] [--out GIF] [--max_width W|none]`."""
     args = parse_args(argv)
     out = args.out if args.out is not None else Path(args.pickle.name).with_suffix(".gif")
     try:

@@ -83,6 +83,8 @@ def test_gif_of_a_semtrack_pickle_shows_its_recorded_frames(tmp_path, source, ca
     assert main([str(pkl), "--out", str(tmp_path / "small.gif"), "--max_width", "200"]) == 0
     small, _ = gif_frames(tmp_path / "small.gif")
     assert small.shape == (len(CHOSEN), 112, 200, 3)
+    assert main([str(pkl), "--out", str(tmp_path / "full.gif"), "--max_width", "none"]) == 0
+    assert gif_frames(tmp_path / "full.gif")[0].shape == images.shape
 
 
 def test_default_output_is_named_after_the_pickle_in_the_current_folder(tmp_path, source, monkeypatch):
