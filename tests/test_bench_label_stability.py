@@ -50,7 +50,9 @@ def test_benchmark_json_on_a_tiny_clip(tmp_path, videos_dir):
     devices = row["devices"]
     for block in (row["perturbation"], devices["cpu_vs_device_fp32"]):  # nothing moved / CPU vs CPU: identical
         assert all(v["changed"] == 0.0 and v["entity_change"] == 0 for v in block.values() if isinstance(v, dict))
-    assert row["token_change"]["max_abs"] == 0.0 and devices["cpu_vs_device_fp32"]["token_max_abs"] == 0.0
+    # the same forward twice on the CPU: oneDNN on some CPUs (AMD AVX2) splits work differently run to run,
+    # so tokens agree to float32 rounding, not bit for bit; the labels above must still be identical
+    assert row["token_change"]["max_abs"] < 1e-5 and devices["cpu_vs_device_fp32"]["token_max_abs"] < 1e-5
     assert devices["fp32_vs_bf16"]["token_max_abs"] > 0  # bf16 autocast runs on the CPU too
     assert all(0.0 <= f <= 1.0 for f in _fractions(devices["fp32_vs_bf16"]))
     assert all(0.0 <= v["changed"] <= 1.0 for block in result["overall"].values() for v in block.values())
@@ -58,7 +60,7 @@ def test_benchmark_json_on_a_tiny_clip(tmp_path, videos_dir):
     temporal, merge = row["temporal"], row["merge"]
     assert temporal["decisions"] == 12 and 0 <= temporal["marginal"] <= 12  # frame 1's 12 centroids
     assert 0 <= merge["sorted_near_ties"] <= merge["sorted_small_gaps"] <= merge["sorted_score_gaps"]
-    assert merge["score_shift_iter1"]["max"] == 0.0
+    assert merge["score_shift_iter1"]["max"] < 1e-5  # rounding only, as for the tokens
     fixture = result["fixture_check"]  # the prototype harness reproduces the reference with its order
     assert fixture["reference"]["m25_i11"]["labels_equal"] and fixture["reference"]["m40_i5"]["labels_equal"]
 
