@@ -239,7 +239,7 @@ def test_item_video_is_uint8_t3hw_and_matches_pyav_pixels(csv_dir, monkeypatch):
     def broken_decord(*args, **kwargs):
         raise RuntimeError("simulated decord failure")
 
-    monkeypatch.setattr(decode_mod, "_decode_decord", broken_decord)
+    monkeypatch.setattr(decode_mod, "decode_decord", broken_decord)
     second = [ds[0], ds[1]]
     for a, b in zip(first, second):
         assert a.decoder == "decord" and b.decoder == "pyav" and b.error is None
@@ -340,7 +340,7 @@ def test_truncated_file_is_also_an_error_for_the_fallback_decoder(broken_csv, cs
     def broken_decord(*args, **kwargs):
         raise RuntimeError("simulated decord failure")
 
-    monkeypatch.setattr(decode_mod, "_decode_decord", broken_decord)
+    monkeypatch.setattr(decode_mod, "decode_decord", broken_decord)
     csv = write_csv(csv_dir / "trunc.csv", "video_path,dataset",
                     [f"{csv_dir / 'truncated.mp4'},test", f"{csv_dir / 'full_truncated.mp4'},test"])
     cut, full = VideoCSVDataset(csv, fps=None)[0], VideoCSVDataset(csv, fps=None)[1]
