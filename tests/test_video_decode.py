@@ -121,8 +121,11 @@ KEYFRAMED = {  # many keyframes; B-frames where the codec has them
     "h264_open_gop.mkv": ("libx264", {"x264-params": "keyint=8:open-gop=1:bframes=3", "preset": "fast"}),
     "mpeg4_bframes.avi": ("mpeg4", {"g": "9", "bf": "2", "qscale": "4"}),
     "vp9_keyframes.webm": ("libvpx-vp9", {"g": "6", "deadline": "realtime", "cpu-used": "8"}),
+    "h264_in_avi.avi": ("libx264", {"g": "8", "bf": "0", "preset": "fast"}),
 }
-DECORD_REFUSES = {"h264_open_gop.mkv", "mpeg4_bframes.avi"}
+DECORD_REFUSES = {  # decord's wrong frames, and what the probe sees
+    "h264_open_gop.mkv": "open GOPs", "mpeg4_bframes.avi": "timestamp of frame",
+    "h264_in_avi.avi": "timestamp of frame"}
 SPARSE = {"2fps": FramePlan(2.0, "timestamp", None), "10fps": FramePlan(10.0, "timestamp", None),
           "max3": FramePlan(None, "timestamp", 3), "interval7": FramePlan(30 / 7, "interval", None)}
 
@@ -140,8 +143,8 @@ def keyframe_count(path: Path) -> int:
 
 @pytest.mark.parametrize("name", list(KEYFRAMED))
 def test_skipping_and_seeking_give_the_frames_of_a_full_decode(keyframed, name):
-    """decord seeks and skips wrongly in open-GOP streams and misreads MPEG-4 B-frame timestamps in AVI:
-    it refuses them, and `auto` gives PyAV's frames instead."""
+    """decord seeks and skips wrongly in open-GOP streams and misreads timestamps in some AVI files: it
+    refuses them, and `auto` gives PyAV's frames instead."""
     path, refused = keyframed[name], name in DECORD_REFUSES
     assert keyframe_count(path) >= 6
     for plan_name, plan in SPARSE.items():
@@ -150,6 +153,7 @@ def test_skipping_and_seeking_give_the_frames_of_a_full_decode(keyframed, name):
             decoded, served, error = decode_video(str(path), plan, decoder)
             if decoder == "decord" and refused:
                 assert decoded is None and "use decoder='pyav'" in error, (name, plan_name, error)
+                assert DECORD_REFUSES[name] in error, (name, error)
                 continue
             assert error is None, (name, plan_name, decoder, error)
             assert served == ("pyav" if decoder == "pyav" or refused else "decord")

@@ -3,8 +3,8 @@ frames (decord seeks to the keyframe before a selected frame when that is shorte
 
 decord gives wrong frames, silently, in two kinds of stream, which PyAV's demux (`probe`) tells
 apart: streams with open GOPs (a keyframe followed in decode order by frames shown before it) once
-it has to skip frames, and streams whose timestamps its index gets wrong (e.g. MPEG-4 with B-frames
-in AVI). decord refuses both (an exception: `decoder="auto"` then decodes with PyAV).
+it has to skip frames, and streams whose timestamps its index gets wrong (in AVI: H.264, or MPEG-4
+with B-frames). decord refuses both (an exception: `decoder="auto"` then decodes with PyAV).
 """
 from __future__ import annotations
 
@@ -36,13 +36,18 @@ def _check_index(times: np.ndarray, probed: Probe) -> None:
     if tb is None or not pts:
         return
     expected = np.array([float((p - pts[0]) * tb) for p in pts])
-    if len(expected) != len(times) or np.any(np.abs(expected - times) > tolerance(expected) + float(tb)):
-        raise RuntimeError(f"decord's frame index ({len(times)} frames) does not match the demuxer's timestamps "
-                           f"({len(expected)} frames); use decoder='pyav'")
+    if len(expected) != len(times):
+        raise RuntimeError(f"decord's frame index lists {len(times)} frames, the demuxer {len(expected)}; "
+                           "use decoder='pyav'")
+    wrong = np.flatnonzero(np.abs(expected - times) > tolerance(expected) + float(tb))
+    if len(wrong):
+        k = int(wrong[0])
+        raise RuntimeError(f"decord's timestamp of frame {k} is {times[k]:.6g} s, the demuxer's {expected[k]:.6g} s; "
+                           "use decoder='pyav'")
 
 
 @contextlib.contextmanager
-def quiet_stderr():
+def _quiet_stderr():
     """Inside a DataLoader worker, send what native code writes to stderr (FFmpeg's and decord's log
     lines about a broken file) to /dev/null for the duration; elsewhere do nothing."""
     if get_worker_info() is None:
@@ -73,7 +78,7 @@ def decode_decord(path: str, probed: Probe | None, plan: FramePlan) -> Decoded:
     import decord
 
     info, orientation = (probed.info, probed.orientation) if probed is not None else (None, Orientation())
-    with quiet_stderr():  # a failure is recorded in one line; decord's own log lines add nothing
+    with _quiet_stderr():  # a failure is recorded in one line; decord's own log lines add nothing
         reader = decord.VideoReader(path, num_threads=decoder_threads())
     try:
         if info is not None:
