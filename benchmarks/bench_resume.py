@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from _shared import shared_path  # noqa: E402
-from datamodules.video import read_video_csv  # noqa: E402
 from semtrack.config import ExtractConfig  # noqa: E402
 from semtrack.ledger import DoneRule, LedgerPart, iter_records, latest_videos, new_run_id  # noqa: E402
 from semtrack.sidecar import write_sidecar  # noqa: E402
 from semtrack.trackfile import dumps_tracks  # noqa: E402
+from semtrack.video import read_video_csv  # noqa: E402
 
 FLAGS = ["--weights", "random", "--use_grid", "--cotracker_grid_size", "2", "--tracker_resolution", "64", "96",
          "--max_frames", "4", "--num_workers", "0", "--accelerator", "cpu", "--trainer.enable_progress_bar=false"]

@@ -2,7 +2,7 @@
 
 SSV2 clips are VP9 in WebM, 12 fps, 240 pixels high. For each source clip this writes
 `<out>/<stem>.webm`: the frames resampled to 12 fps by timestamp (output frame k is the source
-frame nearest to k / 12 s, the rule of `datamodules.video.select_by_timestamp`), resized to 240 px
+frame nearest to k / 12 s, the rule of `semtrack.video.select_by_timestamp`), resized to 240 px
 high with the aspect ratio kept (width rounded to the nearest even number, as yuv420p needs), and
 encoded with libvpx-vp9 through PyAV. With `--variants K` each source gives K clips of different
 lengths (`<stem>_v<j>.webm`: its first n_j frames, n_j spread evenly from `--min_frames` to all of
@@ -26,7 +26,7 @@ import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules.video import select_by_timestamp  # noqa: E402
+from semtrack.video import select_by_timestamp  # noqa: E402
 
 CODEC = "libvpx-vp9"
 # Constant-quality VP9 (crf with b:v 0) at the fastest "good" preset: sizes near SSV2's ~100 kB/s.

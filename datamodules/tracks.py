@@ -5,7 +5,7 @@ uniformly over the tracked frames (`linspace(0, T-1, num_frames)` truncated, as 
 did) together with the tracks, visibility, entity ids and query frames of a fixed number of points.
 
 Frame alignment: a semtrack pickle records `meta["frame_times"]`, the source timestamps (seconds from
-the first decoded frame) of its T tracked frames. The clip is decoded with `datamodules.video`'s
+the first decoded frame) of its T tracked frames. The clip is decoded with `semtrack.video`'s
 decoder and, for each wanted track frame, the source frame with that timestamp is taken, so track
 frame t is exactly the video frame that was tracked, whatever resampling rule the extraction used.
 Research pickles carry no timestamps: the research training rule is used instead (source frames
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.video import VideoRow, decode_video, read_video_csv
 from semtrack.layout import OutputLayout
 from semtrack.trackfile import TrackFile, TrackFileError, load_tracks, loads_tracks
 from semtrack.util import stable_seed
+from semtrack.video import VideoRow, decode_video, read_video_csv
 from semtrack.webdataset import read_manifest, read_member
 
 MODES = ("train", "eval")
@@ -224,7 +224,7 @@ class RandomResizedCropFlip:
 
 @dataclass(frozen=True)
 class _TrackedFrames:
-    """Frame selection handed to `datamodules.video.decode_video` (its `plan(times, rate)` protocol).
+    """Frame selection handed to `semtrack.video.decode_video` (its `plan(times, rate)` protocol).
 
     With `frame_times` (F,) seconds: for each, the decoded frame with that timestamp. Without
     (research pickle): the research training rule, `linspace(0, n - 1, T)[track_frames]`.

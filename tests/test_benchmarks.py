@@ -18,8 +18,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_extract  # noqa: E402
 import make_ssv2_like  # noqa: E402
 
-from datamodules.video import VideoCSVDataset, select_by_timestamp  # noqa: E402
+from datamodules.video import VideoCSVDataset  # noqa: E402
 from semtrack.trackfile import load_tracks, save_tracks  # noqa: E402
+from semtrack.video import select_by_timestamp  # noqa: E402
 
 
 def _probe(path: Path) -> tuple[str, float, int, int, list[float]]:

@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import datamodules.video as video_mod
+import semtrack.video.decode as decode_mod
+import semtrack.video.frames as frames_mod
 from _shared import shared_path
 from datamodules import VideoCSVDataset, collate_videos
 from semtrack.records import Clip
@@ -153,7 +154,7 @@ def test_timestamp_ties_go_to_the_earlier_frame_despite_float32_noise():
     exact = np.arange(40) * 0.04  # 25 fps
     noisy = exact.astype(np.float32).astype(np.float64)  # what decord reports without snapping
     for times in (exact, noisy):
-        idx = video_mod.select_by_timestamp(times, 10.0)
+        idx = frames_mod.select_by_timestamp(times, 10.0)
         # 0.1 s is equidistant from frames 2 (0.08) and 3 (0.12): the earlier one wins
         assert idx[:6].tolist() == [0, 2, 5, 7, 10, 12]
         assert len(idx) == 17
@@ -238,7 +239,7 @@ def test_item_video_is_uint8_t3hw_and_matches_pyav_pixels(csv_dir, monkeypatch):
     def broken_decord(*args, **kwargs):
         raise RuntimeError("simulated decord failure")
 
-    monkeypatch.setattr(video_mod, "_decode_decord", broken_decord)
+    monkeypatch.setattr(decode_mod, "decode_decord", broken_decord)
     second = [ds[0], ds[1]]
     for a, b in zip(first, second):
         assert a.decoder == "decord" and b.decoder == "pyav" and b.error is None
@@ -339,7 +340,7 @@ def test_truncated_file_is_also_an_error_for_the_fallback_decoder(broken_csv, cs
     def broken_decord(*args, **kwargs):
         raise RuntimeError("simulated decord failure")
 
-    monkeypatch.setattr(video_mod, "_decode_decord", broken_decord)
+    monkeypatch.setattr(decode_mod, "decode_decord", broken_decord)
     csv = write_csv(csv_dir / "trunc.csv", "video_path,dataset",
                     [f"{csv_dir / 'truncated.mp4'},test", f"{csv_dir / 'full_truncated.mp4'},test"])
     cut, full = VideoCSVDataset(csv, fps=None)[0], VideoCSVDataset(csv, fps=None)[1]
@@ -351,7 +352,7 @@ def test_truncated_file_is_also_an_error_for_the_fallback_decoder(broken_csv, cs
 
 def test_a_clip_too_large_for_memory_is_an_error_item(csv_dir, monkeypatch):
     csv = write_csv(csv_dir / "mem.csv", "video_path,dataset", [f"{VIDEOS / 'tiny_25fps.mp4'},test"])
-    monkeypatch.setattr(video_mod, "available_memory", lambda: 11 * 240 * 320 * 3)
+    monkeypatch.setattr(frames_mod, "available_memory", lambda: 11 * 240 * 320 * 3)
     item = VideoCSVDataset(csv, fps=10.0)[0]  # 17 frames of 240x320 > half of 11 frames' worth
     assert item.frames is None and "max_frames" in item.error and "17 frames of 240x320" in item.error
     assert VideoCSVDataset(csv, fps=10.0, max_frames=5)[0].frames.shape[0] == 5
@@ -431,35 +432,8 @@ def test_no_file_handle_or_memory_leak_over_1000_items(csv_dir, broken_csv):
 
 
 # ---------------------------------------------------------------------------------------------
-# CSV validation, ids, paths, max_frames
+# ids, paths, max_frames
 # ---------------------------------------------------------------------------------------------
-
-
-def test_csv_errors_name_the_file_and_the_culprit(tmp_path):
-    clip = VIDEOS / "tiny_25fps.mp4"
-    cases = {
-        "missing_col.csv": ("video_path,split", [f"{clip},train"], r"missing required column\(s\) \['dataset'\]"),
-        "header_only.csv": ("video_path,dataset", [], "no rows"),
-        "blank_dataset.csv": ("video_path,dataset", [f"{clip},"], "'dataset' is empty in row"),
-        "dup.csv": ("video_path,dataset", [f"a/{clip.name},k400", f"b/{clip.name},k400", f"c/{clip.name},ucf"],
-                    r"dataset='k400' video_id='tiny_25fps' rows \[0, 1\]"),
-        "dup_ids.csv": ("video_path,dataset,video_id", [f"{clip},k400,x", f"{VIDEOS / 'cat.mp4'},k400,x"],
-                        "video_id='x'"),
-        "bad_fps.csv": ("video_path,dataset,fps", [f"{clip},k400,-3"], "column 'fps' row 0"),
-        "bad_id.csv": ("video_path,dataset,video_id", [f"{clip},k400,ok", f"{clip},k400,../../x"],
-                       r"column 'video_id' must be a plain file name .*row 1 '../../x'"),
-        "bad_dataset.csv": ("video_path,dataset", [f"{clip},k400/train"], r"column 'dataset' .*row 0 'k400/train'"),
-    }
-    for name, (header, lines, message) in cases.items():
-        path = write_csv(tmp_path / name, header, lines)
-        with pytest.raises(ValueError, match=message) as info:
-            VideoCSVDataset(path)
-        assert str(path) in str(info.value)
-    (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(ValueError, match="empty"):
-        VideoCSVDataset(tmp_path / "empty.csv")
-    with pytest.raises(ValueError, match="fps_rule"):
-        VideoCSVDataset(write_csv(tmp_path / "ok.csv", "video_path,dataset", [f"{clip},x"]), fps_rule="round")
 
 
 def test_video_ids_and_relative_paths(tmp_path, monkeypatch):

@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import datamodules.video as video_mod
+import semtrack.video.frames as frames_mod
 from _shared import shared_path
 from datamodules import VideoCSVDataset, collate_videos
-from datamodules.video import read_video_csv
 from semtrack.resources import available_memory
+from semtrack.video import FramePlan, decode_video
 
 GOOD = shared_path("videos", "tiny_25fps.mp4")  # 40 frames, 320x240, 1.56 s: 17 frames at 10 fps
 
@@ -105,93 +105,15 @@ def test_unreadable_folder_and_file_are_permission_denied(tmp_path):
 
 @pytest.mark.parametrize("decoder", ["auto", "decord", "pyav"])
 def test_decode_video_never_raises_for_any_path(tmp_path, decoder):
-    plan = video_mod._Plan(10.0, "timestamp", None)
+    plan = FramePlan(10.0, "timestamp", None)
     hostile = ["", "\0clip.mp4", "/" + "d/" * 3000 + "clip.mp4", "x" * 5000, str(tmp_path), "/proc/self/mem"]
     for path in hostile:
-        decoded, name, error = video_mod.decode_video(path, plan, decoder)
+        decoded, name, error = decode_video(path, plan, decoder)
         assert decoded is None and isinstance(error, str) and "\n" not in error, (path[:40], error)
         assert name == ("pyav" if decoder == "pyav" else "decord")
-    decoded, name, error = video_mod.decode_video(str(GOOD), plan, decoder)
+    decoded, name, error = decode_video(str(GOOD), plan, decoder)
     assert error is None and decoded.frames.shape == (17, 240, 320, 3)
     assert name == ("pyav" if decoder == "pyav" else "decord")
-
-
-# ---------------------------------------------------------------------------------------------
-# CSV
-# ---------------------------------------------------------------------------------------------
-
-
-def test_unquoted_comma_in_a_path_is_a_ragged_row_error(tmp_path):
-    """pandas would shift such a row (or use the first column as an index) and process another file."""
-    folder = tmp_path / "a,b"
-    folder.mkdir()
-    (folder / "clip.mp4").symlink_to(GOOD)
-    unquoted = write_csv(tmp_path / "unquoted.csv", "video_path,dataset",
-                         [f"{GOOD},test", f"{folder / 'clip.mp4'},test"])
-    with pytest.raises(ValueError, match=r"1 row\(s\) do not have the header's 2 fields: row 1 \(line 3\): 3 fields"):
-        read_video_csv(unquoted)
-    all_rows = write_csv(tmp_path / "all.csv", "video_path,dataset", [f"{folder / 'clip.mp4'},test"] * 2)
-    with pytest.raises(ValueError, match="row 0 \\(line 2\\): 3 fields, row 1 \\(line 3\\): 3 fields") as info:
-        VideoCSVDataset(all_rows)
-    assert str(all_rows) in str(info.value)
-    quoted = write_csv(tmp_path / "quoted.csv", "video_path,dataset", [f'"{folder / "clip.mp4"}",test'])
-    item = VideoCSVDataset(quoted)[0]
-    assert item.video_path == str(folder / "clip.mp4")
-    assert_good_item(item)
-
-
-def test_missing_field_duplicate_column_bad_quoting_and_encoding_name_the_file(tmp_path):
-    cases = {
-        "short.csv": ("video_path,dataset,video_id", [f"{GOOD},test,a", f"{GOOD},test"],
-                      r"row 1 \(line 3\): 2 fields"),
-        "dup_column.csv": ("video_path,dataset,dataset", [f"{GOOD},a,b"], r"duplicate column\(s\) \['dataset'\]"),
-        "unclosed.csv": ("video_path,dataset", [f'"{GOOD},test', f"{GOOD},test"], "malformed CSV"),
-        "junk_after_quote.csv": ("video_path,dataset", [f'"{GOOD}"x,test'], r"line 2: malformed CSV"),
-    }
-    for name, (header, lines, message) in cases.items():
-        path = write_csv(tmp_path / name, header, lines)
-        with pytest.raises(ValueError, match=message) as info:
-            VideoCSVDataset(path)
-        assert str(path) in str(info.value), name
-    latin1 = write_csv(tmp_path / "latin1.csv", "video_path,dataset", [f"{GOOD},test", "vidéo.mp4,test"], "latin-1")
-    with pytest.raises(ValueError, match=r"line 3: byte 4 \(b'\\xe9'\) is not UTF-8") as info:
-        VideoCSVDataset(latin1)
-    assert str(latin1) in str(info.value)
-    binary = tmp_path / "video_as_csv.csv"
-    binary.write_bytes(GOOD.read_bytes())
-    with pytest.raises(ValueError, match="not UTF-8|malformed"):
-        VideoCSVDataset(binary)
-
-
-def test_bom_blank_lines_and_spaces_are_accepted(tmp_path):
-    path = tmp_path / "bom.csv"
-    path.write_bytes(b"\xef\xbb\xbfvideo_path, dataset\r\n\r\n" + f"{GOOD}, test\r\n\n{GOOD},other\n".encode())
-    rows = read_video_csv(path)
-    assert [(r.index, r.dataset, r.video_path) for r in rows] == [(0, "test", str(GOOD)), (1, "other", str(GOOD))]
-
-
-def test_video_id_rules(tmp_path):
-    folder = tmp_path / "set.v1"
-    folder.mkdir()
-    for name in ("clip.v2.mp4", "x.mp4", "x.webm"):
-        (folder / name).symlink_to(GOOD)
-    csv = write_csv(tmp_path / "ids.csv", "video_path,dataset,video_id",
-                    [f"{folder / 'clip.v2.mp4'},a,", f"{folder / 'x.mp4'},a,", f"{folder / 'x.webm'},b,",
-                     f"{folder / 'clip.v2.mp4'},c,given"])
-    assert [r.video_id for r in read_video_csv(csv)] == ["clip.v2", "x", "x", "given"]
-    assert [r.video_id for r in read_video_csv(csv, video_id_rule="research")] == ["clip", "x", "x", "given"]
-    ds = VideoCSVDataset(csv, video_id_rule="research")
-    assert [ds[i].video_id for i in (0, 3)] == ["clip", "given"]
-    (folder / "clip.v3.mp4").symlink_to(GOOD)
-    versions = write_csv(tmp_path / "versions.csv", "video_path,dataset",
-                         [f"{folder / 'clip.v2.mp4'},a", f"{folder / 'clip.v3.mp4'},a"])
-    assert [r.video_id for r in read_video_csv(versions)] == ["clip.v2", "clip.v3"]
-    with pytest.raises(ValueError, match=r"video_id='clip' rows \[0, 1\]"):
-        read_video_csv(versions, video_id_rule="research")  # the research rule collides here
-    with pytest.raises(ValueError, match="video_id_rule"):
-        VideoCSVDataset(csv, video_id_rule="first_dot")
-    with pytest.raises(ValueError, match="video_id_rule"):
-        read_video_csv(csv, video_id_rule="")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +165,8 @@ def test_a_bogus_last_timestamp_is_refused_without_allocating(tmp_path, decoder)
 def test_the_memory_allowance_is_shared_between_workers(tmp_path, monkeypatch):
     """17 frames of 240x320 fit in half of 3 clips' worth for one process, not in a quarter of it
     (each of two workers)."""
-    need = 17 * (240 * 320 * 3 + video_mod._INDEX_BYTES_PER_FRAME)
-    monkeypatch.setattr(video_mod, "available_memory", lambda: 3 * need)  # inherited by forked workers
+    need = 17 * (240 * 320 * 3 + frames_mod.INDEX_BYTES_PER_FRAME)
+    monkeypatch.setattr(frames_mod, "available_memory", lambda: 3 * need)  # inherited by forked workers
     ds = VideoCSVDataset(write_csv(tmp_path / "w.csv", "video_path,dataset,video_id",
                                    [f"{GOOD},test,a", f"{GOOD},test,b"]))
     assert_good_item(ds[0])

@@ -1,0 +1,61 @@
+"""bench_host.py on two tiny sources: the input sets it makes, its JSON and its sections (one timed
+run per video, a few seconds)."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_host  # noqa: E402
+
+
+def _stream(path: Path) -> tuple[str, float, int]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.name, float(stream.average_rate), stream.codec_context.height
+
+
+def _videos(csv_path: str) -> list[Path]:
+    with open(csv_path, newline="") as f:
+        return [Path(csv_path).parent / row["video_path"] for row in csv.DictReader(f)]
+
+
+def test_bench_host_makes_its_sets_and_reports_decode_and_transfer(tmp_path, videos_dir):
+    sources = [videos_dir / "tiny_25fps.mp4", videos_dir / "tiny_ssv2.webm"]  # 25 fps 320x240; 12 fps
+    out = tmp_path / "host.json"
+    result = bench_host.main(["--sources", *map(str, sources), "--cache", str(tmp_path / "cache"),
+                              "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    env = result["env"]
+    assert env["git_commit"] and env["date_utc"] and env["torch"] and env["hardware"]["cpu_model"]
+    sets = result["settings"]["sets"]
+    assert sorted(sets) == ["480p_x264", "ssv2_like"]  # no source is already 480 px high
+    assert [_stream(v) for v in _videos(sets["ssv2_like"])] == [("vp9", 12.0, 240)] * 2
+    assert [_stream(v) for v in _videos(sets["480p_x264"])] == [("h264", 25.0, 480)]  # tiny_ssv2 is 12 fps
+
+    decode = result["sections"]["decode"]
+    frames = {"ssv2_like": 16, "480p_x264": 17}  # native 20 and 12 frames; 1.56 s at 10 fps
+    for name, by_decoder in decode.items():
+        for decoder in ("auto", "decord", "pyav"):
+            summary = by_decoder["summary"][decoder]
+            assert summary["videos"] == len(_videos(sets[name])) and summary["median_ms"] > 0
+            assert summary["median_frames"] == frames[name]
+            served = {v["decoder"] for v in by_decoder["videos"][decoder]}
+            assert served == {"pyav" if decoder == "pyav" else "decord"}
+    transfer = result["sections"]["transfer"]["480p_x264"]
+    (video,) = transfer["videos"]
+    assert video["bytes"] == 17 * 480 * 640 * 3 and video["ms"] > 0
+
+    again = bench_host.build_sets(sources, tmp_path / "cache")  # made once, then reused
+    assert again == {name: Path(path) for name, path in sets.items()}
+    only = bench_host.main(["--set", f"mine={sets['480p_x264']}", "--sections", "transfer", "--repeats", "1"])
+    assert list(only["sections"]) == ["transfer"] and list(only["sections"]["transfer"]) == ["mine"]
+    with pytest.raises(SystemExit, match="unknown section"):
+        bench_host.main(["--set", f"mine={sets['480p_x264']}", "--sections", "gif"])
