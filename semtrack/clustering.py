@@ -13,7 +13,9 @@ Two methods, both on tensors on the tokens' device:
   and CUDA, so CPU and GPU labels differ; each is reproducible on its own device. Seed per video
   with `stable_seed(video_id)` so results do not depend on processing order.
 
-`cluster` is the pipeline's clustering stage: either method over several videos at once.
+`cluster_batch` is the clustering stage for a padded batch of videos: either method for all of them
+in one computation that never waits for the device (`sync_free=True`), each video's labels equal to
+its solo labels; `cluster` is the same for a list of videos.
 """
 from __future__ import annotations
 

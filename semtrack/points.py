@@ -513,7 +513,7 @@ def _assemble(ent: _Entities, pts: torch.Tensor, ok: torch.Tensor, cluster_frame
         return x[..., None].expand(v, e, s).reshape(v, e * s).gather(1, order).masked_fill(~valid, -1)
 
     yx = pts.reshape(v, e * s, 2).gather(1, order[..., None].expand(v, e * s, 2))
-    queries = torch.stack([per_point(t), yx[..., 1], yx[..., 0]], dim=-1).float() * valid[..., None]
+    queries = torch.stack([per_point(t), yx[..., 1], yx[..., 0]], dim=-1).float().masked_fill(~valid[..., None], 0)
     counts = ok.sum(dim=(1, 2))
     return QueryPointsBatch(queries, per_point(obj), per_point(ent.frame), per_point(ent.cluster),
                             per_point(ent.comp), valid, counts, torch.zeros_like(counts))
