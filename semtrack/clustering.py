@@ -452,13 +452,13 @@ def cluster_batch(
     Each video's labels equal its solo result (`bipartite_clusters` / `kmeans_clusters`).
 
     Bipartite merges every frame of the batch at once and runs the temporal merge and assignment
-    for all videos together. k-means runs Lloyd for all videos together, each video frozen once
-    converged (its solo result).
+    for all videos together.
 
     sync_free=True (for GPUs): the host never waits for the device: fixed shapes (the merged set U
-    keeps its K_max * K_f capacity) and k-means runs its full 300 iterations. sync_free=False (for
-    the CPU, where reading a value costs nothing): U is trimmed to the largest video's and k-means
-    stops once every video converged, reading the device each iteration. The labels are the same.
+    keeps its K_max * K_f capacity) and k-means runs Lloyd for all videos together for its full 300
+    iterations, each video frozen once converged. sync_free=False (for the CPU, where reading a
+    value costs nothing): U is trimmed to the largest video's and k-means runs one video at a time,
+    each stopping at its convergence (a host read per iteration). The labels are the same.
     """
     if method not in CLUSTERING_METHODS:
         raise ValueError(f"method must be one of {CLUSTERING_METHODS}, got {method!r}")
@@ -470,9 +470,16 @@ def cluster_batch(
         labels = _bipartite_batch(tokens, lengths, merge_ratio, num_iters, sync_free)
         return ClusterBatch(labels, t * merge_schedule(p * q, merge_ratio, num_iters)[-1])
     n_clusters = _check_kmeans(n_clusters, min(lengths) * p * q, kmeans_init, 300, 1e-4, f"{min(lengths)}x{p}x{q}")
-    seeds = [stable_seed(vid) for vid in video_ids]
-    flat, _ = _kmeans_batch(tokens.float().reshape(v, t * p * q, d), [n * p * q for n in lengths], n_clusters, seeds,
-                            kmeans_init, 300, 1e-4, kmeans_init != "random", None, sync_free)
+    x, seeds = tokens.float().reshape(v, t * p * q, d), [stable_seed(vid) for vid in video_ids]
+    sizes = [n * p * q for n in lengths]
+    reseed = kmeans_init != "random"
+    if sync_free:
+        flat, _ = _kmeans_batch(x, sizes, n_clusters, seeds, kmeans_init, 300, 1e-4, reseed, None, sync_free=True)
+    else:  # one video at a time, each leaving Lloyd at its own convergence
+        flat = x.new_zeros(v, t * p * q, dtype=torch.long)
+        for i, n in enumerate(sizes):
+            flat[i, :n] = _kmeans_batch(x[i : i + 1, :n], [n], n_clusters, seeds[i : i + 1], kmeans_init, 300, 1e-4,
+                                        reseed, None, sync_free=False)[0][0]
     frame_valid = torch.arange(t, device=tokens.device)[None, :] < _upload(lengths, tokens.device)[:, None]
     labels = flat.reshape(v, t, p, q).masked_fill(~frame_valid[:, :, None, None], -1)
     return ClusterBatch(labels, n_clusters)

@@ -180,6 +180,8 @@ class _Geometry:
 
 
 def _geometry(sizes: Sequence[tuple[int, int]], p: int, q: int, target: int) -> _Geometry:
+    """The cell geometry of V clips (H, W) over P x Q label maps, on the host; `target`: the fast
+    sampler's samples per entity (`fast_samples`), which bounds `num_samples`."""
     rows = {f.name: [] for f in fields(_Geometry) if f.name != "num_samples"}
     num_samples = 1
     for h, w in sizes:
