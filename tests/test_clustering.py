@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from _device_count import DeviceCounter
 from _shared import shared_path
 from semtrack.clustering import (
     assign_labels,
     bipartite_clusters,
     cluster,
+    cluster_batch,
     kmeans_clusters,
     merge_frames,
     merge_schedule,
@@ -200,3 +202,66 @@ def test_kmeans_errors():
     with pytest.raises(ValueError, match="init_indices"):
         kmeans_clusters(tokens, 4, 0, init_indices=torch.arange(3))
     assert kmeans_clusters(tokens, 16, 0).unique().numel() == 16  # k = number of tokens is fine
+
+
+def _padded(videos: list[torch.Tensor]) -> torch.Tensor:
+    """Videos (K_i, P, Q, D) -> (V, K_max, P, Q, D) with garbage (not zeros) in the padding."""
+    batch = torch.full((len(videos), max(len(x) for x in videos), *videos[0].shape[1:]), 7.0)
+    for i, x in enumerate(videos):
+        batch[i, : len(x)] = x
+    return batch
+
+
+@pytest.mark.parametrize("method", ["bipartite", "kmeans"])
+def test_cluster_batch_equals_each_video_alone(bip, method):
+    """Three videos of 8, 3 and 5 frames in one padded batch: each video's labels are its solo
+    labels (k-means: seeded from its id, Lloyd frozen per video at its own convergence)."""
+    tokens = torch.from_numpy(bip["tokens"])
+    if method == "kmeans":  # its 300 batched iterations: a quicker token size
+        tokens = tokens[..., :96].contiguous()
+    videos, ids = [tokens, tokens[5:].flip(0).contiguous(), tokens[1:6] * 0.5], ["a", "b", "c"]
+    out = cluster_batch(_padded(videos), [8, 3, 5], ids, method, n_clusters=8)
+    assert out.labels.shape == (3, 8, 16, 16) and out.labels.dtype == torch.int64
+    for i, x in enumerate(videos):
+        solo = bipartite_clusters(x) if method == "bipartite" else kmeans_clusters(x, 8, stable_seed(ids[i]))
+        assert torch.equal(out.labels[i, : len(x)], solo)
+        assert bool((out.labels[i, len(x):] == -1).all())
+    assert int(out.labels.max()) < out.num_labels == (8 * 12 if method == "bipartite" else 8)
+    if method == "bipartite":
+        np.testing.assert_array_equal(out.labels[0].numpy(), bip["labels_m25_i11"])
+    early = cluster_batch(_padded(videos), [8, 3, 5], ids, method, n_clusters=8, sync_free=False)
+    assert torch.equal(early.labels, out.labels)  # leaving once all converged changes nothing
+
+
+@pytest.mark.parametrize("method", ["bipartite", "kmeans"])
+def test_cluster_batch_never_waits_for_the_device(method):
+    """Counted as CUDA would run it: no host sync for batches of 1 and 3 videos, and one batch of
+    3 costs about the device ops of one video (the work is batched, not looped)."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 4, 16, 16, 24, generator=gen)
+    ops = {}
+    for v in (1, 3):
+        counter = DeviceCounter()
+        counter.seed(tokens)
+        with counter:
+            out = cluster_batch(tokens[:v], [4, 2, 3][:v], ["a", "b", "c"][:v], method, n_clusters=5, num_iters=4)
+        assert counter.total_syncs() == 0, counter.sites
+        assert out.labels.shape == (v, 4, 16, 16)
+        ops[v] = counter.ops["other"]
+    assert ops[3] < 1.2 * ops[1]
+
+
+def test_cluster_batch_errors():
+    tokens = torch.randn(2, 3, 4, 4, 8)
+    with pytest.raises(ValueError, match="num_frames"):
+        cluster_batch(tokens, [3, 4], ["a", "b"])
+    with pytest.raises(ValueError, match="num_frames"):
+        cluster_batch(tokens, [3], ["a", "b"])
+    with pytest.raises(ValueError, match="video_ids"):
+        cluster_batch(tokens, [3, 1], ["a"])
+    with pytest.raises(ValueError, match=r"\(V, K, P, Q, D\)"):
+        cluster_batch(tokens[0], [3], ["a"])
+    with pytest.raises(ValueError, match="exceeds the number of tokens"):
+        cluster_batch(tokens, [3, 1], ["a", "b"], "kmeans", n_clusters=17)  # the shortest video has 16 tokens
+    with pytest.raises(ValueError, match="method"):
+        cluster_batch(tokens, [3, 1], ["a", "b"], "spectral")

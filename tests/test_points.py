@@ -7,16 +7,21 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from _device_count import DeviceCounter
 from _shared import shared_path
-from semtrack.clustering import kmeans_clusters
+from semtrack.clustering import cluster_batch, kmeans_clusters
 from semtrack.points import (
-    _entities,
+    FAST_SAMPLES,
+    _geometry,
+    _host_entities,
+    closest_pixels,
     coverage,
     exact_pixel_points,
     grid_query_points,
     nearest_source_index,
     peak_frames,
     select_query_points,
+    select_query_points_batch,
 )
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -124,21 +129,22 @@ def test_exact_sampler_old_sklearn_default(fx):
 
 
 @pytest.mark.parametrize("size", [(24, 32), (17, 20), (9, 13), (240, 428)])
-def test_components_on_reduced_grid_equal_full_resolution(size):
+def test_components_on_kept_cells_equal_full_resolution(size):
     """Components found on the kept cells equal scipy's 4-connected labelling of the full mask."""
     gen = torch.Generator().manual_seed(7)
     labels = torch.randint(0, 4, (2, 16, 16), generator=gen)
-    ent = _entities(labels, size, use_cc=True)
+    ent = _host_entities(labels[None], _geometry([size], 16, 16, FAST_SAMPLES), use_cc=True)
     ry, rx = nearest_source_index(size[0], 16).numpy(), nearest_source_index(size[1], 16).numpy()
-    pairs = list(dict.fromkeys(zip(ent.frame.tolist(), ent.cluster.tolist())))  # clusters in visiting order
+    valid = ent.valid[0]
+    pairs = list(dict.fromkeys(zip(ent.frame[0][valid].tolist(), ent.cluster[0][valid].tolist())))  # visiting order
     e = 0
     for f, c in pairs:
         comps, num = ndimage.label(labels[f].numpy()[ry][:, rx] == c)
         for k in range(num):
-            assert ent.cluster[e] == c and ent.comp[e] == k
-            np.testing.assert_array_equal(ent.full_mask(e), comps == k + 1)
+            assert ent.cluster[0, e] == c and ent.comp[0, e] == k
+            np.testing.assert_array_equal(ent.cells[0, e].numpy()[ry][:, rx], comps == k + 1)
             e += 1
-    assert e == len(ent.frame)
+    assert e == int(valid.sum()) and not bool(ent.cells[0, e:].any())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -249,3 +255,126 @@ def test_errors(fx):
         select_query_points(labels, frames, (24, 32), min_point_distance=-1)
     with pytest.raises(ValueError, match="fast_samples"):
         select_query_points(labels, frames, (24, 32), fast_samples=8)
+    with pytest.raises(ValueError, match="tie_rule"):
+        select_query_points(labels, frames, (24, 32), sampler="exact", tie_rule="last")
+    batch, k = labels[None], frames[None]
+    with pytest.raises(ValueError, match="num_labels"):
+        select_query_points_batch(batch, k, [(24, 32)], 0)
+    with pytest.raises(ValueError, match="clip_sizes"):
+        select_query_points_batch(batch, k, [(24, 32), (8, 8)], 16)
+    with pytest.raises(ValueError, match="cluster_frames"):
+        select_query_points_batch(batch, k[:, :3], [(24, 32)], 16)
+    with pytest.raises(ValueError, match="int64"):
+        select_query_points_batch(batch.int(), k, [(24, 32)], 16)
+
+
+FIELDS = ("queries", "obj_ids", "source_frames", "clusters", "components")
+
+
+def _clips(fx):
+    """Three videos: the fixture labels (8 frames), 5 of its frames shifted to other ids, 3 random
+    frames; padded into (3, 8, 16, 16) labels (-1) and (3, 8) cluster frames (-1)."""
+    lab = torch.from_numpy(fx["labels"])
+    gen = torch.Generator().manual_seed(3)
+    videos = [lab, (lab[3:] + 4) % 17, torch.randint(0, 6, (3, 16, 16), generator=gen)]
+    frames = [torch.from_numpy(fx["frames_id_dict"]), torch.arange(5) * 2, torch.tensor([0, 4, 9])]
+    labels = torch.full((3, 8, 16, 16), -1, dtype=torch.long)
+    cluster_frames = torch.full((3, 8), -1, dtype=torch.long)
+    for i, (x, f) in enumerate(zip(videos, frames)):
+        labels[i, : len(x)], cluster_frames[i, : len(x)] = x, f
+    return videos, frames, labels, cluster_frames
+
+
+@pytest.mark.parametrize("options", [
+    dict(sizes=[(240, 428), (24, 32), (9, 13)]),
+    dict(sizes=[(240, 428), (24, 32), (9, 13)], use_connected_components=True, legacy_query_frames=True),
+    dict(sizes=[(60, 80), (24, 32), (17, 20)], sampler="exact"),
+    dict(sizes=[(60, 80), (24, 32), (17, 20)], sampler="exact", use_connected_components=True, tie_rule="research"),
+    dict(sizes=[(48, 64), (24, 32), (17, 20)], min_point_distance=3, num_points_per_entity=4),
+])
+def test_batch_equals_each_clip_alone(fx, options):
+    """Clips of different sizes and frame counts in one padded batch: each clip's points equal its
+    solo points, packed to the front of its rows, -1 / zeros after them."""
+    options = dict(options)
+    sizes = options.pop("sizes")
+    videos, frames, labels, cluster_frames = _clips(fx)
+    batch = select_query_points_batch(labels, cluster_frames, sizes, 17, **options)
+    n = batch.queries.shape[1]
+    assert batch.queries.shape == (3, n, 3) and batch.valid.shape == batch.obj_ids.shape == (3, n)
+    assert torch.equal(batch.valid, torch.arange(n)[None] < batch.counts[:, None])
+    for i, (x, f, size) in enumerate(zip(videos, frames, sizes)):
+        solo = select_query_points(x, f, size, **options)
+        one = batch.clip(i)
+        assert len(solo) == int(batch.counts[i]) > 0 and solo.num_dropped == one.num_dropped
+        for name in FIELDS:
+            assert torch.equal(getattr(one, name), getattr(solo, name)), name
+            assert bool((getattr(batch, name)[i, len(solo):] == (0 if name == "queries" else -1)).all())
+    if options.get("min_point_distance"):
+        assert int(batch.num_dropped.sum()) > 0
+
+
+def test_stages_never_wait_for_the_device():
+    """Clustering and sampling of 1 and of 3 tiny clips, counted as CUDA would run them: the default
+    path (bipartite, fast sampler) has no host sync at all and costs about the same device ops for
+    3 clips as for 1; the exact sampler and connected components download the labels once."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randn(3, 4, 16, 16, 24, generator=gen)
+    cluster_frames = torch.tensor([[0, 3, 6, 9], [0, 2, 4, -1], [0, 5, -1, -1]])
+    sizes, lengths = [(48, 64), (30, 40), (16, 20)], [4, 3, 2]
+    ops = {}
+    for v in (1, 3):
+        counter = DeviceCounter()
+        counter.seed(tokens, cluster_frames)
+        with counter:
+            with counter.stage("clustering"):
+                clusters = cluster_batch(tokens[:v], lengths[:v], ["a", "b", "c"][:v], num_iters=5)
+            with counter.stage("points"):
+                points = select_query_points_batch(clusters.labels, cluster_frames[:v], sizes[:v],
+                                                   clusters.num_labels, num_points_per_entity=4)
+        assert counter.total_syncs() == 0, counter.sites
+        assert bool((points.counts > 0).all())
+        ops[v] = counter.ops
+    assert all(ops[3][stage] < 1.2 * ops[1][stage] for stage in ("clustering", "points"))
+    for options, syncs in ((dict(legacy_query_frames=True), {}), (dict(use_connected_components=True), {"d2h": 1}),
+                           (dict(sampler="exact"), {"d2h": 1})):
+        counter = DeviceCounter()
+        counter.seed(clusters.labels, cluster_frames)
+        with counter:
+            select_query_points_batch(clusters.labels, cluster_frames, sizes, clusters.num_labels,
+                                      num_points_per_entity=4, **options)
+        assert dict(counter.syncs_by_kind()) == syncs, (options, counter.sites)
+
+
+def test_research_tie_rule_by_hand():
+    """Exact distance ties: "first" takes the first of all pixels in row-major order (distances
+    rounded to 1e-9); "research" takes numpy's argmin of the float64 distances to the members of the
+    centre's own k-means cluster, so membership and float noise decide."""
+    pixels = np.array([[0, 0], [0, 1], [0, 2], [0, 3]])
+    # centre 1 sits exactly between pixel 1 (k-means cluster 0) and pixel 2 (its own member)
+    centres, members = np.array([[0.0, 0.5], [0.0, 1.5]]), np.array([0, 0, 1, 1])
+    assert closest_pixels(pixels, centres, members, "first").tolist() == [[0, 0], [0, 1]]
+    assert closest_pixels(pixels, centres, members, "research").tolist() == [[0, 0], [0, 2]]
+    # float noise: 0.5 + 1 ulp is nearer pixel 1 (0.4999...) than pixel 0 (0.5000...1)
+    noisy = np.array([[0.0, np.nextafter(0.5, 1)], [0.0, 2.5]])
+    assert closest_pixels(pixels, noisy, np.array([0, 0, 1, 1]), "first").tolist() == [[0, 0], [0, 2]]
+    assert closest_pixels(pixels, noisy, np.array([0, 0, 1, 1]), "research").tolist() == [[0, 1], [0, 2]]
+    # a centre without members (possible in principle) falls back to all pixels
+    assert closest_pixels(pixels, np.array([[0.0, 2.9]]), np.array([1, 1, 1, 1]), "research").tolist() == [[0, 3]]
+
+
+def test_research_tie_rule_reproduces_the_fixture(fx):
+    """With tie_rule="research" the exact sampler gives the research points (ties within the
+    fixture's float noise of 1 px) and is exactly scikit-learn's fit followed by the research rule."""
+    labels, frames = _inputs(fx)
+    for case in ("nocc", "cc_small"):
+        qp = select_query_points(labels, frames, tuple(fx[f"image_hw_{case}"]), sampler="exact",
+                                 use_connected_components=case.startswith("cc"), tie_rule="research")
+        err = np.abs(qp.queries[:, 1:].numpy() - fx[f"points_xy_{case}"])
+        tie = fx[f"point_tie_{case}"]
+        assert err[~tie].max() == 0 and err[tie].max(initial=0) <= 1
+    from sklearn.cluster import KMeans
+
+    pixels = np.argwhere(np.add.outer(np.arange(9), np.arange(13)) % 5 != 0)  # a striped entity
+    km = KMeans(n_clusters=6, n_init=1, random_state=42).fit(pixels.astype(np.float64))
+    expected = closest_pixels(pixels, km.cluster_centers_, km.labels_, "research")
+    np.testing.assert_array_equal(exact_pixel_points(pixels, 6, tie_rule="research"), expected)
