@@ -5,13 +5,18 @@ it: the run makes it before any other thread of its own); `submit(scratch, resul
 returns a future of the GIF's bytes. A worker draws with `semtrack.gif.save_trail_gif` into
 `scratch` (a temporary name in the output folder, so a killed run's leftovers are swept like any
 other), reads it back and removes it. Workers ignore SIGINT and SIGTERM: a stop request is the
-main process's to handle, and it waits for the GIFs it asked for. Should a worker die (e.g. killed
-for memory), the pool is broken and later GIFs are drawn in the calling thread instead.
+main process's to handle, and it waits for the GIFs it asked for. On Linux they are killed when the
+main process ends, however it ends (they share its open files, the folder lock's among them).
+Should a worker die (e.g. killed for memory), the pool is broken and later GIFs are drawn in the
+calling thread instead.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -19,11 +24,18 @@ from pathlib import Path
 from semtrack.gif import save_trail_gif
 
 GIF_PROCESSES = 2  # worker processes drawing GIFs (a 30-frame GIF costs tens of ms of CPU)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
-def _ignore_stop_signals() -> None:
+def _start_worker(parent: int) -> None:
+    """Ignore stop signals, and end with the parent process: a forked worker shares the parent's open
+    files, the folder lock's among them, and must not keep it after a `kill -9` of the run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def draw_gif(scratch: str, frames, tracks, visibility, obj_ids, frame_times, max_width) -> bytes:
@@ -50,7 +62,8 @@ class GifRenderer:
     def __init__(self, processes: int = GIF_PROCESSES):
         fork = "fork" in multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if fork else None)
-        self._pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_ignore_stop_signals)
+        self._pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                                         initargs=(os.getpid(),))
         self._pool.submit(int).result()  # forks every worker now, from this thread
         self._broken = False
 

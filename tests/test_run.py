@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import errno
 import signal
+import subprocess
+import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from _shared import REPO_ROOT
 from semtrack.config import ExtractConfig
 from semtrack.gif import save_trail_gif
 from semtrack.job import MAX_DEFAULT_WORKERS, Job, default_num_workers
+from semtrack.layout import OutputLayout
 from semtrack.ledger import LedgerPart, read_records
 from semtrack.records import Clip, Failure, Tracks, VideoResult
 from semtrack.run import QUEUE_BATCHES, Run
+from semtrack.shards import FolderBusy, FolderLock, Shard
 from semtrack.sidecar import run_options
 from semtrack.sinks import PickleFiles
 from semtrack.stopping import Stopped
@@ -170,6 +176,28 @@ def test_gifs_drawn_by_the_worker_processes_equal_the_renderer_s(tmp_path):
     assert {r["video_id"]: r["outputs"]["gif"]["bytes"] for r in videos(run)} == {
         "v0": expected.stat().st_size, "v1": layout.gif("d", "v1").stat().st_size}
     assert not [p for p in layout.root.iterdir() if ".tmp-" in p.name]  # the scratch files are gone
+
+
+def test_a_killed_run_s_gif_workers_do_not_keep_the_folder_locked(tmp_path):
+    """The GIF workers are forked with the lock's file open; a kill -9 of the run must end them too."""
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+            "from semtrack.layout import OutputLayout\nfrom semtrack.shards import FolderLock, Shard\n"
+            "from semtrack.renders import GifRenderer\n"
+            f"FolderLock(OutputLayout({str(tmp_path)!r}), Shard()).acquire()\n"
+            "gifs = GifRenderer()\nprint('ready', flush=True)\ntime.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+    lock, deadline = FolderLock(OutputLayout(tmp_path), Shard()), time.time() + 60
+    while True:
+        try:
+            lock.acquire()
+            break
+        except FolderBusy:
+            assert time.time() < deadline, "the killed run's GIF workers still hold the folder lock"
+            time.sleep(0.1)
+    lock.release()
 
 
 def test_decode_wait_is_warned_about_once(tmp_path, capsys):
