@@ -22,8 +22,10 @@ What it reports (per precision; printed and written to `--json`):
   batch excluded; 0 means decoding is hidden), `features`, `clustering`, `sampling` (the pipeline's
   "points"), `tracking` (the pipeline's own stage clocks: CUDA events on a GPU, wall time on CPU,
   summed over the run and divided by the videos), `step_other` (the rest of `predict_step`:
-  host->device copies, the final device->host copy, grouping), `writing` (the writer's
-  `write_on_batch_end`: pickles, GIFs if asked). `startup_wait_s`: the wait for the first batch.
+  host->device copies, the final device->host copy, grouping), `writing` (the main thread's time in
+  the writer's `write_on_batch_end`: handing the batch to the background writer), `writer_thread`
+  (the background writer's time per video: pickle, GIF, fsyncs, ledger; hidden behind the steps).
+  `startup_wait_s`: the wait for the first batch.
   `decode_s_per_video`: decoding + resampling each row once in this process (`VideoCSVDataset[i]`)
   after the run: the CPU work the DataLoader workers have to hide.
 * `tracker_calls`, `videos_per_tracker_call`, `padded_frame_fraction`: how the tracker batched
@@ -174,6 +176,8 @@ class LoopProbe(Callback):
         stages.update({name: per_video(self.stage_s.get(key, 0.0), videos) for key, name in COMPUTE_STAGES.items()})
         stages["step_other"] = per_video(max(0.0, sum(steps) - compute), videos)
         stages["writing"] = per_video(sum(writes), videos)
+        seconds, written = self.writer.run.stage_totals.get("write", (0.0, 0))
+        stages["writer_thread"] = per_video(seconds, written)
         return {
             "batches": len(self.ends),
             "videos": videos,

@@ -15,7 +15,6 @@ check (ledger + one stat per row) of all rows.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -35,7 +34,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from _shared import shared_path  # noqa: E402
 from semtrack.config import ExtractConfig  # noqa: E402
-from semtrack.ledger import DoneRule, LedgerPart, iter_records, latest_videos, new_run_id  # noqa: E402
+from semtrack.ledger import (  # noqa: E402
+    DoneRule,
+    LedgerPart,
+    done_record,
+    iter_records,
+    latest_videos,
+    new_run_id,
+    output_entry,
+)
 from semtrack.sidecar import write_sidecar  # noqa: E402
 from semtrack.trackfile import dumps_tracks  # noqa: E402
 from semtrack.video import read_video_csv  # noqa: E402
@@ -64,7 +71,7 @@ def build(work: Path, rows: int, done: int) -> tuple[Path, ExtractConfig]:
     write_sidecar(config, "32-true")
     layout = config.layout
     data = tiny_pickle()
-    outputs = {"pickle": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    outputs = {"pickle": output_entry(data)}
     stride = rows // max(1, rows - done)
     todo = set(range(0, rows, stride)[: rows - done])
     folder = layout.pickle(DATASET, "x").parent
@@ -72,8 +79,8 @@ def build(work: Path, rows: int, done: int) -> tuple[Path, ExtractConfig]:
     run, records = new_run_id(), []
     for i in [i for i in range(rows) if i not in todo][:done]:
         (folder / f"v{i:06d}.pkl").write_bytes(data)
-        records.append({"kind": "video", "run": run, "rank": 0, "row": i, "dataset": DATASET, "video_id": f"v{i:06d}",
-                        "status": "done", "frames": 2, "points": 1, "outputs": outputs, "time": time.time()})
+        records.append({**done_record(i, DATASET, f"v{i:06d}", 2, 1, outputs), "run": run, "rank": 0,
+                        "time": time.time()})
     LedgerPart(layout.ledger_part(run, 0)).append(records)
     return csv_path, config
 

@@ -1,10 +1,12 @@
 """Soak: memory over a long run of tiny videos (Lightning's predict loop has an open report of
-memory growth, and the writer keeps per-video state).
+memory growth, the run keeps per-video state, and its background writer holds batches not yet
+written).
 
 Runs the real job in this process (`semtrack.api.run`, grid mode, stand-in weights, 4 frames at
-64x96, GIFs off) on `--rows` rows (the same tiny shared clip under distinct ids) and samples the
-resident memory of this process (and of its DataLoader workers) after every batch. The claim it
-tests: after the first `--warmup` videos, resident memory grows by at most 10 %.
+64x96, GIFs off unless `--make_vis`) on `--rows` rows (the same tiny shared clip under distinct ids)
+and samples the resident memory of this process (and of its child processes: DataLoader workers, GIF
+workers) after every batch, against the videos the writer has recorded. The claim it tests: after
+the first `--warmup` videos, resident memory grows by at most 10 %.
 
     python benchmarks/bench_soak.py --rows 500 --json soak.json
 """
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50, help="videos before the growth is measured")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--make_vis", action="store_true", help="also write GIFs (drawn by the GIF workers)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--json", help="write the result (with every sample) here")
     args = parser.parse_args(argv)
@@ -103,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                       for i in range(args.rows)))
         config = ExtractConfig(csv_path=str(csv_path), base_feat_path=str(Path(tmp) / "out"), weights="random",
                                use_grid=True, cotracker_grid_size=2, tracker_resolution=(64, 96), max_frames=4,
-                               num_workers=args.num_workers, batch_size=args.batch_size)
+                               num_workers=args.num_workers, batch_size=args.batch_size, make_vis=args.make_vis)
         holder = {}
-        probe = MemoryProbe(lambda: holder["writer"].done + holder["writer"].failed)
+        probe = MemoryProbe(lambda: holder["writer"].run.done + holder["writer"].run.failed)
         trainer, holder["writer"] = build_trainer(config, [probe], accelerator="cpu", enable_progress_bar=False)
         start = time.perf_counter()
         predict(trainer, config)
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         report = holder["writer"].report
     result = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "rows": args.rows, "warmup": args.warmup, "threads": args.threads, "wall_s": round(wall, 1),
+              "rows": args.rows, "warmup": args.warmup, "threads": args.threads, "make_vis": args.make_vis,
+              "wall_s": round(wall, 1),
               "done": report["last_run"]["counts"]["done"], **summary(probe.samples, args.warmup),
               "samples": probe.samples}
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))

@@ -7,7 +7,6 @@ takes every `world_size`-th from the r-th; of those, the ones not done yet by th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import lightning as L
@@ -15,10 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.video import VideoCSVDataset
 from semtrack.config import ExtractConfig
-from semtrack.layout import job_layout
-from semtrack.ledger import DoneRule, csv_keys, iter_records, latest_videos
+from semtrack.job import Job, RowPlan
 from semtrack.records import Clip
-from semtrack.shards import Shard, resolve_shard
 
 BUCKET_MAX_BYTES = 2e9  # decoded frames held for length bucketing, at most (unless one batch needs more)
 
@@ -132,42 +129,21 @@ class ClipBatches:
         yield from length_batches(self.loader, self.batch_size, self.window, self.max_bytes)
 
 
-@dataclass
-class RowPlan:
-    """What one process of a run does. `rows`: the run's rows (its shard, all ranks); `assigned`:
-    this process's share; `pending`: the row indices of it still to do; `skipped`: done already;
-    `adopted`: ledger records for valid pickles found without one; `csv_rows`, `csv_keys`: the
-    CSV's row count and key digest (`semtrack.ledger.csv_keys`)."""
-
-    rows: int
-    assigned: int
-    pending: list[int]
-    skipped: int
-    csv_rows: int
-    csv_keys: str
-    adopted: list[dict] = field(default_factory=list)
-
-
-def assigned_rows(rows: list, shard: Shard, rank: int, world_size: int, debug: bool) -> tuple[list, int]:
-    """-> (this process's rows, the run's row count): the shard's rows, every `world_size`-th from
-    `rank`; in debug mode the first CSV row only, on rank 0."""
-    run_rows = rows[:1] if debug else shard.rows(rows)
-    return run_rows[rank::world_size], len(run_rows)
-
-
 class ExtractionDataModule(L.LightningDataModule):
     """The CSV rows this process still has to do, decoded by `VideoCSVDataset` in DataLoader workers.
 
-    A row is skipped (counted in `plan.skipped`) when the ledger records it done and its outputs are
-    on disk (`semtrack.ledger.DoneRule`; a pickle without a record is validated and adopted), unless
-    `config.rerun`; failed rows are retried. Debug mode runs the first CSV row, done or not.
+    A row is skipped (counted in `job.plan.skipped`) when the ledger records it done and its outputs
+    are on disk (`semtrack.ledger.DoneRule`; a pickle without a record is validated and adopted),
+    unless `config.rerun`; failed rows are retried. Debug mode runs the first CSV row, done or not.
+    `job` (`semtrack.job.Job`, made from the config unless given) gets this process's plan and its
+    number of decoding processes in `setup`.
     """
 
-    def __init__(self, config: ExtractConfig | None = None):
+    def __init__(self, config: ExtractConfig | None = None, job: Job | None = None):
         super().__init__()
         self.config = config if config is not None else ExtractConfig()
+        self.job = job if job is not None else Job.of(self.config)
         self.dataset: VideoCSVDataset | None = None
-        self.plan: RowPlan | None = None
 
     def make_dataset(self) -> VideoCSVDataset:
         """The full dataset, read once (validates the CSV: ValueError naming the file and the culprit)."""
@@ -182,22 +158,12 @@ class ExtractionDataModule(L.LightningDataModule):
 
     def row_plan(self, dataset: VideoCSVDataset, rank: int = 0, world_size: int = 1) -> RowPlan:
         """This process's rows and which of them are still to do (reads the ledger, stats the outputs)."""
-        cfg = self.config
-        shard = Shard() if cfg.debug_mode else resolve_shard(cfg.num_shards, cfg.shard_index)
-        mine, run_rows = assigned_rows(dataset.rows, shard, rank, world_size, cfg.debug_mode)
-        layout = job_layout(cfg)
-        rerun = cfg.rerun or cfg.debug_mode
-        latest = {} if rerun else latest_videos(iter_records(layout), {(r.dataset, r.video_id) for r in mine})
-        decided = DoneRule(layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs).plan(mine, rerun)
-        return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
-                       csv_rows=len(dataset.rows), csv_keys=csv_keys(dataset.rows), adopted=decided.adopted)
+        return self.job.plan_rows(dataset.rows, rank, world_size)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.plan is not None:
-            return
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.plan = self.row_plan(self.make_dataset(), rank, world)
+        where = (trainer.global_rank, trainer.world_size, trainer.num_devices) if trainer is not None else (0, 1, 1)
+        self.job.settle(self.make_dataset().rows, *where)
 
     def transfer_batch_to_device(self, batch: list[Clip], device, dataloader_idx: int) -> list[Clip]:
         """Clips stay on the CPU (pinned on CUDA): the pipeline moves what each stage needs, and the
@@ -205,11 +171,11 @@ class ExtractionDataModule(L.LightningDataModule):
         return batch
 
     def predict_dataloader(self) -> ClipBatches:
-        """This process's pending rows, decoded in `num_workers` processes and grouped into batches of
-        similar length."""
+        """This process's pending rows, decoded in `job.num_workers` processes and grouped into batches
+        of similar length."""
         self.setup("predict")
-        cfg, trainer = self.config, self.trainer
+        cfg, trainer, job = self.config, self.trainer, self.job
         accelerated = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        loader = DataLoader(PendingRows(self.dataset, self.plan.pending), batch_size=None, shuffle=False,
-                            num_workers=cfg.num_workers, pin_memory=accelerated)
+        loader = DataLoader(PendingRows(self.dataset, job.plan.pending), batch_size=None, shuffle=False,
+                            num_workers=job.num_workers, pin_memory=accelerated)
         return ClipBatches(loader, cfg.batch_size, cfg.batch_size * cfg.bucket_batches, BUCKET_MAX_BYTES)

@@ -25,11 +25,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from datamodules.extraction import ExtractionDataModule
 from semtrack.config import ExtractConfig
 from semtrack.hygiene import check_writable
-from semtrack.layout import job_layout
 from semtrack.ledger import read_records
 from semtrack.module import SemanticTracker
 from semtrack.report import build_report
-from semtrack.shards import resolve_shard
 from semtrack.sidecar import check_sidecar
 from semtrack.stopping import Stopped
 from semtrack.util import one_line
@@ -90,15 +88,14 @@ class RunFailed(Exception):
 
 def preflight(config: ExtractConfig, precision: str, datamodule: ExtractionDataModule | None = None
               ) -> ExtractionDataModule:
-    """Checks before any video is read (ValueError / OSError naming the culprit): the CSV is valid,
-    its datasets and video ids fit the output folder (`OutputLayout.check_names`), the shard is
-    valid, the folder's config sidecar agrees with this run, and the folder can be written.
-    -> the datamodule, holding the CSV it read."""
+    """Checks before any video is read (ValueError / OSError naming the culprit): the shard is valid
+    (the job, `semtrack.job.Job`, is made with the datamodule), the CSV is valid, its datasets and
+    video ids fit the output folder (`OutputLayout.check_names`), the folder's config sidecar agrees
+    with this run, and the folder can be written. -> the datamodule, holding the job and the CSV."""
     datamodule = datamodule if datamodule is not None else ExtractionDataModule(config)
-    layout = job_layout(config)
+    layout = datamodule.job.layout
     rows = datamodule.make_dataset().rows
     layout.check_names(rows, debug=config.debug_mode)
-    resolve_shard(config.num_shards, config.shard_index)
     check_sidecar(config, precision)
     check_writable(layout)
     if rank_zero_only.rank == 0:  # the rank Lightning reads from the launcher's environment
@@ -109,8 +106,8 @@ def preflight(config: ExtractConfig, precision: str, datamodule: ExtractionDataM
 
 def execute(trainer: L.Trainer, writer: TrackWriter, model: SemanticTracker, datamodule: ExtractionDataModule) -> None:
     """`trainer.predict` (predictions not collected: the writer has them), its end mapped to
-    `RunInterrupted` / `RunFailed` (module docstring); the writer's lock and signal handlers are
-    released whatever happens."""
+    `RunInterrupted` / `RunFailed` (module docstring); the writer's lock, thread and signal handlers
+    are released whatever happens."""
     try:
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
     except BaseException as exc:
@@ -124,7 +121,11 @@ def execute(trainer: L.Trainer, writer: TrackWriter, model: SemanticTracker, dat
     finally:
         writer.release()
     if writer.report is None:  # the run happened in spawned processes: read what rank 0 saved
-        writer.report = build_report(job_layout(writer.config), read_records(job_layout(writer.config)))
+        layout = datamodule.job.layout
+        writer.report = build_report(layout, read_records(layout))
+    last = (writer.report or {}).get("last_run") or {}
+    if writer.stop.signum is not None and last.get("status") == "stopped":  # a signal during the last batch
+        raise RunInterrupted(writer.stop.signum, writer.report)
 
 
 def predict(trainer: L.Trainer, config: ExtractConfig) -> None:

@@ -29,7 +29,7 @@ import typing
 
 import yaml
 
-from semtrack.config import GROUPS, RESEARCH_PRESET, ExtractConfig, field_help
+from semtrack.config import GROUPS, ExtractConfig, field_help, research_options
 
 SUBCOMMAND = "predict"
 TRAINER_FLAGS = {
@@ -170,9 +170,9 @@ def translate(argv: list[str]) -> list[str]:
     """Rewrite flat flags into LightningCLI arguments: `--<field>` -> `--extract.<field>`, switches ->
     `--extract.<name>=true`, trainer flags -> `--trainer.<name>`, list flags -> `[a, b]`, "none" ->
     null; `--research_compat` adds the preset's options not given; adds `predict`."""
-    if "--research_compat" in argv:
-        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-        for name, value in RESEARCH_PRESET.items():
+    if "--research_compat" in argv:  # spelled out: LightningCLI builds the config without `from_dict`
+        given = {a[2:].split("=")[0]: True for a in argv if a.startswith("--")}
+        for name, value in research_options(given).items():
             if name not in given:
                 argv = [*argv, f"--{name}"] if value is True else [*argv, f"--{name}", _default_text(value)]
     out: list[str] = []

@@ -127,7 +127,8 @@ class ExtractConfig:
     batch_size: int = _option(1, "job", "videos per step")
     bucket_batches: int = _option(
         8, "job", "decoded videos held to group similar lengths, in batches (1: CSV order)")
-    num_workers: int = _option(4, "job", "decoding processes")
+    num_workers: Optional[int] = _option(
+        None, "job", "decoding processes per device", shown="from the CPUs per device")
     make_vis: bool = _option(False, "job", "also write a trail GIF per video")
     vis_max_width: Optional[int] = _option(None, "job", "GIFs and overlays at most this wide (px)", shown="full size")
     debug_mode: bool = _option(False, "job", "first row only, even if done, into debug/, with timings, overlays")
@@ -155,7 +156,7 @@ class ExtractConfig:
         clustering.merge_schedule(16 * 16, self.merge_ratio, self.num_iters)  # ValueError naming the option
         if self.vis_max_width is not None and (isinstance(self.vis_max_width, bool) or self.vis_max_width < 1):
             raise ValueError(f"vis_max_width must be a positive number of pixels or None, got {self.vis_max_width!r}")
-        if self.num_workers < 0 or self.min_point_distance < 0:
+        if (self.num_workers is not None and self.num_workers < 0) or self.min_point_distance < 0:
             raise ValueError("num_workers and min_point_distance must be >= 0")
         if self.max_frames is not None and (isinstance(self.max_frames, bool) or self.max_frames < MIN_FRAMES):
             raise ValueError(f"max_frames must be an integer >= {MIN_FRAMES} or None, got {self.max_frames!r}")

@@ -133,12 +133,6 @@ class OutputLayout:
             raise ValueError(f"{len(problems)} row(s) have names the output folder {self.root} cannot hold: {shown}")
 
 
-def job_layout(config) -> OutputLayout:
-    """The layout a run writes: the config's output folder, or its `debug/` folder in debug mode.
-    `config`: an `ExtractConfig` (anything with `.layout` and `.debug_mode`)."""
-    return config.layout.debug if config.debug_mode else config.layout
-
-
 def _limits(root: Path) -> tuple[int, int]:
     """(file-name bytes, path bytes) the filesystem of `root` (or of its nearest existing parent) allows."""
     probe = Path(os.path.abspath(root))

@@ -54,6 +54,33 @@ def csv_keys(rows: Iterable) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+def output_entry(data: bytes) -> dict:
+    """What a `done` record says of an output it lists: {"bytes", "sha256" (hex)} of `data`."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def done_record(row: int, dataset: str, video_id: str, frames: int, points: int, outputs: dict | None = None,
+                **extra) -> dict:
+    """A `video` record of a done row: T `frames`, N `points`, its `outputs` (filled in by the output
+    sink when None); `extra` e.g. `adopted=True`."""
+    record = {"kind": "video", "row": row, "dataset": dataset, "video_id": video_id, "status": DONE,
+              "frames": frames, "points": points}
+    if outputs is not None:
+        record["outputs"] = outputs
+    return {**record, **extra}
+
+
+def failed_record(row: int, dataset: str, video_id: str, stage: str, reason: str, video_path: str) -> dict:
+    """A `video` record of a failed row: the `stage` that failed and a one-line `reason`."""
+    return {"kind": "video", "row": row, "dataset": dataset, "video_id": video_id, "status": FAILED,
+            "stage": stage, "reason": reason, "video_path": video_path}
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
 
@@ -239,7 +266,7 @@ class DoneRule:
             loads_tracks(data, record["video_id"])
         except (OSError, TrackFileError):
             return False
-        return hashlib.sha256(data).hexdigest() == record["outputs"]["pickle"].get("sha256")
+        return output_entry(data)["sha256"] == record["outputs"]["pickle"].get("sha256")
 
     def adopt(self, row) -> dict | None:
         """A `done` record for a row with no record whose pickle (and GIF, if wanted) exists and whose
@@ -253,9 +280,8 @@ class DoneRule:
             tracks = loads_tracks(data, str(path))
         except (OSError, TrackFileError):
             return None
-        outputs = {"pickle": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+        outputs = {"pickle": output_entry(data)}
         if self.want_gif:
             outputs["gif"] = {"bytes": gif_size}
-        return {"kind": "video", "row": row.index, "dataset": row.dataset, "video_id": row.video_id,
-                "status": DONE, "frames": tracks.num_frames, "points": tracks.num_points, "outputs": outputs,
-                "adopted": True}
+        return done_record(row.index, row.dataset, row.video_id, tracks.num_frames, tracks.num_points, outputs,
+                           adopted=True)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+import semtrack
 from semtrack.util import atomic_write
 
 REQUIRED_KEYS = ("pred_tracks", "pred_visibility", "obj_ids", "point_queries")
@@ -351,6 +352,43 @@ def _compact(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_compact(v) for v in value)
     return value
+
+
+def tracks_dict(result, weights: dict, options: dict) -> dict:
+    """The track file's dict of a tracked video (what `dumps_tracks` writes).
+
+    result: a `semtrack.records.VideoResult` with tracks; weights: {"tracker": id, "dinov2": id or
+    None} of the loaded models; options: the run's output options (`semtrack.sidecar.run_options`),
+    kept as the metadata's `config`. Tracks are stored as float16 (T, N, 2), visibility bool (T, N),
+    ids and query frames int64 (N,), confidence float16 (T, N) when present.
+    """
+    clip, tr = result.clip, result.tracks
+    meta = {
+        "frame_times": clip.frame_times.to(torch.float64),
+        "source_fps": float(clip.source_fps),
+        "fps": None if clip.fps is None else float(clip.fps),
+        "fps_rule": options["fps_rule"],
+        "clip_size": list(clip.size),
+        "video_path": clip.video_path,
+        "dataset": clip.dataset,
+        "video_id": clip.video_id,
+        "decoder": clip.decoder,
+        "mode": "grid" if options["use_grid"] else "semantic",
+        "num_dropped_points": int(tr.num_dropped),
+        "version": semtrack.__version__,
+        "tracker_weights": weights["tracker"],
+        "dinov2_weights": weights["dinov2"],
+        "config": dict(options),
+    }
+    if tr.confidence is not None:
+        meta["confidence"] = tr.confidence.to(torch.float16)
+    return {
+        "pred_tracks": tr.tracks.to(torch.float16),
+        "pred_visibility": tr.visibility.to(torch.bool),
+        "obj_ids": tr.obj_ids.to(torch.int64),
+        "point_queries": tr.query_frames.to(torch.int64),
+        META_KEY: meta,
+    }
 
 
 def dumps_tracks(tracks: dict) -> bytes:

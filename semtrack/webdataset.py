@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Iterable
 
 from semtrack.layout import OutputLayout
+from semtrack.ledger import output_entry
 from semtrack.util import _fsync_dir, temporary_path
 
+MEMBER_ORDER = ("pickle", "json", "gif")  # a sample's members, in the order they are written
 MANIFEST_COLUMNS = ("video_id", "dataset", "shard", "member", "offset", "bytes", "T", "N", "status")
 _END_OF_ARCHIVE = b"\0" * (2 * tarfile.BLOCKSIZE)
 
@@ -44,9 +46,11 @@ def _write_all(f, data: bytes) -> None:
 
 
 class TarShards:
-    """One process's tar shards. `add` appends a video's members and holds its ledger record; the
-    records come back (completed with `shard_bytes`) from the `add` that closes the shard, or from
-    `close`. `pending` is the number of records held."""
+    """One process's tar shards (an output sink, `semtrack.sinks`). `add` appends a video's members
+    and holds its ledger record; the records come back (completed with `shard_bytes`) from the `add`
+    that closes the shard, or from `close`. `pending` is the number of records held."""
+
+    format = "webdataset"
 
     def __init__(self, layout: OutputLayout, run_id: str, rank: int, videos_per_tar: int):
         self.layout, self.run_id, self.rank, self.videos_per_tar = layout, run_id, rank, videos_per_tar
@@ -67,14 +71,17 @@ class TarShards:
 
     def add(self, record: dict, members: dict[str, bytes]) -> list[dict]:
         """Append `members` {kind ("pickle" | "json" | "gif"): bytes} of the video of `record` (a
-        `video` ledger record, whose `outputs` this fills in) -> the records of a shard this closed."""
+        `video` ledger record, whose `outputs` this fills in; the `.json` member is `sample_json` of it
+        unless given), in `MEMBER_ORDER` -> the records of a shard this closed."""
         if self._file is None:
             self._open()
         start = self._file.tell()
         key = member_key(record["dataset"], record["video_id"])
+        members = {"json": sample_json(record), **members}
         outputs = {}
         try:
-            for kind, data in members.items():
+            for kind in (k for k in MEMBER_ORDER if k in members):
+                data = members[kind]
                 name = f"{key}.{'pkl' if kind == 'pickle' else kind}"
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
@@ -83,7 +90,7 @@ class TarShards:
                 _write_all(self._file, header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
                 if kind != "json":
                     outputs[kind] = {"shard": self.layout.relative(self._final), "member": name, "offset": offset,
-                                     "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                                     **output_entry(data)}
         except OSError:
             self._file.truncate(start)
             self._file.seek(start)

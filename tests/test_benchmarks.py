@@ -95,9 +95,10 @@ def test_bench_extract_json_on_tiny_csv(tmp_path, videos_dir):
     assert run["all_ranks"]["ranks"] == 1 and run["all_ranks"]["videos_per_s"] == pytest.approx(loop["videos_per_s"])
     assert 0 < loop["videos_per_s"] <= loop["steady_videos_per_s"] * 1.5
     stages = loop["stage_s_per_video"]
-    assert set(stages) == {"decode_wait", "features", "clustering", "sampling", "tracking", "step_other", "writing"}
+    assert set(stages) == {"decode_wait", "features", "clustering", "sampling", "tracking", "step_other", "writing",
+                           "writer_thread"}
     assert all(v >= 0 for v in stages.values())
-    assert stages["tracking"] > 0 and stages["features"] > 0 and stages["writing"] > 0
+    assert stages["tracking"] > 0 and stages["features"] > 0 and stages["writing"] > 0 and stages["writer_thread"] > 0
     # the stage clocks add up to no more than the steps they ran in
     assert sum(stages[s] for s in ("features", "clustering", "sampling", "tracking")) <= loop["step_s_per_video"] + 1e-6
     assert 0 < loop["busy_fraction"] <= 1.0

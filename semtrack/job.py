@@ -1,0 +1,104 @@
+"""What one extraction job is, decided once: its options, output folder and shard, and, once the
+process knows its rank, the rows it runs and how many processes decode them.
+
+`Job.of(config)` is made once per process (by `datamodules.extraction.ExtractionDataModule`, which
+the preflight checks of `semtrack.api` build or are given) and passed to what needs it: the
+DataModule fills in `plan` and `num_workers` in its `setup`, the writer's `Run` reads them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from semtrack.config import ExtractConfig
+from semtrack.layout import OutputLayout
+from semtrack.ledger import DoneRule, csv_keys, iter_records, latest_videos
+from semtrack.shards import Shard, resolve_shard
+
+MAX_DEFAULT_WORKERS = 8  # decoding processes per device without --num_workers, at most (memory: one torch each)
+
+
+@dataclass
+class RowPlan:
+    """What one process of a run does. `rows`: the run's rows (its shard, all ranks); `assigned`:
+    this process's share; `pending`: the row indices of it still to do; `skipped`: done already;
+    `adopted`: ledger records for valid pickles found without one; `csv_rows`, `csv_keys`: the
+    CSV's row count and key digest (`semtrack.ledger.csv_keys`); `datasets`: the CSV's datasets."""
+
+    rows: int
+    assigned: int
+    pending: list[int]
+    skipped: int
+    csv_rows: int
+    csv_keys: str
+    adopted: list[dict] = field(default_factory=list)
+    datasets: tuple[str, ...] = ()
+
+
+def assigned_rows(rows: list, shard: Shard, rank: int, world_size: int, debug: bool) -> tuple[list, int]:
+    """-> (this process's rows, the run's row count): the shard's rows, every `world_size`-th from
+    `rank`; in debug mode the first CSV row only, on rank 0."""
+    run_rows = rows[:1] if debug else shard.rows(rows)
+    return run_rows[rank::world_size], len(run_rows)
+
+
+def default_num_workers(local_world_size: int, environ: Mapping[str, str] = os.environ,
+                        cpus: int | None = None) -> tuple[int, str]:
+    """Decoding processes per device when `--num_workers` is not given -> (count, how it was chosen).
+
+    The CPUs this process may run on (`os.sched_getaffinity`), shared by the `local_world_size`
+    processes of this node, unless SLURM bound each task to its own (`SLURM_CPUS_PER_TASK` equals that
+    count); one of them is left to the main process; at least 1, at most `MAX_DEFAULT_WORKERS`.
+    """
+    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    own = per_task.isdigit() and int(per_task) == cpus
+    per_device = cpus if own or local_world_size <= 1 else max(1, cpus // local_world_size)
+    count = min(MAX_DEFAULT_WORKERS, max(1, per_device - 1))
+    return count, f"{per_device} CPU(s) per device, one left to the main process, at most {MAX_DEFAULT_WORKERS}"
+
+
+@dataclass
+class Job:
+    """One extraction job in one process: `config` (an `ExtractConfig`), the output `layout` it writes
+    (the config's folder, or its `debug/` folder in debug mode), its `shard` of the CSV rows; `plan`
+    (this process's rows) and `num_workers` (its decoding processes) once its rank is known."""
+
+    config: ExtractConfig
+    layout: OutputLayout
+    shard: Shard
+    plan: RowPlan | None = None
+    num_workers: int | None = None
+    workers_note: str = ""  # how num_workers was chosen, for the start-up line
+
+    @classmethod
+    def of(cls, config: ExtractConfig) -> Job:
+        """The job of `config`: its layout, and its shard from the flags or the SLURM array (ValueError
+        for an invalid shard). Debug mode runs the first row into `<folder>/debug/`, unsharded."""
+        layout = config.layout.debug if config.debug_mode else config.layout
+        shard = Shard() if config.debug_mode else resolve_shard(config.num_shards, config.shard_index)
+        return cls(config, layout, shard)
+
+    def plan_rows(self, rows: Sequence, rank: int = 0, world_size: int = 1) -> RowPlan:
+        """This process's rows of the CSV's `rows` and which are still to do (reads the ledger, stats the
+        outputs; `semtrack.ledger.DoneRule`)."""
+        cfg = self.config
+        mine, run_rows = assigned_rows(list(rows), self.shard, rank, world_size, cfg.debug_mode)
+        rerun = cfg.rerun or cfg.debug_mode
+        latest = {} if rerun else latest_videos(iter_records(self.layout), {(r.dataset, r.video_id) for r in mine})
+        decided = DoneRule(self.layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs).plan(mine, rerun)
+        return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
+                       csv_rows=len(rows), csv_keys=csv_keys(rows), adopted=decided.adopted,
+                       datasets=tuple(sorted({r.dataset for r in rows})))
+
+    def settle(self, rows: Sequence, rank: int, world_size: int, local_world_size: int) -> None:
+        """Fill in `plan` and `num_workers` for global `rank` of `world_size` processes, `local_world_size`
+        of them on this node (once; later calls keep the first plan)."""
+        if self.plan is not None:
+            return
+        self.plan = self.plan_rows(rows, rank, world_size)
+        if self.config.num_workers is not None:
+            self.num_workers, self.workers_note = self.config.num_workers, "--num_workers"
+        else:
+            self.num_workers, self.workers_note = default_num_workers(local_world_size)

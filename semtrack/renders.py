@@ -1,0 +1,86 @@
+"""Trail GIFs rendered in worker processes, so drawing never holds the main process's interpreter.
+
+`GifRenderer(processes)` starts its processes at once (forked on Linux, from the thread that makes
+it: the run makes it before any other thread of its own); `submit(scratch, result, max_width)`
+returns a future of the GIF's bytes. A worker draws with `semtrack.gif.save_trail_gif` into
+`scratch` (a temporary name in the output folder, so a killed run's leftovers are swept like any
+other), reads it back and removes it. Workers ignore SIGINT and SIGTERM: a stop request is the
+main process's to handle, and it waits for the GIFs it asked for. On Linux they are killed when the
+main process ends, however it ends (they share its open files, the folder lock's among them).
+Should a worker die (e.g. killed for memory), the pool is broken and later GIFs are drawn in the
+calling thread instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from semtrack.gif import save_trail_gif
+
+GIF_PROCESSES = 2  # worker processes drawing GIFs (a 30-frame GIF costs tens of ms of CPU)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+
+
+def _start_worker(parent: int) -> None:
+    """Ignore stop signals, and end with the parent process: a forked worker shares the parent's open
+    files, the folder lock's among them, and must not keep it after a `kill -9` of the run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def draw_gif(scratch: str, frames, tracks, visibility, obj_ids, frame_times, max_width) -> bytes:
+    """The bytes of `save_trail_gif` of the arrays (see there), drawn through the file `scratch`."""
+    path = Path(scratch)
+    try:
+        save_trail_gif(path, frames, tracks, visibility, obj_ids, frame_times, max_width)
+        return path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def gif_arrays(result) -> tuple:
+    """`draw_gif`'s arrays of a tracked `VideoResult`: frames (T, H, W, 3) uint8, tracks (T, N, 2)
+    float32, visibility (T, N) bool, obj_ids (N,) int64, frame_times (T,) float64 seconds."""
+    clip, tr = result.clip, result.tracks
+    return (clip.frames.permute(0, 2, 3, 1).numpy(), tr.tracks.float().numpy(), tr.visibility.numpy(),
+            tr.obj_ids.numpy(), clip.frame_times.numpy())
+
+
+class GifRenderer:
+    """`processes` workers drawing GIFs (see the module docstring); `close` waits for them to end."""
+
+    def __init__(self, processes: int = GIF_PROCESSES):
+        fork = "fork" in multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if fork else None)
+        self._pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                                         initargs=(os.getpid(),))
+        self._pool.submit(int).result()  # forks every worker now, from this thread
+        self._broken = False
+
+    def submit(self, scratch: Path, result, max_width: int | None) -> Future:
+        """A future of the GIF's bytes of tracked `result` (a `VideoResult`), drawn through `scratch`."""
+        args = (str(scratch), *gif_arrays(result), max_width)
+        if not self._broken:
+            try:
+                return self._pool.submit(draw_gif, *args)
+            except BrokenProcessPool:
+                self._broken = True
+        done: Future = Future()
+        try:
+            done.set_result(draw_gif(*args))
+        except Exception as exc:  # noqa: BLE001 - the caller records it against the video
+            done.set_exception(exc)
+        return done
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
