@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import lightning as L
@@ -34,14 +33,13 @@ from torch.utils.data import DataLoader, Dataset
 from semtrack.layout import OutputLayout
 from semtrack.trackfile import TrackFile, TrackFileError, load_tracks, loads_tracks
 from semtrack.util import stable_seed
-from semtrack.video import VideoRow, decode_video, read_video_csv
+from semtrack.video import TrackedFramePlan, VideoRow, decode_video, read_video_csv
 from semtrack.webdataset import read_manifest, read_member
 
 MODES = ("train", "eval")
 ON_MISSING = ("warn", "error")
 VERIFY = ("load", "exists")
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-_TIME_TOLERANCE_S = 1e-3  # a recorded frame time must match a decoded timestamp this closely
 _PAD = -1  # obj_ids / query_frames / point_indices of padded points
 
 
@@ -217,41 +215,6 @@ class RandomResizedCropFlip:
         return self.flip(frames, tracks, visibility)
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoding exactly the tracked frames
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _TrackedFrames:
-    """Frame selection handed to `semtrack.video.decode_video` (its `plan(times, rate)` protocol).
-
-    With `frame_times` (F,) seconds: for each, the decoded frame with that timestamp. Without
-    (research pickle): the research training rule, `linspace(0, n - 1, T)[track_frames]`.
-    """
-
-    frame_times: tuple[float, ...] | None
-    num_track_frames: int
-    track_frames: tuple[int, ...]
-
-    def __call__(self, times: np.ndarray, average_rate: float | None) -> tuple[np.ndarray, None]:
-        if self.frame_times is None:
-            idx = np.linspace(0, len(times) - 1, self.num_track_frames).astype(np.int64)
-            return idx[list(self.track_frames)], None
-        wanted = np.asarray(self.frame_times, dtype=np.float64)  # (F,)
-        hi = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
-        lo = np.clip(hi - 1, 0, len(times) - 1)
-        idx = np.where(np.abs(times[hi] - wanted) < np.abs(times[lo] - wanted), hi, lo)
-        gap = np.abs(times[idx] - wanted)
-        if np.any(gap > _TIME_TOLERANCE_S):
-            k = int(np.argmax(gap))
-            raise ValueError(
-                f"no decoded frame at the tracked time {wanted[k]:.4f} s (nearest {times[idx[k]]:.4f} s): "
-                "the video differs from the one the tracks were extracted from"
-            )
-        return idx.astype(np.int64), None
-
-
 class _ItemFailure(Exception):
     """A row that cannot be served (its pickle or its video)."""
 
@@ -422,11 +385,7 @@ class PointTrackDataset(Dataset):
                 "the research rule linspace(0, n_decoded - 1, T), which can be off by a few frames (further "
                 "research pickles are not reported)", stacklevel=2
             )
-        plan = _TrackedFrames(
-            None if times is None else tuple(times[frame_indices].tolist()),
-            tf.num_frames,
-            tuple(frame_indices.tolist()),
-        )
+        plan = TrackedFramePlan.of(times, tf.num_frames, frame_indices.tolist())
         decoded, decoder, error = decode_video(row.video_path, plan)
         if decoded is None:
             raise _ItemFailure(f"cannot decode {row.video_path} ({decoder}): {error}")

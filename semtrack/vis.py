@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.tracks import _TrackedFrames
-from datamodules.video import decode_video
 from semtrack.gif import DEFAULT_MAX_WIDTH, fitted_size, save_trail_gif, scale_points
 from semtrack.trackfile import TrackFileError, load_tracks
 from semtrack.util import one_line
+from semtrack.video import TrackedFramePlan, decode_video
 
 
 class VisError(Exception):
@@ -63,9 +62,7 @@ def tracked_frames(video: str, meta: dict, num_frames: int) -> tuple[np.ndarray,
     if times is None:
         print("note: the pickle records no frame times: frames chosen with the research rule "
               "linspace(0, n - 1, T), which can be off by a few frames", file=sys.stderr)
-    plan = _TrackedFrames(None if times is None else tuple(np.asarray(times, np.float64).tolist()), num_frames,
-                          tuple(range(num_frames)))
-    decoded, decoder, error = decode_video(video, plan)
+    decoded, decoder, error = decode_video(video, TrackedFramePlan.of(times, num_frames))
     if decoded is None:
         raise VisError(f"cannot decode {video} ({decoder}): {error}")
     return decoded.frames, np.asarray(decoded.times, dtype=np.float64)
