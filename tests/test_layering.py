@@ -1,6 +1,6 @@
 """The layering contract (pyproject's [tool.importlinter], checked by `lint-imports` in `.ci/run`) covers
-every module: what import-linter cannot check itself, since its contracts list modules by name and a new
-module outside every list would escape them."""
+every module, which import-linter cannot check itself: its contracts list modules by name, and a new
+module outside every list would escape them. The README's Architecture section names every module too."""
 from __future__ import annotations
 
 try:
@@ -53,3 +53,14 @@ def test_the_contracts_agree_on_the_application():
     assert len(protected) == 3
     for contract in protected:  # datamodules may import Lightning; nothing else of the core may import anything
         assert set(contract["allowed_importers"]) - {"datamodules"} == application, contract["name"]
+
+
+def test_the_readme_architecture_section_names_every_module():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Architecture\n"):]
+    section = section[: section.index("\n## ", 1)]
+    core = REPO_ROOT / "semtrack"
+    paths = [p.relative_to(core).as_posix() for p in core.rglob("*.py") if p.name != "__init__.py"]
+    paths += [f"datamodules/{p.name}" for p in (REPO_ROOT / "datamodules").glob("*.py") if p.name != "__init__.py"]
+    missing = sorted(p for p in paths if f"`{p}`" not in section and f"`semtrack/{p}`" not in section)
+    assert not missing, f"README's Architecture section does not name {missing}"
