@@ -18,7 +18,6 @@ training did: `x / W * 2 - 1`, `y / H * 2 - 1` with the size of the frames serve
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import Callable, Iterable, Sequence
@@ -27,9 +26,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.transforms import resize_tracks
 from semtrack.layout import OutputLayout
 from semtrack.trackfile import TrackFile, TrackFileError, load_tracks, loads_tracks
 from semtrack.util import stable_seed
@@ -99,122 +98,6 @@ def sample_points(obj_ids: torch.Tensor, num_points: int, generator: torch.Gener
     return torch.cat(chosen).sort().values, torch.ones(num_points, dtype=torch.bool)
 
 
-# ---------------------------------------------------------------------------------------------
-# Transforms: callables (frames (F,3,H,W) uint8, tracks (F,P,2) float, visibility (F,P) bool) -> same
-# ---------------------------------------------------------------------------------------------
-
-
-def _resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear (antialiased) resize of (F,3,H,W) uint8 to (F,3,h,w) uint8."""
-    out = F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _resize_tracks(tracks: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
-    """Pixel-centre convention: x' = (x + 0.5) * w'/w - 0.5 (same for y)."""
-    scale = tracks.new_tensor([new[1] / old[1], new[0] / old[0]])
-    return (tracks + 0.5) * scale - 0.5
-
-
-def _crop(frames, tracks, visibility, top: int, left: int, height: int, width: int):
-    """Crop a window; points outside it become invisible (coordinates kept, in crop pixels)."""
-    frames = frames[..., top : top + height, left : left + width]
-    tracks = tracks - tracks.new_tensor([left, top])
-    x, y = tracks[..., 0], tracks[..., 1]
-    inside = (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
-    return frames, tracks, visibility & inside
-
-
-def _pair(size) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-class Compose:
-    """Apply track transforms in order."""
-
-    def __init__(self, transforms: Sequence[Callable]):
-        self.transforms = list(transforms)
-
-    def __call__(self, frames, tracks, visibility):
-        for t in self.transforms:
-            frames, tracks, visibility = t(frames, tracks, visibility)
-        return frames, tracks, visibility
-
-
-class Resize:
-    """Resize to `size` = (h, w), or an int: the shorter side becomes `size` (aspect kept)."""
-
-    def __init__(self, size: int | tuple[int, int]):
-        self.size = size
-
-    def __call__(self, frames, tracks, visibility):
-        h, w = frames.shape[-2:]
-        if isinstance(self.size, int):
-            s = self.size / min(h, w)
-            new = (max(1, round(h * s)), max(1, round(w * s)))
-        else:
-            new = _pair(self.size)
-        return _resize_frames(frames, new), _resize_tracks(tracks, (h, w), new), visibility
-
-
-class CenterCrop:
-    """Central (h, w) window (an int: square). Points leaving it become invisible."""
-
-    def __init__(self, size: int | tuple[int, int]):
-        self.size = _pair(size)
-
-    def __call__(self, frames, tracks, visibility):
-        h, w = frames.shape[-2:]
-        ch, cw = self.size
-        if ch > h or cw > w:
-            raise ValueError(f"CenterCrop{self.size} is larger than the frames ({h}, {w})")
-        return _crop(frames, tracks, visibility, (h - ch) // 2, (w - cw) // 2, ch, cw)
-
-
-class HorizontalFlip:
-    """Mirror left-right with probability `p` (global torch RNG): x' = W - 1 - x."""
-
-    def __init__(self, p: float = 0.5):
-        self.p = p
-
-    def __call__(self, frames, tracks, visibility):
-        if self.p < 1 and float(torch.rand(())) >= self.p:
-            return frames, tracks, visibility
-        w = frames.shape[-1]
-        tracks = tracks.clone()
-        tracks[..., 0] = (w - 1) - tracks[..., 0]
-        return frames.flip(-1), tracks, visibility
-
-
-class RandomResizedCropFlip:
-    """Training augmentation: a random crop (area fraction in `scale`, aspect ratio in `ratio`, the
-    same window for every frame) resized to `size` = (h, w), then a horizontal flip with probability
-    `flip_p`. Global torch RNG (seeded per DataLoader worker)."""
-
-    def __init__(self, size: int | tuple[int, int], scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5):
-        self.size, self.scale, self.ratio = _pair(size), scale, ratio
-        self.flip = HorizontalFlip(flip_p)
-
-    def _window(self, h: int, w: int) -> tuple[int, int, int, int]:
-        for _ in range(10):
-            area = h * w * float(torch.empty(()).uniform_(*self.scale))
-            log_r = torch.empty(()).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
-            aspect = math.exp(float(log_r))
-            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if 0 < cw <= w and 0 < ch <= h:
-                top = int(torch.randint(0, h - ch + 1, ()))
-                left = int(torch.randint(0, w - cw + 1, ()))
-                return top, left, ch, cw
-        side = min(h, w)  # fallback: central square
-        return (h - side) // 2, (w - side) // 2, side, side
-
-    def __call__(self, frames, tracks, visibility):
-        top, left, ch, cw = self._window(*frames.shape[-2:])
-        frames, tracks, visibility = _crop(frames, tracks, visibility, top, left, ch, cw)
-        frames, tracks = _resize_frames(frames, self.size), _resize_tracks(tracks, (ch, cw), self.size)
-        return self.flip(frames, tracks, visibility)
-
-
 class _ItemFailure(Exception):
     """A row that cannot be served (its pickle or its video)."""
 
@@ -245,7 +128,7 @@ class PointTrackDataset(Dataset):
         mode: "train" (points drawn from torch's global RNG, new each epoch) or "eval" (points seeded
             per video from a stable hash of `seed`, dataset and video id: identical every time).
         seed: see `mode`.
-        transform: callable (frames, tracks, visibility) -> same, e.g. `RandomResizedCropFlip`.
+        transform: callable (frames, tracks, visibility) -> same, e.g. `datamodules.transforms.RandomResizedCropFlip`.
         on_missing: "warn" (skip rows whose pickle is missing or invalid, with one warning giving
             the count; a row that fails later, e.g. its video cannot be decoded, is replaced by the
             next row, with a warning) or "error" (raise ValueError).
@@ -410,7 +293,7 @@ class PointTrackDataset(Dataset):
         clip_size = tf.meta.get("clip_size")
         height, width = frames.shape[-2:]
         if clip_size is not None and tuple(clip_size) != (height, width):
-            tracks = _resize_tracks(tracks, tuple(clip_size), (height, width)) * mask[None, :, None]
+            tracks = resize_tracks(tracks, tuple(clip_size), (height, width)) * mask[None, :, None]
         if self.transform is not None:
             frames, tracks, visibility = self.transform(frames, tracks, visibility)
             visibility = visibility & mask[None]

@@ -13,17 +13,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.tracks import (
-    CenterCrop,
-    Compose,
-    HorizontalFlip,
     PointTrackDataModule,
     PointTrackDataset,
-    RandomResizedCropFlip,
-    Resize,
     collate_tracks,
     sample_points,
     uniform_frame_indices,
 )
+from datamodules.transforms import CenterCrop, Compose, HorizontalFlip, RandomResizedCropFlip, Resize
 from datamodules.video import VideoCSVDataset
 from semtrack.layout import OutputLayout
 from semtrack.trackfile import save_tracks
