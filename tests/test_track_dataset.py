@@ -12,13 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.tracks import (
-    PointTrackDataModule,
-    PointTrackDataset,
-    collate_tracks,
-    sample_points,
-    uniform_frame_indices,
-)
+from datamodules.sampling import sample_points, uniform_frame_indices
+from datamodules.tracks import PointTrackDataModule, PointTrackDataset, collate_tracks
 from datamodules.transforms import CenterCrop, Compose, HorizontalFlip, RandomResizedCropFlip, Resize
 from datamodules.video import VideoCSVDataset
 from semtrack.layout import OutputLayout
