@@ -9,7 +9,7 @@ _LAZY = {
     "VideoCSVDataset": "datamodules.video",
     "collate_videos": "datamodules.video",
     "PointTrackDataset": "datamodules.tracks",
-    "PointTrackDataModule": "datamodules.tracks",
+    "PointTrackDataModule": "datamodules.training",
     "collate_tracks": "datamodules.tracks",
 }
 

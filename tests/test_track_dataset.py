@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.sampling import sample_points, uniform_frame_indices
-from datamodules.tracks import PointTrackDataModule, PointTrackDataset, collate_tracks
+from datamodules.tracks import PointTrackDataset, collate_tracks
+from datamodules.training import PointTrackDataModule
 from datamodules.transforms import CenterCrop, Compose, HorizontalFlip, RandomResizedCropFlip, Resize
 from datamodules.video import VideoCSVDataset
 from semtrack.layout import OutputLayout
