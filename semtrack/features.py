@@ -498,9 +498,10 @@ class DinoV2Extractor(torch.nn.Module):
         tokens (sum K_i, 16, 16, D), clip after clip: `forward` of each clip, concatenated.
 
         The frames of all clips of one size are preprocessed together, then the network takes every
-        frame of every clip in calls of `batch_size` frames (default `self.batch_size`); tokens are
-        per image, so a clip's tokens do not depend on the other clips. Preprocessing holds all the
-        frames at the input size at once (0.6 MB per frame, float32).
+        frame of every clip in calls of `batch_size` frames (default `self.batch_size`). Tokens are per
+        image: a clip's tokens are its `forward` tokens whatever the other clips, up to the order in
+        which the matmuls sum for another batch size (bit-equal on the development CPU). Preprocessing
+        holds all the frames at the input size at once (0.6 MB per frame, float32).
         """
         if len(clips) == 0:
             raise ValueError("forward_clips needs at least one clip")
