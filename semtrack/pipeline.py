@@ -25,7 +25,6 @@ from semtrack.resources import available_memory
 from semtrack.runner import GB, StageRunner, TrackingBudget
 from semtrack.tracker import estimate_tracking_bytes
 
-STAGES = ("features", "clustering", "points", "tracking")
 TRACKER_PRECISION = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp32", "bf16-mixed": "bf16"}
 CUDA_BUDGET_BYTES = 10 * GB  # tracking memory per GPU rank, models included
 # On a GPU, fewer and larger chunks of the tracker's ops launch fewer kernels (exact either way): each
