@@ -5,8 +5,9 @@ import lightning as L
 import torch
 
 from semtrack.config import ExtractConfig
-from semtrack.pipeline import TRACKER_PRECISION, BatchResult, Pipeline, chunk_choices, tracking_budget, tune_tracker
+from semtrack.pipeline import TRACKER_PRECISION, BatchResult, Pipeline
 from semtrack.records import Clip
+from semtrack.tracking_memory import TrackingMemory
 
 
 class SemanticTracker(L.LightningModule):
@@ -53,10 +54,8 @@ class SemanticTracker(L.LightningModule):
 
     def on_predict_start(self) -> None:
         model_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        budget = tracking_budget(self.config, self.device, model_bytes)
-        tune_tracker(self.tracker, self.device)
-        self.pipeline = Pipeline(self.config, self.features, self.tracker, self.device, self.tracker_precision(),
-                                 budget, chunk_choices(self.device))
+        memory = TrackingMemory.plan(self.config, self.device, self.tracker_precision(), model_bytes)
+        self.pipeline = Pipeline(self.config, self.features, self.tracker, self.device, memory)
 
     def predict_step(self, batch: list[Clip], batch_idx: int = 0, dataloader_idx: int = 0) -> BatchResult:
         return self.pipeline(batch)

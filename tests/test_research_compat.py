@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from semtrack.module import SemanticTracker
 from semtrack.pipeline import Pipeline
 from semtrack.records import Clip
 from semtrack.trackfile import load_tracks
+from semtrack.tracking_memory import TrackingMemory
 
 
 def test_the_switch_sets_every_research_behaviour_unless_given():
@@ -39,12 +39,9 @@ def test_dinov2_inputs_are_the_research_inputs():
 
 
 class EchoTracker:
-    """Stand-in tracker: every point stays at its query pixel, so the tracks give the queries back
-    (`model` holds the chunk settings the pipeline reads and sets, as on an `OfflineTracker`)."""
+    """Stand-in tracker: every point stays at its query pixel, so the tracks give the queries back."""
 
-    model = SimpleNamespace(encoder_chunk=16, chunk_bytes=None)
-
-    def track_many(self, videos, queries, backward_tracking, return_probs):
+    def track_many(self, videos, queries, backward_tracking, return_probs, encoder_chunk, chunk_bytes):
         out = []
         for video, q in zip(videos, queries):
             tracks = q[None, :, 1:].expand(len(video), -1, 2).clone()  # (T, N, 2)
@@ -66,7 +63,8 @@ def test_pipeline_reproduces_the_research_labels_and_points(merge_ratio, num_ite
     h, w = fx["image_hw_nocc"]
     clip = Clip(0, "v", "d", "/v.mp4", frames=torch.zeros(60, 3, h, w, dtype=torch.uint8),
                 cluster_frames=torch.from_numpy(fx["frames_id_dict"]))
-    pipeline = Pipeline(config, lambda frames: tokens, EchoTracker(), torch.device("cpu"), "fp32", None)
+    memory = TrackingMemory(None, config.tracker_resolution)
+    pipeline = Pipeline(config, lambda frames: tokens, EchoTracker(), torch.device("cpu"), memory)
     result = pipeline([clip]).results[0]
     assert result.ok, result.failure
     np.testing.assert_array_equal(result.clusters.labels.numpy(), labels)
