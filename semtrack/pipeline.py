@@ -24,6 +24,7 @@ from semtrack.records import Clip, ClusterView, Failure, Tracks, VideoResult
 from semtrack.runner import StageRunner
 from semtrack.tracking_memory import TrackingMemory
 
+# The Trainer's precision -> the tracker's.
 TRACKER_PRECISION = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp32", "bf16-mixed": "bf16"}
 
 
@@ -37,6 +38,38 @@ class BatchResult:
     tracking_calls: list[tuple[int, int, int]]
 
 
+def tracker_precision(precision: str) -> str:
+    """The tracker's precision ("fp32" | "bf16") for the Trainer's `precision` (`TRACKER_PRECISION`)."""
+    if str(precision) not in TRACKER_PRECISION:
+        raise ValueError(f"precision {precision!r} is not supported; use one of {sorted(TRACKER_PRECISION)}")
+    return TRACKER_PRECISION[str(precision)]
+
+
+def build_models(config: ExtractConfig, device: torch.device, precision: str) -> tuple:
+    """(DINOv2 extractor or None in grid mode, tracker) on `device`, the tracker in `precision` ("fp32" |
+    "bf16"), each from its weights source by the one rule of `semtrack.weights` (`config.dinov2_weights`,
+    `config.tracker_weights`: "official", "random", a path or a URL); a bad source raises `WeightsError`.
+    Each model's `weights_id` says what it loaded."""
+    # Imported here: `import semtrack.pipeline` stays free of timm until a job builds its models.
+    from semtrack.features import DinoV2Extractor
+    from semtrack.tracker import load_tracker
+
+    features = None
+    if not config.use_grid:
+        features = DinoV2Extractor(config.dinov2_model, checkpoint=config.dinov2_weights,
+                                   preprocess=config.dinov2_preprocess).to(device)
+    tracker = load_tracker(config.tracker_weights, device=device, precision=precision,
+                           interp_shape=config.tracker_resolution)
+    return features, tracker
+
+
+def set_matmul_precision(choice: str) -> None:
+    """Process-wide: fp32 matmuls and convolutions on GPUs strict ("highest") or in TF32 ("high"), the
+    `matmul_precision` option. Every process that runs a pipeline calls it once, before the first batch."""
+    torch.set_float32_matmul_precision(choice)
+    torch.backends.cudnn.allow_tf32 = choice != "highest"
+
+
 class Pipeline:
     """features -> clustering -> points -> tracking for batches of clips (see the module docstring).
 
@@ -48,6 +81,21 @@ class Pipeline:
     def __init__(self, config: ExtractConfig, features, tracker, device: torch.device, memory: TrackingMemory):
         self.config, self.features, self.tracker = config, features, tracker
         self.device, self.memory = device, memory
+
+    @classmethod
+    def build(cls, config: ExtractConfig, device: torch.device, precision: str = "32-true") -> Pipeline:
+        """The job's pipeline on `device` for the Trainer's `precision` ("32-true", "bf16-mixed", ...):
+        the models (`build_models`) and the tracking-memory policy, given what the models hold on a GPU.
+        Sets no process-wide state (the TF32 switch is `set_matmul_precision`)."""
+        precision = tracker_precision(precision)
+        features, tracker = build_models(config, device, precision)
+        model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        return cls(config, features, tracker, device, TrackingMemory.plan(config, device, precision, model_bytes))
+
+    def weights_ids(self) -> dict[str, str | None]:
+        """What the models loaded: {"tracker": id, "dinov2": id or None in grid mode} (see `weights_id`)."""
+        return {"tracker": self.tracker.weights_id,
+                "dinov2": None if self.features is None else self.features.weights_id}
 
     # ------------------------------------------------------------------ the batch
     def __call__(self, clips: Sequence[Clip]) -> BatchResult:

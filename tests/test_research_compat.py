@@ -11,7 +11,6 @@ import torch
 from _shared import shared_path
 from semtrack.cli import main, parse_flat
 from semtrack.config import RESEARCH_PRESET, ExtractConfig
-from semtrack.module import SemanticTracker
 from semtrack.pipeline import Pipeline
 from semtrack.records import Clip
 from semtrack.trackfile import load_tracks
@@ -31,11 +30,10 @@ def test_dinov2_inputs_are_the_research_inputs():
     """The extractor the job builds under --research_compat turns the official fixture frames into
     exactly the official model's inputs (PIL bilinear resize, ImageNet normalisation)."""
     fixture = np.load(shared_path("dinov2", "features_vitb14.npz"))
-    module = SemanticTracker(parse_flat(["--research_compat", "--weights", "random", "--tracker_resolution",
-                                         "64", "96"])[0])
-    module.configure_model()
+    config = parse_flat(["--research_compat", "--weights", "random", "--tracker_resolution", "64", "96"])[0]
+    pipeline = Pipeline.build(config, torch.device("cpu"))
     frames = torch.from_numpy(fixture["frames"]).permute(0, 3, 1, 2)  # (4, 3, 480, 854) uint8
-    assert torch.equal(module.features.preprocess_frames(frames), torch.from_numpy(fixture["inputs"]))
+    assert torch.equal(pipeline.features.preprocess_frames(frames), torch.from_numpy(fixture["inputs"]))
 
 
 class EchoTracker:

@@ -58,6 +58,7 @@ class OfflineTracker(nn.Module):
     interp_shape: (H, W), multiples of 4, the frames are resized to; default the model resolution
     (384, 512). Other sizes leave the official configuration (the motion features keep their
     384x512 constants), so outputs then differ from the official predictor's.
+    weights_id: what the model's weights are (`weights.resolve_weights`: "hub:...", "file:<path>", ...).
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class OfflineTracker(nn.Module):
         vis_threshold: float = 0.9,
         precision: str = "fp32",
         interp_shape: tuple[int, int] | None = None,
+        weights_id: str | None = None,
     ):
         super().__init__()
         if precision not in PRECISIONS:
@@ -78,6 +80,7 @@ class OfflineTracker(nn.Module):
         self.support_grid_size = support_grid_size
         self.vis_threshold = vis_threshold
         self.precision = precision
+        self.weights_id = weights_id
 
     # ----------------------------------------------------------------------------- helpers
     def grid_points(self, size: int) -> torch.Tensor:

@@ -91,7 +91,6 @@ def load_tracker(
     precision, interp_shape: see `OfflineTracker`.
     """
     state, weights_id = resolve_weights(weights)
-    tracker = OfflineTracker(precision=precision, interp_shape=interp_shape)
+    tracker = OfflineTracker(precision=precision, interp_shape=interp_shape, weights_id=weights_id)
     load_strict(tracker.model, state, COTRACKER3, weights_id.split(":", 1)[-1])
-    tracker.weights_id = weights_id
     return tracker.to(device if device is not None else "cpu").eval()
