@@ -20,7 +20,9 @@ Sections (`SECTIONS`, a registry: `@section(name, rows)` adds one; each takes th
 arguments and returns its part of the JSON, and `rows` turns that part into table rows):
 
 * `decode`: `semtrack.video.decode_video` per decoder (`auto`, `decord`, `pyav`) inside a DataLoader
-  worker (one decoder thread, as in the job), each video once untimed, then `--repeats` times.
+  worker (one decoder thread, as in the job), each video once untimed, then `--repeats` times; and
+  `floor`: the codec alone decoding every packet (non-reference frames skipped, no RGB conversion,
+  its `frames` are the frames it decoded), what no exact decode of a one-keyframe clip goes below.
 * `transfer`: moving a decoded clip into shared memory (`Tensor.share_memory_`, what a worker's
   queue pickler does to every tensor it hands to the main process), in a DataLoader worker.
 * `writer`: what the writer does per video, in this process: the pickle (`dumps_tracks` of
@@ -258,6 +260,23 @@ def _time_decode(path: str, plan: FramePlan, decoder: str, repeats: int) -> dict
             "ms": _median_ms(times), "times_ms": [round(1000 * t, 3) for t in times]}
 
 
+def _time_codec_floor(path: str, repeats: int) -> dict:
+    """The H.264/VP9 decoder's own CPU (PyAV, one thread): every packet sent with `skip_frame = NONREF`
+    (what the PyAV path does with frames it does not select), nothing converted to RGB. Decoding is
+    exact only if every reference frame up to the last selected one is decoded, so for a clip with one
+    keyframe this is (slightly above, as it decodes to the end) the floor of any exact decode."""
+    def decode() -> int:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            stream.codec_context.skip_frame = "NONREF"
+            return sum(1 for _ in container.decode(stream))
+
+    frames = decode()
+    return {"video": Path(path).name, "decoder": "floor", "error": None, "frames": frames,
+            **_cpu_ms(decode, repeats)}
+
+
 def _decode_rows(part: dict) -> list[Row]:
     return [("decode", name, decoder, s["median_ms"], f"mean {s['mean_ms']:.1f}, {s['videos']} videos, "
              f"median {s['median_frames']:g} frames")
@@ -275,6 +294,7 @@ def decode_section(sets: dict[str, Path], args: argparse.Namespace) -> dict:
         failed = [f"{r['video']} ({d}): {r['error']}" for d, rs in per_decoder.items() for r in rs if r["error"]]
         if failed:
             raise RuntimeError(f"set {name}: decoding failed: {'; '.join(failed)}")
+        per_decoder["floor"] = in_worker(_time_codec_floor, [(path, args.repeats) for path, _ in plans])
         out[name] = {"summary": {d: summarise(rs) for d, rs in per_decoder.items()}, "videos": per_decoder}
     return out
 
