@@ -21,8 +21,9 @@ arguments and returns its part of the JSON, and `rows` turns that part into tabl
 
 * `decode`: `semtrack.video.decode_video` per decoder (`auto`, `decord`, `pyav`) inside a DataLoader
   worker (one decoder thread, as in the job), each video once untimed, then `--repeats` times; and
-  `floor`: the codec alone decoding every packet (non-reference frames skipped, no RGB conversion,
-  its `frames` are the frames it decoded), what no exact decode of a one-keyframe clip goes below.
+  `floor`: the codec alone decoding the reference frames (non-reference ones skipped, no RGB
+  conversion; its `frames` are the frames it decoded): about what no exact decode of a one-keyframe
+  clip goes below.
 * `transfer`: moving a decoded clip into shared memory (`Tensor.share_memory_`, what a worker's
   queue pickler does to every tensor it hands to the main process), in a DataLoader worker.
 * `writer`: what the writer does per video, in this process: the pickle (`dumps_tracks` of
@@ -261,10 +262,11 @@ def _time_decode(path: str, plan: FramePlan, decoder: str, repeats: int) -> dict
 
 
 def _time_codec_floor(path: str, repeats: int) -> dict:
-    """The H.264/VP9 decoder's own CPU (PyAV, one thread): every packet sent with `skip_frame = NONREF`
-    (what the PyAV path does with frames it does not select), nothing converted to RGB. Decoding is
-    exact only if every reference frame up to the last selected one is decoded, so for a clip with one
-    keyframe this is (slightly above, as it decodes to the end) the floor of any exact decode."""
+    """The codec's own CPU (PyAV, one thread) for the reference frames alone: every packet sent with
+    `skip_frame = NONREF`, nothing converted to RGB. An exact decode of a clip with one keyframe
+    decodes at least every reference frame up to its last selected one (and the selected
+    non-reference frames), so this is about its floor (above it only by the frames after the last
+    selected one)."""
     def decode() -> int:
         with av.open(path) as container:
             stream = container.streams.video[0]
