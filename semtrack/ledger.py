@@ -12,8 +12,10 @@ line, which readers skip. Records (`kind`):
   skipped (this process's), output_format, make_vis, semtrack_version.
 * `video`: run, rank, row, dataset, video_id, status (`done` | `failed`), time; done: frames T,
   points N, outputs {"pickle": {bytes, sha256}, "gif": {bytes}} (tar shards: also shard, member,
-  offset, shard_bytes); failed: stage, reason, video_path. `adopted: true` marks a pickle found
-  valid on disk without a record (written by an older semtrack).
+  offset, shard_bytes), stats {name: number or None} (`semtrack.trackstats`); failed: stage, reason,
+  video_path. `adopted: true` marks a pickle found valid on disk without a record (written by an older
+  semtrack); `restated: true` a done record repeated with the `stats` that `semtrack-report
+  --verify_outputs` computed from its pickle (not counted in any run's figures).
 * `end`: run, rank, time, status (`complete` | `stopped` | `failed`), reason, done, failed,
   stage_totals {stage: [seconds, videos]}, wall_s, data_wait_s, points_dropped, startup_s.
 
@@ -36,6 +38,7 @@ from typing import Container, Iterable, Iterator, Sequence
 
 from semtrack.layout import OutputLayout
 from semtrack.trackfile import TrackFileError, loads_tracks
+from semtrack.trackstats import file_stats
 
 DONE, FAILED = "done", "failed"
 
@@ -64,13 +67,16 @@ def output_entry(data: bytes) -> dict:
 
 
 def done_record(row: int, dataset: str, video_id: str, frames: int, points: int, outputs: dict | None = None,
-                **extra) -> dict:
+                stats: dict | None = None, **extra) -> dict:
     """A `video` record of a done row: T `frames`, N `points`, its `outputs` (filled in by the output
-    sink when None); `extra` e.g. `adopted=True`."""
+    sink when None), its track statistics `stats` (`semtrack.trackstats`; left out when None); `extra`
+    e.g. `adopted=True`."""
     record = {"kind": "video", "row": row, "dataset": dataset, "video_id": video_id, "status": DONE,
               "frames": frames, "points": points}
     if outputs is not None:
         record["outputs"] = outputs
+    if stats is not None:
+        record["stats"] = stats
     return {**record, **extra}
 
 
@@ -269,8 +275,8 @@ class DoneRule:
         return output_entry(data)["sha256"] == record["outputs"]["pickle"].get("sha256")
 
     def adopt(self, row) -> dict | None:
-        """A `done` record for a row with no record whose pickle (and GIF, if wanted) exists and whose
-        pickle validates with `loads_tracks`; else None."""
+        """A `done` record (with its `stats`) for a row with no record whose pickle (and GIF, if wanted)
+        exists and whose pickle validates with `loads_tracks`; else None."""
         path = self.layout.pickle(row.dataset, row.video_id)
         gif_size = self._size(self.layout.gif(row.dataset, row.video_id)) if self.want_gif else None
         if self._size(path) is None or (self.want_gif and gif_size is None):
@@ -284,4 +290,4 @@ class DoneRule:
         if self.want_gif:
             outputs["gif"] = {"bytes": gif_size}
         return done_record(row.index, row.dataset, row.video_id, tracks.num_frames, tracks.num_points, outputs,
-                           adopted=True)
+                           stats=file_stats(tracks), adopted=True)
