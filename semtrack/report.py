@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     records = read_records(layout)
-    table = StatsTable.of(latest_videos(records))
+    latest = latest_videos(records)
+    table = StatsTable.of(latest)
     if args.verify_outputs and table.missing:
         try:
             restated, problems = restate(layout, table.missing)
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no statistics for {line}", file=sys.stderr)
         print(f"semtrack: statistics computed from the pickles of {len(restated)} done video(s)", file=sys.stderr)
         records += restated
-        table = StatsTable.of(latest_videos(records))
+        latest = latest_videos(records)
+        table = StatsTable.of(latest)
     try:
         selected = table.where(args.where) if args.where is not None else None
     except FilterError as exc:
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = report["last_run"]["errors"] if report["last_run"] else []
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
-    survey = build_survey(report, latest_videos(records), table) if args.json or args.html is not None else None
+    survey = build_survey(report, latest, table) if args.json or args.html is not None else None
     if args.html is not None:
         page = Path(args.html) if args.html else layout.root / REPORT_HTML
         try:

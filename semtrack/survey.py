@@ -13,7 +13,6 @@ a rule. A video without statistics, or whose statistic is None, matches no condi
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import time
@@ -32,7 +31,7 @@ HISTOGRAM_BINS = 30
 EXTREME_SHARE = 0.01  # each statistic's extreme 1 % (of the done videos with statistics)
 LISTED = 10  # videos listed per rule and per extreme (the page and --json); --where lists them all
 GALLERY = 48  # videos in the gallery, at most
-GALLERY_FLAGGED = 24  # of which flagged by a rule or an extreme, at most (the rest: a deterministic sample)
+GALLERY_FLAGGED = 24  # of which flagged by a rule or an extreme, at most (the rest: an evenly spaced sample)
 MISSING_NOTE = "no statistics; rerun with --verify_outputs to compute them"
 
 # rule -> its filter: the kinds of bad video the statistics are there to find
@@ -100,11 +99,10 @@ class StatsTable:
                 records.append(record)
             else:
                 missing.append(record)
-        columns = {}
-        for name in STATS:
-            values = [r["stats"].get(name) for r in records]
-            columns[name] = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
-        return cls(keys, records, columns, missing)
+        names = list(STATS)
+        matrix = np.array([list(map(r["stats"].get, names)) for r in records], dtype=np.float64)  # None: NaN
+        matrix = matrix.reshape(len(records), len(names))
+        return cls(keys, records, {name: matrix[:, k].copy() for k, name in enumerate(names)}, missing)
 
     def mask(self, conditions: list[tuple[str, str, float]]) -> np.ndarray:
         """(V,) bool: the videos meeting every condition (NaN meets none)."""
@@ -180,14 +178,10 @@ def _flagged(table: StatsTable) -> dict[str, np.ndarray]:
     return out
 
 
-def _sample_order(keys: list[tuple[str, str]]) -> list[int]:
-    """A deterministic shuffle of the videos: by the SHA-1 of `dataset/video_id`."""
-    return sorted(range(len(keys)), key=lambda i: hashlib.sha1(f"{keys[i][0]}/{keys[i][1]}".encode()).digest())
-
-
 def gallery_pick(table: StatsTable, flagged: dict[str, np.ndarray], extremes: dict[str, dict]) -> list[dict]:
     """Up to GALLERY videos: up to GALLERY_FLAGGED flagged ones (rules then extremes, round robin, the
-    worst of each first), then a deterministic sample of the rest. -> [{dataset, video_id, why}]."""
+    worst of each first), then a sample of the rest: GALLERY videos evenly spaced in (dataset,
+    video_id) order, those not chosen already. -> [{dataset, video_id, why}]."""
     index = {key: i for i, key in enumerate(table.keys)}
     queues = [(rule, [int(i) for i in found]) for rule, found in flagged.items()]
     queues += [(f"{name} {tail}", [index[(v["dataset"], v["video_id"])] for v in e["videos"]])
@@ -199,10 +193,11 @@ def gallery_pick(table: StatsTable, flagged: dict[str, np.ndarray], extremes: di
             if depth < len(queue) and queue[depth] not in chosen and len(chosen) < GALLERY_FLAGGED:
                 chosen[queue[depth]] = why
         depth += 1
-    for i in _sample_order(table.keys):
+    spread = np.unique(np.linspace(0, len(table.keys) - 1, GALLERY).round().astype(np.int64)) if table.keys else []
+    for i in spread:  # evenly spaced in (dataset, video_id) order
         if len(chosen) >= GALLERY:
             break
-        chosen.setdefault(i, "sample")
+        chosen.setdefault(int(i), "sample")
     return [{**_entry(table, i), "why": why} for i, why in chosen.items()]
 
 
