@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.json or selected is not None  # stdout is for the JSON or the ids
     print(format_report(report), file=sys.stderr if quiet else sys.stdout)
     if table.missing:
-        print(f"  statistics: {len(table.missing)} done video(s) have {MISSING_NOTE}",
+        print(f"  statistics: {len(table.missing)} done video(s) have {MISSING_NOTE} "
+              f"(semtrack-report {layout.root} --verify_outputs)",
               file=sys.stderr if quiet else sys.stdout)
     errors = report["last_run"]["errors"] if report["last_run"] else []
     for line in errors:

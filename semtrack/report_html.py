@@ -22,22 +22,22 @@ from PIL import Image, ImageDraw
 from semtrack.gif import entity_colours, fitted_size, resize_frames, scale_points
 from semtrack.layout import OutputLayout
 from semtrack.ledger import output_file, read_output
-from semtrack.survey import LISTED
+from semtrack.survey import EXTREME_MIN_VIDEOS, LISTED
 from semtrack.trackfile import TrackFileError, loads_tracks
 from semtrack.trackstats import STATS
 from semtrack.video import TrackedFramePlan, decode_video
 
 PREVIEW_WIDTH = 320  # px: gallery previews are scaled down to at most this wide
-SVG_W, SVG_H, SVG_PAD = 300, 120, 18  # px: one histogram
+SVG_W, SVG_H, SVG_PAD = 220, 90, 14  # px: one histogram
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1250px}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left}
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
-.card{border:1px solid #ddd;padding:6px;border-radius:4px}.card p{margin:2px 0;font-size:12px;color:#555}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:10px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(232px,1fr));gap:8px}
+.card{border:1px solid #ddd;padding:5px;border-radius:4px}.card p{margin:1px 0;font-size:11px;color:#555}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(240px,1fr));gap:10px;align-items:start}
 .gallery img{width:100%;height:auto;background:#eee}.why{color:#a00}.note{color:#a60}
 svg rect.bar{fill:#4a7bd0}svg text{font-size:10px;fill:#444}
 """
@@ -71,7 +71,7 @@ def histogram_svg(summary: dict) -> str:
                     f'{_fmt(edges[k + 1])}): {c}</title></rect>')
     labels = (f'<text x="{SVG_PAD}" y="{SVG_H - 4}">{_e(_fmt(edges[0]))}</text>'
               f'<text x="{SVG_W - SVG_PAD}" y="{SVG_H - 4}" text-anchor="end">{_e(_fmt(edges[-1]))}</text>'
-              f'<text x="{SVG_PAD}" y="{SVG_PAD - 6}">{top} videos</text>')
+              f'<text x="{SVG_PAD}" y="{SVG_PAD - 4}">tallest bar: {top} videos</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_W}" height="{SVG_H}" role="img">'
             + "".join(bars) + labels + "</svg>")
 
@@ -176,8 +176,8 @@ def _outliers(survey: dict, links: _Links) -> str:
             key = (v["dataset"], v["video_id"])
             rows.append(f"<tr><td>{_e(title)}</td><td class=n>{group['count']}</td><td>{_e(v['dataset'])}/"
                         f"{_e(v['video_id'])}</td><td class=n>{_e(_fmt(v.get('value')))}</td>{links.cells(key)}</tr>")
-    head = ("<h2>Outliers</h2><p>Each rule's videos (worst first) and each statistic's extreme 1 %; "
-            f"at most {LISTED} listed per group; "
+    head = ("<h2>Outliers</h2><p>Each rule's videos (worst first) and each statistic's extreme 1 % (given at "
+            f"least {EXTREME_MIN_VIDEOS} videos); at most {LISTED} listed per group; "
             "<code>semtrack-report OUT_DIR --where RULE</code> lists them all.</p>")
     return head + (_table(["group", "videos in group", "video", "value", "pickle", "GIF"], rows) if rows
                    else "<p>none</p>")

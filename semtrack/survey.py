@@ -29,6 +29,7 @@ from semtrack.util import one_line
 
 HISTOGRAM_BINS = 30
 EXTREME_SHARE = 0.01  # each statistic's extreme 1 % (of the done videos with statistics)
+EXTREME_MIN_VIDEOS = 100  # fewer videos with a statistic than this: it has no extreme 1 %
 LISTED = 10  # videos listed per rule and per extreme (the page and --json); --where lists them all
 GALLERY = 48  # videos in the gallery, at most
 GALLERY_FLAGGED = 24  # of which flagged by a rule or an extreme, at most (the rest: an evenly spaced sample)
@@ -149,10 +150,11 @@ def _summary(values: np.ndarray, description: str) -> dict:
 
 def _extremes(table: StatsTable, name: str, tail: str) -> dict:
     """The ceil(1 %) lowest (tail "low") or highest ("high") values of statistic `name`, not counting
-    values equal to the median: their count, the threshold and the LISTED most extreme."""
+    values equal to the median: their count, the threshold and the LISTED most extreme. None of
+    them under EXTREME_MIN_VIDEOS videos."""
     values = table.columns[name]
     valid = np.flatnonzero(~np.isnan(values))
-    if not valid.size:
+    if valid.size < EXTREME_MIN_VIDEOS:
         return {"count": 0, "threshold": None, "videos": []}
     k = math.ceil(EXTREME_SHARE * valid.size)
     median = np.median(values[valid])
