@@ -1,12 +1,12 @@
 """`semtrack-report OUT_DIR --html [PATH]`: the folder's survey (`semtrack.survey.build_survey`) as one
-self-contained HTML page: inline CSS, histograms as inline SVG, gallery previews embedded as PNG
+self-contained HTML page: inline CSS, histograms as inline SVG, gallery previews embedded as JPEG
 data URIs, and relative links to the folder's pickles and GIFs; nothing is fetched from a network.
 
 Sections: counts; failures by stage and reason; a histogram of every statistic; the rules and each
 statistic's extreme 1 % with links to each video's pickle and GIF; a gallery of up to 48 videos
 (its GIF when the folder has one as a file, else the first tracked frame with every track drawn on
 it, rendered from the pickle and the video); the runs. Histograms are plain SVG rectangles: no
-plotting library, no image encoder.
+plotting library; previews are encoded by PIL.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from semtrack.trackstats import STATS
 from semtrack.video import TrackedFramePlan, decode_video
 
 PREVIEW_WIDTH = 320  # px: gallery previews are scaled down to at most this wide
+PREVIEW_QUALITY = 85  # JPEG quality of the previews: ~20 kB each, so 48 keep the page small (PNG: ~110 kB)
 SVG_W, SVG_H, SVG_PAD = 220, 90, 14  # px: one histogram
 
 _CSS = """
@@ -76,9 +77,10 @@ def histogram_svg(summary: dict) -> str:
             + "".join(bars) + labels + "</svg>")
 
 
-def preview_png(layout: OutputLayout, record: dict, max_width: int = PREVIEW_WIDTH) -> bytes:
+def preview_jpeg(layout: OutputLayout, record: dict, max_width: int = PREVIEW_WIDTH) -> bytes:
     """The first tracked frame of a done video with every track drawn on it (its visible positions
-    joined, in its entity's colour; a dot at its query position), PNG, at most `max_width` px wide.
+    joined, in its entity's colour; a dot at its query position), JPEG (quality PREVIEW_QUALITY), at
+    most `max_width` px wide.
     Read from the video's pickle and the video it records (`meta["video_path"]`). Raises OSError,
     TrackFileError or ValueError (the video cannot be decoded)."""
     tf = loads_tracks(read_output(layout, record, "pickle"), record["video_id"])
@@ -107,7 +109,7 @@ def preview_png(layout: OutputLayout, record: dict, max_width: int = PREVIEW_WID
         x, y = tracks[int(tf.query_frames[j]), j]
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
     out = io.BytesIO()
-    image.save(out, format="PNG", optimize=True)
+    image.save(out, format="JPEG", quality=PREVIEW_QUALITY)
     return out.getvalue()
 
 
@@ -192,8 +194,8 @@ def _gallery(survey: dict, links: _Links, previews: bool) -> str:
             image = f'<img loading="lazy" src="{_e(links.href(gif))}" alt="GIF of {_e(g["video_id"])}">'
         elif previews:
             try:
-                data = base64.b64encode(preview_png(links.layout, links.records[key])).decode("ascii")
-                image = f'<img src="data:image/png;base64,{data}" alt="first frame of {_e(g["video_id"])}">'
+                data = base64.b64encode(preview_jpeg(links.layout, links.records[key])).decode("ascii")
+                image = f'<img src="data:image/jpeg;base64,{data}" alt="first frame of {_e(g["video_id"])}">'
             except (OSError, TrackFileError, ValueError, KeyError) as exc:
                 image = f"<p class=note>no preview: {_e(str(exc).splitlines()[0] if str(exc) else repr(exc))}</p>"
         else:

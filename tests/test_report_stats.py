@@ -141,13 +141,13 @@ class Page(HTMLParser):
 
 
 def check_page(page: Path) -> list[str]:
-    """Parse the page; every link must point to an existing file (data URIs must hold a PNG) -> the links."""
+    """Parse the page; every link must point to an existing file (data URIs must hold a JPEG) -> the links."""
     parser = Page()
     parser.feed(page.read_text(encoding="utf-8"))
     parser.close()
     assert not parser.errors and parser.open == [], (parser.errors, parser.open)
     for link in parser.links:
-        if link.startswith("data:image/png;base64,"):
+        if link.startswith("data:image/jpeg;base64,"):
             Image.open(io.BytesIO(base64.b64decode(link.split(",", 1)[1]))).verify()
         else:
             assert "://" not in link and (page.parent / unquote(link)).is_file(), link
@@ -158,7 +158,7 @@ def test_the_html_page_parses_and_every_link_points_to_a_file(old_folder, tmp_pa
     assert main([str(old_folder.root), "--verify_outputs", "--html"]) == 1  # the failed video
     links = check_page(old_folder.root / "report.html")
     assert "d/gif_dump/a.gif" in links and "d/feat_dump/b.pkl" in links
-    assert sum(link.startswith("data:image/png") for link in links) == 2  # b and c: previews from pickle + video
+    assert sum(link.startswith("data:image/jpeg") for link in links) == 2  # b and c: previews from pickle + video
     elsewhere = tmp_path / "pages" / "r.html"
     elsewhere.parent.mkdir()
     main([str(old_folder.root), "--html", str(elsewhere)])
