@@ -4,7 +4,7 @@ statistic's extreme 1 %, a gallery pick, and the `--where` filter; `restate` fil
 an older ledger lacks from the pickles.
 
     table = StatsTable.of(latest_videos(records))    # done videos: columns of numbers
-    survey = build_survey(report, table)              # a JSON-able dict (semtrack-report --json)
+    survey = build_survey(report, latest, table)      # a JSON-able dict (semtrack-report --json)
     keys = table.where("visible<0.1 and points>=8")   # [(dataset, video_id)]
 
 Filter syntax (`--where`, and `RULES`): conditions joined by `and` (or `,`), all of which must hold;
@@ -34,6 +34,7 @@ LISTED = 10  # videos listed per rule and per extreme (the page and --json); --w
 GALLERY = 48  # videos in the gallery, at most
 GALLERY_FLAGGED = 24  # of which flagged by a rule or an extreme, at most (the rest: an evenly spaced sample)
 MISSING_NOTE = "no statistics; rerun with --verify_outputs to compute them"
+RESTATE_BATCH = 1000  # restated records appended (and fsynced) together
 
 # rule -> its filter: the kinds of bad video the statistics are there to find
 RULES: dict[str, str] = {
@@ -239,9 +240,11 @@ def build_survey(report: dict, latest: dict[tuple[str, str], dict], table: Stats
 def restate(layout: OutputLayout, missing: list[dict]) -> tuple[list[dict], list[str]]:
     """Compute the statistics of done videos whose records have none (`missing`) from their pickles
     (read and validated; the SHA-256 must match the record's) and append each record again with them
-    (`restated: true`, a new time) to a ledger file of its own. -> (the new records, one line per
-    video that could not be read). Raises OSError when the ledger cannot be written."""
-    records, problems = [], []
+    (`restated: true`, a new time) to a ledger file of its own, RESTATE_BATCH at a time (an
+    interrupted pass keeps what it appended). -> (the new records, one line per video that could not
+    be read). Raises OSError when the ledger cannot be written."""
+    part = LedgerPart(layout.ledger_part(f"restated-{new_run_id()}", 0))
+    records, problems, appended = [], [], 0
     for record in missing:
         try:
             data = read_output(layout, record, "pickle")
@@ -253,6 +256,8 @@ def restate(layout: OutputLayout, missing: list[dict]) -> tuple[list[dict], list
             problems.append(f"{record['dataset']}/{record['video_id']}: {one_line(exc)}")
             continue
         records.append({**record, "stats": stats, "restated": True, "time": time.time()})
-    if records:
-        LedgerPart(layout.ledger_part(f"restated-{new_run_id()}", 0)).append(records)
+        if len(records) - appended >= RESTATE_BATCH:
+            part.append(records[appended:])
+            appended = len(records)
+    part.append(records[appended:])
     return records, problems

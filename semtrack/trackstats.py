@@ -40,7 +40,6 @@ STATS: dict[str, str] = {
     "step_s": "compute seconds of the video's batch (features to tracking) / its videos [s]",
     "wait_s": "seconds the step waited for the batch's decoded videos / its videos [s]",
 }
-TIMING_STATS = ("step_s", "wait_s")
 
 
 def _round(value: float) -> float:
