@@ -21,7 +21,8 @@ line, which readers skip. Records (`kind`):
 
 A video's state is its latest record (by time). A row is done when that record is `done` and
 every output this run asks for (the pickle, and the GIF under --make_vis) is listed there and still
-has the recorded size on disk (one `stat`); `verify=True` also re-reads and validates the pickle.
+has the recorded size on disk (one `stat`); `verify=True` also re-reads and validates the pickle (and
+restates a record without statistics with those of its pickle).
 """
 from __future__ import annotations
 
@@ -212,7 +213,8 @@ def read_output(layout: OutputLayout, record: dict, kind: str) -> bytes:
 @dataclass
 class ResumePlan:
     """One process's share of a run: `pending` row indices to process, `skipped` rows already done,
-    `adopted` records for valid pickles found without a record (to append to the ledger)."""
+    `adopted` records to append to the ledger: for valid pickles found without a record, and (when
+    verifying) done records without statistics repeated with those of their pickles (`restated`)."""
 
     pending: list[int] = field(default_factory=list)
     skipped: int = 0
@@ -226,10 +228,11 @@ class DoneRule:
     def __init__(self, layout: OutputLayout, latest: dict[tuple[str, str], dict], want_gif: bool, verify: bool):
         self.layout, self.latest, self.want_gif, self.verify = layout, latest, want_gif, verify
         self._sizes: dict[Path, int | None] = {}
+        self.restated: list[dict] = []  # verified done records that had no statistics, with them
 
     def plan(self, rows: Iterable, rerun: bool = False) -> ResumePlan:
         """`rows`: objects with `index`, `dataset`, `video_id`."""
-        plan = ResumePlan()
+        plan, self.restated = ResumePlan(), []
         for row in rows:
             if rerun:
                 plan.pending.append(row.index)
@@ -246,6 +249,7 @@ class DoneRule:
                 plan.skipped += 1
             else:
                 plan.pending.append(row.index)
+        plan.adopted += self.restated
         return plan
 
     def is_done(self, record: dict) -> bool:
@@ -269,10 +273,14 @@ class DoneRule:
     def _valid(self, record: dict) -> bool:
         try:
             data = read_output(self.layout, record, "pickle")
-            loads_tracks(data, record["video_id"])
+            tracks = loads_tracks(data, record["video_id"])
         except (OSError, TrackFileError):
             return False
-        return output_entry(data)["sha256"] == record["outputs"]["pickle"].get("sha256")
+        if output_entry(data)["sha256"] != record["outputs"]["pickle"].get("sha256"):
+            return False
+        if not isinstance(record.get("stats"), dict):
+            self.restated.append({**record, "stats": file_stats(tracks), "restated": True})
+        return True
 
     def adopt(self, row) -> dict | None:
         """A `done` record (with its `stats`) for a row with no record whose pickle (and GIF, if wanted)

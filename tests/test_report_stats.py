@@ -8,6 +8,7 @@ import io
 import json
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from semtrack.layout import OutputLayout
-from semtrack.ledger import LedgerPart, done_record, failed_record, output_entry, read_records
+from semtrack.ledger import DoneRule, LedgerPart, done_record, failed_record, latest_videos, output_entry, read_records
 from semtrack.report import main
 from semtrack.survey import FilterError, parse_where
 from semtrack.trackfile import dumps_tracks, load_tracks, save_tracks
@@ -111,6 +112,15 @@ def test_an_old_ledger_reports_and_verify_outputs_fills_the_statistics(old_folde
     assert restated[0]["stats"]["displacement_p95_rel"] == 0.0231  # 9.25 / 400 px, the 240 x 320 clip's diagonal
     assert main([root]) == 1
     assert "no statistics" not in capsys.readouterr().out  # they are in the ledger now
+
+
+def test_a_verifying_resume_restates_the_records_without_statistics(old_folder):
+    """semtrack-extract --verify_outputs reads every done pickle anyway: it fills the statistics in too."""
+    rows = [SimpleNamespace(index=i, dataset="d", video_id=v) for i, v in enumerate("abcx")]
+    plan = DoneRule(old_folder, latest_videos(read_records(old_folder)), want_gif=False, verify=True).plan(rows)
+    assert (plan.pending, plan.skipped) == ([3], 3)
+    assert [(r["video_id"], r["restated"], r["stats"]["visible"]) for r in plan.adopted] == \
+        [("a", True, 0.625), ("b", True, 0.625), ("c", True, 0.625)]
 
 
 def test_where_prints_the_matching_videos(old_folder, capsys):
