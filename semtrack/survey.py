@@ -34,6 +34,8 @@ LISTED = 10  # videos listed per rule and per extreme (the page and --json); --w
 GALLERY = 48  # videos in the gallery, at most
 GALLERY_FLAGGED = 24  # of which flagged by a rule or an extreme, at most (the rest: an evenly spaced sample)
 MISSING_NOTE = "no statistics; rerun with --verify_outputs to compute them"
+REASONS_LISTED = 20  # failure reasons listed per stage, the most frequent first
+OTHER_REASONS = "(other reasons)"
 RESTATE_BATCH = 1000  # restated records appended (and fsynced) together
 
 # rule -> its filter: the kinds of bad video the statistics are there to find
@@ -205,12 +207,20 @@ def gallery_pick(table: StatsTable, flagged: dict[str, np.ndarray], extremes: di
 
 
 def failures_by_stage(latest: dict[tuple[str, str], dict]) -> dict[str, dict[str, int]]:
-    """{stage: {reason: videos}} of the videos whose latest record failed, most frequent reason first."""
+    """{stage: {reason: videos}} of the videos whose latest record failed, most frequent reason first:
+    the REASONS_LISTED most frequent, then `OTHER_REASONS`: the videos of the others (failures.csv
+    lists every one)."""
     by_stage: dict[str, Counter] = defaultdict(Counter)
     for record in latest.values():
         if record["status"] == FAILED:
             by_stage[record.get("stage", "")][record.get("reason", "")] += 1
-    return {stage: dict(c.most_common()) for stage, c in sorted(by_stage.items())}
+    out = {}
+    for stage, counts in sorted(by_stage.items()):
+        ranked = counts.most_common()
+        out[stage] = dict(ranked[:REASONS_LISTED])
+        if len(ranked) > REASONS_LISTED:
+            out[stage][OTHER_REASONS] = sum(n for _, n in ranked[REASONS_LISTED:])
+    return out
 
 
 def build_survey(report: dict, latest: dict[tuple[str, str], dict], table: StatsTable) -> dict:
