@@ -42,8 +42,9 @@ from _device_count import DeviceCounter, cuda_code_paths  # noqa: E402
 from datamodules.video import VideoCSVDataset  # noqa: E402
 from semtrack.config import ExtractConfig  # noqa: E402
 from semtrack.features import DinoV2Extractor  # noqa: E402
-from semtrack.pipeline import Pipeline, chunk_choices, tracking_budget, tune_tracker  # noqa: E402
+from semtrack.pipeline import Pipeline  # noqa: E402
 from semtrack.tracker import load_tracker  # noqa: E402
+from semtrack.tracking_memory import TrackingMemory  # noqa: E402
 
 STAGES = ("features", "clustering", "points", "tracking", "other")
 CUDA = torch.device("cuda")
@@ -64,13 +65,12 @@ def load_clips(config: ExtractConfig, limit: int | None) -> list:
 
 
 def make_pipeline(config: ExtractConfig, models: tuple, device: torch.device) -> Pipeline:
-    """The job's Pipeline on `device`, set up as `SemanticTracker.on_predict_start` does (fp32 tracker;
-    the models' parameter bytes stand for CUDA's allocated memory)."""
+    """The job's Pipeline on `device`, set up as `Pipeline.build` does (fp32 tracker; the models'
+    parameter bytes stand for CUDA's allocated memory)."""
     features, tracker = models
-    tune_tracker(tracker, device)
     model_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
-    budget = tracking_budget(config, device, model_bytes if device.type == "cuda" else 0)
-    return Pipeline(config, features, tracker, device, "fp32", budget, chunk_choices(device))
+    memory = TrackingMemory.plan(config, device, "fp32", model_bytes if device.type == "cuda" else 0)
+    return Pipeline(config, features, tracker, device, memory)
 
 
 def measure(config: ExtractConfig, models: tuple, clips: list, size: int, host_time: bool) -> dict:

@@ -15,6 +15,7 @@ from semtrack.config import ExtractConfig
 from semtrack.features import DinoV2Extractor
 from semtrack.pipeline import Pipeline
 from semtrack.tracker import load_tracker
+from semtrack.tracking_memory import TrackingMemory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLIPS = ("tiny_ssv2.webm", "bear_ssv2.webm")  # two sizes
@@ -39,7 +40,8 @@ def setup(tmp_path_factory, videos_dir):
 def counted_step(setup, size: int, **options) -> tuple[DeviceCounter, list]:
     """The step on the clips in batches of `size`, as on CUDA -> the counter and the results."""
     clips, features, tracker = setup
-    pipeline = Pipeline(ExtractConfig(**SETTINGS, **options), features, tracker, torch.device("cuda"), "fp32", None)
+    config, device = ExtractConfig(**SETTINGS, **options), torch.device("cuda")
+    pipeline = Pipeline(config, features, tracker, device, TrackingMemory.plan(config, device, "fp32", 0))
     counter, results = DeviceCounter(), []
     counter.seed(features, tracker)
     with counter, cuda_code_paths(counter):
