@@ -29,7 +29,7 @@ from pathlib import Path
 import semtrack
 from semtrack.layout import REPORT_HTML, OutputLayout
 from semtrack.ledger import DONE, FAILED, latest_videos, read_records
-from semtrack.pipeline import STAGES
+from semtrack.records import STAGES
 from semtrack.report_html import render_html
 from semtrack.survey import MISSING_NOTE, FilterError, StatsTable, build_survey, restate
 from semtrack.util import one_line, write_text_atomic
@@ -79,7 +79,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
         "counts": {"rows": rows, "done": done, "failed": failed, "skipped": skipped,
                    "pending": max(0, rows - done - failed - skipped)},
         "failures": _sorted_failures(r for r in videos if r["status"] == FAILED),
-        "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in (*STAGES, "write") if totals[s][1]},
+        "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in STAGES if totals[s][1]},
         "data_wait_s": sum(e.get("data_wait_s", 0.0) for e in ends),
         "points_dropped": sum(e.get("points_dropped", 0) for e in ends),
         "startup_s": max((e["startup_s"] for e in ends if e.get("startup_s") is not None), default=None),
