@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Container, Iterable, Iterator, Sequence
 
 from semtrack.layout import OutputLayout
+from semtrack.safeio import open_append
 from semtrack.trackfile import TrackFileError, loads_tracks
 
 DONE, FAILED = "done", "failed"
@@ -98,7 +99,7 @@ class LedgerPart:
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode("ascii")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Opened per call, not held: a folder with no file open for writing can be remounted or unmounted.
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = open_append(self.path)  # never through a link, never a FIFO
         try:
             size = os.fstat(fd).st_size
             try:

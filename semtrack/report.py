@@ -10,7 +10,8 @@ and `videos_per_s` (done videos only; `attempts_per_s` counts failures too). `ru
     semtrack-report OUT_DIR            (also: python -m semtrack.report OUT_DIR)
 
 merges every ledger file of OUT_DIR, rewrites those files and prints the report. Exit status: 0 no
-video of the folder failed, 1 some did (or the files could not be written), 2 no ledger there.
+video of the folder failed, 1 some did (or the files could not be written), 2 not a semtrack output
+folder (neither a semtrack sidecar nor a ledger with a semtrack `start` record: nothing is written).
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import semtrack
-from semtrack.layout import OutputLayout
-from semtrack.ledger import DONE, FAILED, latest_videos, read_records
+from semtrack.layout import LEDGER_DIR, OutputLayout
+from semtrack.ledger import DONE, FAILED, iter_records, latest_videos, read_records
 from semtrack.pipeline import STAGES
-from semtrack.util import one_line, write_text_atomic
+from semtrack.safeio import SIDECAR_MAX, read_text, shown, write_text_atomic
+from semtrack.util import one_line
 from semtrack.webdataset import manifest_csv
 
 FAILURE_COLUMNS = ("row", "video_id", "dataset", "video_path", "stage", "reason")
@@ -190,15 +192,28 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def is_output_folder(layout: OutputLayout) -> bool:
+    """Whether `layout.root` is a semtrack output folder: its sidecar is one semtrack wrote, or one of its
+    ledger files holds a semtrack `start` record."""
+    try:
+        sidecar = json.loads(read_text(layout.sidecar, SIDECAR_MAX))
+        if isinstance(sidecar, dict) and isinstance(sidecar.get("semtrack_version"), str) \
+                and isinstance(sidecar.get("options"), dict):
+            return True
+    except (OSError, ValueError, RecursionError):
+        pass
+    return any(r["kind"] == "start" and isinstance(r.get("semtrack_version"), str) for r in iter_records(layout))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`semtrack-report OUT_DIR`: merge the folder's ledger, rewrite its report files, print the report."""
     parser = argparse.ArgumentParser(prog="semtrack-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>)")
     args = parser.parse_args(argv)
     layout = OutputLayout(args.out_dir)
-    if not layout.ledger_dir.is_dir() or not any(Path(layout.ledger_dir).glob("*.jsonl")):
-        print(f"error: {layout.root} has no ledger ({layout.ledger_dir}/*.jsonl): not a semtrack output folder",
-              file=sys.stderr)
+    if not is_output_folder(layout):
+        print(f"error: {shown(layout.root)} holds neither a semtrack config sidecar ({layout.sidecar.name}) nor a "
+              f"semtrack ledger ({LEDGER_DIR}/*.jsonl): not a semtrack output folder; nothing written", file=sys.stderr)
         return 2
     report = rebuild(layout)
     print(format_report(report))

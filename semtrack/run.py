@@ -52,8 +52,7 @@ from semtrack.sidecar import run_options, write_sidecar
 from semtrack.sinks import OutputSink, open_sink
 from semtrack.stopping import StopRequest
 from semtrack.trackfile import dumps_tracks, tracks_dict
-from semtrack.util import one_line, temporary_path
-from semtrack.webdataset import member_key
+from semtrack.util import one_line
 
 QUEUE_BATCHES = 2  # batches waiting for the writer thread, at most (one more is being written)
 DECODE_WAIT_SHARE = 0.10  # warn when the loop waits longer than this share of its compute for decoded videos
@@ -184,7 +183,7 @@ class Run:
             self.stage_totals[stage][0] += seconds
             self.stage_totals[stage][1] += videos
         max_width = self.job.config.vis_max_width
-        gifs = {i: self._gifs.submit(self._scratch(r), r, max_width) for i, r in enumerate(results)
+        gifs = {i: self._gifs.submit(r, max_width) for i, r in enumerate(results)
                 if r.ok and self._gifs is not None}
         records = []
         for i, result in enumerate(results):
@@ -195,10 +194,6 @@ class Run:
                 records.append(failed_record(clip.row, clip.dataset, clip.video_id, result.failure.stage,
                                              result.failure.reason, clip.video_path))
         self._commit(records)
-
-    def _scratch(self, result: VideoResult):
-        """Where a GIF worker draws this video's GIF: a temporary name in the output folder."""
-        return temporary_path(self.job.layout.root / f"{member_key(result.clip.dataset, result.clip.video_id)}.gif")
 
     def _write(self, result: VideoResult, gif: Future | None) -> list[dict]:
         """Write a tracked video's outputs -> the ledger records now durable (a failure record if

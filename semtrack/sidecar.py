@@ -8,14 +8,14 @@ rather than obeyed.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 
 import semtrack
 from semtrack.config import ExtractConfig
-from semtrack.util import one_line, temporary_path
+from semtrack.safeio import create_temporary, discard_temporary
+from semtrack.util import one_line
 
 DEFAULT_FORMAT = "pickle"  # what a sidecar without an output_format key describes
 
@@ -91,12 +91,13 @@ def write_sidecar(config: ExtractConfig, precision: str) -> Path:
             return path
         check_sidecar(config, precision)  # raises if the folder has outputs
         path.unlink(missing_ok=True)
-    tmp = temporary_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    file, tmp = create_temporary(path)
     try:
-        tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        file.write((json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
         try:
             os.link(tmp, path)
         except FileExistsError:  # another run created it first: it must agree
@@ -107,6 +108,5 @@ def write_sidecar(config: ExtractConfig, precision: str) -> Path:
         except OSError:
             os.replace(tmp, path)  # a filesystem without hard links
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        discard_temporary(file, tmp)
     return path

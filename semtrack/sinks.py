@@ -20,7 +20,7 @@ from typing import Protocol
 
 from semtrack.layout import OutputLayout
 from semtrack.ledger import output_entry
-from semtrack.util import atomic_write
+from semtrack.safeio import write_atomic
 from semtrack.webdataset import TarShards
 
 
@@ -37,7 +37,7 @@ class OutputSink(Protocol):
 
 
 class PickleFiles:
-    """One file per member, written atomically (`semtrack.util.atomic_write`). A video whose members
+    """One file per member, written atomically (`semtrack.safeio.write_atomic`). A video whose members
     could not all be written keeps none of them (nor an older run's files of the same names)."""
 
     format = "pickle"
@@ -53,8 +53,7 @@ class PickleFiles:
         outputs = {}
         try:
             for kind, data in members.items():
-                with atomic_write(self._path(kind, record)) as tmp:
-                    tmp.write_bytes(data)
+                write_atomic(self._path(kind, record), data)
                 outputs[kind] = output_entry(data) if kind == "pickle" else {"bytes": len(data)}
         except BaseException:
             for kind in members:

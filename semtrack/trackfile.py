@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 import semtrack
+from semtrack.safeio import atomic_write
 from semtrack.safepickle import MAX_DEPTH, MAX_ELEMENTS, MAX_VALUES
 from semtrack.safepickle import torch_save_kind as _torch_save_kind
 from semtrack.safepickle import unpickle as _unpickle
-from semtrack.util import atomic_write
 
 REQUIRED_KEYS = ("pred_tracks", "pred_visibility", "obj_ids", "point_queries")
 META_KEY = "semtrack"
@@ -392,7 +392,7 @@ def dumps_tracks(tracks: dict) -> bytes:
 def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
     """Write `dumps_tracks(tracks)` atomically to `path`.
 
-    Through `semtrack.util.atomic_write`: a crash leaves either the old file, the complete new one,
+    Through `semtrack.safeio.atomic_write`: a crash leaves either the old file, the complete new one,
     or no file, never a partial one. Raises ValueError (naming `path`) for a dict that does not match
     the schema, before anything is written.
     """
@@ -401,8 +401,8 @@ def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
         data = dumps_tracks(tracks)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 # ---------------------------------------------------------------------------------------------

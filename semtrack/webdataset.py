@@ -8,7 +8,7 @@ name up to the first dot; video ids may hold dots). `.pkl` holds exactly the byt
 pickle (`semtrack.trackfile.dumps_tracks`), `.json` its dataset, video_id, row, frames T and points N,
 `.gif` the trail GIF (--make_vis).
 
-Crash safety: a shard is written under a temporary name (`semtrack.util.temporary_path`) and renamed
+Crash safety: a shard is written under a temporary name (`semtrack.safeio.create_temporary`) and renamed
 when closed, after `videos_per_tar` videos or at the end of the run; only then are its videos'
 ledger records written. A process killed mid-shard leaves a temporary file (swept by a later run)
 and no record, so those videos are redone. A member whose write fails is cut off again.
@@ -27,7 +27,7 @@ from typing import Iterable
 
 from semtrack.layout import OutputLayout
 from semtrack.ledger import output_entry
-from semtrack.util import _fsync_dir, temporary_path
+from semtrack.safeio import commit_temporary, create_temporary, discard_temporary
 
 MEMBER_ORDER = ("pickle", "json", "gif")  # a sample's members, in the order they are written
 MANIFEST_COLUMNS = ("video_id", "dataset", "shard", "member", "offset", "bytes", "T", "N", "status")
@@ -57,6 +57,7 @@ class TarShards:
         self._seq = 0
         self._file = None
         self._final: Path | None = None
+        self._tmp: Path | None = None
         self._held: list[dict] = []
 
     @property
@@ -66,7 +67,7 @@ class TarShards:
     def _open(self) -> None:
         self._final = self.layout.shards_dir / f"{self.run_id}.r{self.rank}.{self._seq:05d}.tar"
         self._final.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(temporary_path(self._final), "wb", buffering=0)
+        self._file, self._tmp = create_temporary(self._final)
         self._seq += 1
 
     def add(self, record: dict, members: dict[str, bytes]) -> list[dict]:
@@ -103,17 +104,14 @@ class TarShards:
         """Finish the open shard (end-of-archive blocks, fsync, rename) -> its videos' records."""
         if self._file is None:
             return []
-        file, final, held = self._file, self._final, self._held
+        file, tmp, final, held = self._file, self._tmp, self._final, self._held
         self._file, self._held = None, []
         try:
             _write_all(file, _END_OF_ARCHIVE)
-            os.fsync(file.fileno())
-            file.close()
-            os.replace(temporary_path(final), final)
+            commit_temporary(file, tmp, final)
         except OSError:
-            self._discard(file, final)
+            discard_temporary(file, tmp)
             raise
-        _fsync_dir(final.parent)
         size = final.stat().st_size
         for record in held:
             for entry in record["outputs"].values():
@@ -124,17 +122,9 @@ class TarShards:
         """Drop the open shard (after a failed `close`, or to give up) -> the records it held."""
         held, self._held = self._held, []
         if self._file is not None:
-            self._discard(self._file, self._final)
+            discard_temporary(self._file, self._tmp)
             self._file = None
         return held
-
-    @staticmethod
-    def _discard(file, final: Path) -> None:
-        try:
-            file.close()
-        except OSError:
-            pass
-        temporary_path(final).unlink(missing_ok=True)
 
 
 def sample_json(record: dict) -> bytes:
