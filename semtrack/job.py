@@ -24,7 +24,8 @@ class RowPlan:
     """What one process of a run does. `rows`: the run's rows (its shard, all ranks); `assigned`:
     this process's share; `pending`: the row indices of it still to do; `skipped`: done already;
     `adopted`: ledger records for valid pickles found without one; `csv_rows`, `csv_keys`: the
-    CSV's row count and key digest (`semtrack.ledger.csv_keys`); `datasets`: the CSV's datasets."""
+    CSV's row count and key digest (`semtrack.ledger.csv_keys`); `datasets`: the CSV's datasets;
+    `notes`: one line per ledger file or line skipped and per pickle not adopted, and why."""
 
     rows: int
     assigned: int
@@ -34,6 +35,7 @@ class RowPlan:
     csv_keys: str
     adopted: list[dict] = field(default_factory=list)
     datasets: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
 
 
 def assigned_rows(rows: list, shard: Shard, rank: int, world_size: int, debug: bool) -> tuple[list, int]:
@@ -86,11 +88,14 @@ class Job:
         cfg = self.config
         mine, run_rows = assigned_rows(list(rows), self.shard, rank, world_size, cfg.debug_mode)
         rerun = cfg.rerun or cfg.debug_mode
-        latest = {} if rerun else latest_videos(iter_records(self.layout), {(r.dataset, r.video_id) for r in mine})
-        decided = DoneRule(self.layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs).plan(mine, rerun)
+        notes: list[str] = []
+        latest = {} if rerun else latest_videos(iter_records(self.layout, notes),
+                                                {(r.dataset, r.video_id) for r in mine})
+        rule = DoneRule(self.layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs)
+        decided = rule.plan(mine, rerun)
         return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
                        csv_rows=len(rows), csv_keys=csv_keys(rows), adopted=decided.adopted,
-                       datasets=tuple(sorted({r.dataset for r in rows})))
+                       datasets=tuple(sorted({r.dataset for r in rows})), notes=notes + rule.refused)
 
     def settle(self, rows: Sequence, rank: int, world_size: int, local_world_size: int) -> None:
         """Fill in `plan` and `num_workers` for global `rank` of `world_size` processes, `local_world_size`

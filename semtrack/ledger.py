@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,8 +36,19 @@ from pathlib import Path
 from typing import Container, Iterable, Iterator, Sequence
 
 from semtrack.layout import OutputLayout
-from semtrack.safeio import open_append
-from semtrack.trackfile import TrackFileError, loads_tracks
+from semtrack.ledger_schema import parse_record
+from semtrack.safeio import (
+    LEDGER_FILE_MAX,
+    LEDGER_LINE_MAX,
+    UnsafeFile,
+    iter_lines,
+    open_append,
+    open_regular,
+    read_bytes,
+    shown,
+)
+from semtrack.trackfile import MAX_FILE_BYTES, loads_tracks
+from semtrack.util import one_line
 
 DONE, FAILED = "done", "failed"
 
@@ -126,39 +138,34 @@ def fallback_path(run_id: str, rank: int) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def iter_records(layout: OutputLayout) -> Iterator[dict]:
-    """Every record of every ledger file of the folder (files in name order, lines in order); torn
-    or foreign lines are skipped."""
+def iter_records(layout: OutputLayout, problems: list[str] | None = None) -> Iterator[dict]:
+    """Every record of every ledger file of the folder (files in name order, lines in order) that
+    passes the schema (`semtrack.ledger_schema`). Lines that do not (torn, foreign, mistyped, longer
+    than `LEDGER_LINE_MAX`: the rest of that file too) are skipped, and files that cannot be read
+    safely (links, FIFOs, devices, larger than `LEDGER_FILE_MAX`); each adds one line to `problems`
+    ("N unreadable ledger lines in FILE", or why the file was skipped). Never raises for what a ledger file holds."""
     folder = layout.ledger_dir
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.jsonl")):
+        bad = 0
         try:
-            lines = path.read_bytes().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if _well_formed(record):
-                yield record
+            for line in iter_lines(path, LEDGER_LINE_MAX, LEDGER_FILE_MAX):
+                record = None if line is None or not line.strip() else parse_record(line)
+                if record is not None:
+                    yield record
+                elif line is None or line.strip():
+                    bad += 1
+        except (OSError, ValueError) as exc:
+            if problems is not None:
+                problems.append(f"skipped the ledger file {shown(path)}: {one_line(exc)}")
+        if bad and problems is not None:
+            problems.append(f"{bad} unreadable ledger line{'s' if bad > 1 else ''} in {shown(path)}")
 
 
-def read_records(layout: OutputLayout) -> list[dict]:
+def read_records(layout: OutputLayout, problems: list[str] | None = None) -> list[dict]:
     """`iter_records` as a list."""
-    return list(iter_records(layout))
-
-
-_REQUIRED = {"start": ("time",), "end": ("time",), "video": ("time", "row", "dataset", "video_id", "status")}
-
-
-def _well_formed(record) -> bool:
-    """A record of a known kind with the fields readers rely on."""
-    if not isinstance(record, dict) or not isinstance(record.get("run"), str):
-        return False
-    return all(key in record for key in _REQUIRED.get(record.get("kind"), ("-",)))
+    return list(iter_records(layout, problems))
 
 
 def latest_videos(records: Iterable[dict], keys: Container[tuple[str, str]] | None = None
@@ -194,14 +201,36 @@ def output_file(layout: OutputLayout, record: dict, kind: str) -> tuple[Path, in
 
 
 def read_output(layout: OutputLayout, record: dict, kind: str) -> bytes:
-    """The bytes of output `kind` of a done record (a file, or its slice of a tar shard)."""
+    """The bytes of output `kind` of a done record (a file, or its slice of a tar shard), read as
+    `semtrack.safeio` reads (no link, FIFO or device; at most a track file's `MAX_FILE_BYTES`).
+    OSError or ValueError (`UnsafeFile`) naming the file when it cannot be."""
     path, _ = output_file(layout, record, kind)
     entry = record["outputs"][kind]
-    with open(path, "rb") as f:
-        if "shard" in entry:
-            f.seek(entry["offset"])
-            return f.read(entry["bytes"])
-        return f.read()
+    if "shard" not in entry:
+        return read_bytes(path, MAX_FILE_BYTES)
+    return read_slice(path, entry["offset"], entry["bytes"])
+
+
+def read_slice(path: Path, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of the regular file `path` (a tar member), at most `MAX_FILE_BYTES`;
+    UnsafeFile when the file is no regular file or too short to hold them."""
+    if size > MAX_FILE_BYTES:
+        raise UnsafeFile(f"{shown(path)}: a member of {size} bytes, more than a track file holds ({MAX_FILE_BYTES})")
+    fd = open_regular(path, None)
+    try:
+        length = os.fstat(fd).st_size
+        if offset + size > length:
+            raise UnsafeFile(f"{shown(path)}: {length} bytes, too short for a member of {size} bytes at {offset}")
+        chunks, done = [], 0
+        while done < size:
+            chunk = os.pread(fd, min(size - done, 2**24), offset + done)
+            if not chunk:
+                raise UnsafeFile(f"{shown(path)}: cut short at byte {offset + done}")
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -221,6 +250,7 @@ class DoneRule:
     def __init__(self, layout: OutputLayout, latest: dict[tuple[str, str], dict], want_gif: bool, verify: bool):
         self.layout, self.latest, self.want_gif, self.verify = layout, latest, want_gif, verify
         self._sizes: dict[Path, int | None] = {}
+        self.refused: list[str] = []  # one line per pickle found without a record and not adopted, why
 
     def plan(self, rows: Iterable, rerun: bool = False) -> ResumePlan:
         """`rows`: objects with `index`, `dataset`, `video_id`."""
@@ -254,9 +284,11 @@ class DoneRule:
         return not self.verify or self._valid(record)
 
     def _size(self, path: Path) -> int | None:
+        """The size of the regular file `path` (not through a link); None for anything else."""
         if path not in self._sizes:
             try:
-                self._sizes[path] = os.stat(path).st_size
+                info = os.lstat(path)
+                self._sizes[path] = info.st_size if stat.S_ISREG(info.st_mode) else None
             except (OSError, ValueError):
                 self._sizes[path] = None
         return self._sizes[path]
@@ -265,7 +297,7 @@ class DoneRule:
         try:
             data = read_output(self.layout, record, "pickle")
             loads_tracks(data, record["video_id"])
-        except (OSError, TrackFileError):
+        except (OSError, ValueError):  # UnsafeFile, TrackFileError
             return False
         return output_entry(data)["sha256"] == record["outputs"]["pickle"].get("sha256")
 
@@ -275,11 +307,14 @@ class DoneRule:
         path = self.layout.pickle(row.dataset, row.video_id)
         gif_size = self._size(self.layout.gif(row.dataset, row.video_id)) if self.want_gif else None
         if self._size(path) is None or (self.want_gif and gif_size is None):
+            if self._size(path) is None and os.path.lexists(path):
+                self.refused.append(f"{shown(path)}: not a regular file (a link, FIFO or device); not adopted")
             return None
         try:
-            data = path.read_bytes()
+            data = read_bytes(path, MAX_FILE_BYTES)  # a link, FIFO or device is refused before it is read
             tracks = loads_tracks(data, str(path))
-        except (OSError, TrackFileError):
+        except (OSError, ValueError) as exc:  # UnsafeFile, TrackFileError
+            self.refused.append(one_line(exc) if isinstance(exc, OSError) else str(exc))
             return None
         outputs = {"pickle": output_entry(data)}
         if self.want_gif:

@@ -138,8 +138,10 @@ def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] |
     """Read the ledger, build the report and write its files -> the report. `errors` (one line each:
     what the run could not write) go into `last_run.errors`; a report file that cannot be written
     adds its line there too (in the returned report only)."""
-    records = read_records(layout)
+    problems: list[str] = []
+    records = read_records(layout, problems)
     report = build_report(layout, records, run_id)
+    report["ledger_problems"] = problems
     if report["last_run"] is not None:
         report["last_run"]["errors"] = list(errors or ())
     try:
@@ -188,7 +190,8 @@ def format_report(report: dict) -> str:
               for f in failures[:MAX_PRINTED_FAILURES]]
     if len(failures) > MAX_PRINTED_FAILURES:
         lines.append(f"  ... and {len(failures) - MAX_PRINTED_FAILURES} more failures in failures.csv")
-    lines.append(f"  outputs: {report['output_dir']}")
+    lines += [f"  warning: {line}" for line in report.get("ledger_problems", ())[:MAX_PRINTED_FAILURES]]
+    lines.append(f"  outputs: {shown(report['output_dir'])}")
     return "\n".join(lines)
 
 

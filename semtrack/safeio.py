@@ -24,13 +24,12 @@ from typing import BinaryIO, Iterator
 
 from semtrack.util import HOST_TAG_CHARS, host_tag
 
-# Caps in bytes, per kind of file the folder holds.
+# Caps in bytes, per kind of file the folder holds (a track pickle's: `semtrack.trackfile.MAX_FILE_BYTES`).
 SIDECAR_MAX = 2**20  # semtrack_config.json: a few hundred bytes of options
 LOCK_MAX = 2**12  # ledger/.lock: one line naming the holder
 LEDGER_LINE_MAX = 2**20  # one ledger record (a done record with its stats is under 2 KiB)
 LEDGER_FILE_MAX = 2**34  # one ledger file: 16 GiB, tens of millions of records
 MANIFEST_MAX = 2**31  # manifest.csv of a training folder: millions of rows
-PICKLE_MAX = 2**31 + 2**26  # a track pickle (`semtrack.trackfile.MAX_FILE_BYTES`: 2 GiB + 64 MiB)
 
 TMP_MARK = ".tmp-"
 PID_DIGITS = 7  # Linux process ids stay below 2**22
@@ -114,17 +113,16 @@ def read_text(path: str | os.PathLike, limit: int) -> str:
 
 
 def iter_lines(path: str | os.PathLike, line_max: int, file_max: int) -> Iterator[bytes | None]:
-    """The lines of the regular file `path` (at most `file_max` bytes), each with its newline; None in
-    place of a line longer than `line_max` bytes, which is skipped without holding it."""
+    """The lines of the regular file `path` (at most `file_max` bytes), each with its newline. A line
+    longer than `line_max` bytes ends the file: None is yielded for it and nothing more is read (no
+    writer makes one; a planted file of zeros is left at once)."""
     fd = open_regular(path, file_max)
     with os.fdopen(fd, "rb") as f:
         while line := f.readline(line_max + 1):
             if len(line) > line_max and not line.endswith(b"\n"):
-                while (rest := f.readline(2**20)) and not rest.endswith(b"\n"):
-                    pass
                 yield None
-            else:
-                yield line
+                return
+            yield line
 
 
 def _same_file(path: Path, info: os.stat_result) -> bool:

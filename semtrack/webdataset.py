@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Iterable
 
 from semtrack.layout import OutputLayout
-from semtrack.ledger import output_entry
-from semtrack.safeio import commit_temporary, create_temporary, discard_temporary
+from semtrack.ledger import output_entry, read_slice
+from semtrack.ledger_schema import MAX_INT as MAX_OFFSET
+from semtrack.ledger_schema import SHARD_PATH as _SHARD_PATH
+from semtrack.safeio import MANIFEST_MAX, commit_temporary, create_temporary, discard_temporary, read_text, shown
+from semtrack.trackfile import MAX_FILE_BYTES
 
 MEMBER_ORDER = ("pickle", "json", "gif")  # a sample's members, in the order they are written
 MANIFEST_COLUMNS = ("video_id", "dataset", "shard", "member", "offset", "bytes", "T", "N", "status")
@@ -154,28 +157,44 @@ def manifest_csv(latest: Iterable[dict]) -> str:
     return out.getvalue()
 
 
+def _manifest_int(text: str, high: int, path, line: int, column: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = -1
+    if not 0 <= value <= high:
+        raise ValueError(f"{shown(path)}: line {line}: {column} {shown(str(text))[:40]!r} is not an integer "
+                         f"in 0..{high}")
+    return value
+
+
 def read_manifest(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
     """{(dataset, video_id): manifest row} of the done videos of a `manifest.csv` (offset and bytes as
-    ints). Raises ValueError naming the file for missing columns."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    ints), read as `semtrack.safeio` reads (no link, FIFO or device; at most `MANIFEST_MAX` bytes).
+    Raises ValueError naming the file (and line) for missing columns, malformed CSV, a shard outside
+    `shards/`, an offset or size out of bounds (a member holds at most a track file's bytes)."""
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path, MANIFEST_MAX), newline=""))
         missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: not a semtrack manifest (missing columns {sorted(missing)})")
+            raise ValueError(f"{shown(path)}: not a semtrack manifest (missing columns {sorted(missing)})")
         rows = {}
         for row in reader:
+            if None in row or any(row.get(c) is None for c in MANIFEST_COLUMNS):
+                raise ValueError(f"{shown(path)}: line {reader.line_num}: not {len(MANIFEST_COLUMNS)} fields")
             if row["status"] == "done" and row["shard"]:
-                row["offset"], row["bytes"] = int(row["offset"]), int(row["bytes"])
+                if not _SHARD_PATH.fullmatch(row["shard"]):
+                    raise ValueError(f"{shown(path)}: line {reader.line_num}: shard {shown(row['shard'])[:80]!r} "
+                                     "is not a tar file under shards/")
+                row["offset"] = _manifest_int(row["offset"], MAX_OFFSET, path, reader.line_num, "offset")
+                row["bytes"] = _manifest_int(row["bytes"], MAX_FILE_BYTES, path, reader.line_num, "bytes")
                 rows[(row["dataset"], row["video_id"])] = row
+    except csv.Error as exc:
+        raise ValueError(f"{shown(path)}: malformed CSV: {exc}") from None
     return rows
 
 
 def read_member(root: str | os.PathLike, entry: dict) -> bytes:
-    """The bytes of a manifest row's member (`root`: the folder the manifest's shard paths start from)."""
-    with open(Path(root) / entry["shard"], "rb") as f:
-        f.seek(entry["offset"])
-        data = f.read(entry["bytes"])
-    if len(data) != entry["bytes"]:
-        raise OSError(f"{entry['shard']}: member {entry['member']} is cut short "
-                      f"({len(data)} of {entry['bytes']} bytes)")
-    return data
+    """The bytes of a manifest row's member (`root`: the folder the manifest's shard paths start from);
+    `semtrack.ledger.read_slice` (ValueError when the shard is no regular file or too short)."""
+    return read_slice(Path(root) / entry["shard"], entry["offset"], entry["bytes"])

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -108,3 +109,142 @@ def test_semtrack_report_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
     own = OutputLayout(tmp_path / "own")
     LedgerPart(own.ledger_part("r1", 0)).append([start_record()])
     assert report_main([str(own.root)]) == 0 and own.failures.is_file()
+
+
+# ------------------------------------------------------------------------------ reads
+@pytest.fixture
+def hostile(tmp_path):
+    """make(path, kind): put a FIFO, a link to /dev/zero or a 5 GB sparse file at `path`."""
+    def make(path, kind: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "zero":
+            path.symlink_to("/dev/zero")
+        else:
+            with open(path, "wb") as f:
+                f.truncate(5 * 10**9)
+    return make
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize("kind", ["fifo", "zero", "sparse"])
+def test_hostile_ledger_lock_sidecar_and_pickle_give_a_clear_line_at_once(tmp_path, hostile, kind):
+    from semtrack.config import ExtractConfig
+    from semtrack.ledger import DoneRule, read_records
+    from semtrack.sidecar import check_sidecar
+
+    config = ExtractConfig(csv_path=str(tmp_path / "v.csv"), base_feat_path=str(tmp_path / "out"), weights="random",
+                           use_grid=True)
+    layout = config.layout
+    LedgerPart(layout.ledger_part("r1", 0)).append([start_record()])
+    hostile(layout.ledger_dir / "planted.jsonl", kind)
+    problems = []
+    assert [r["run"] for r in read_records(layout, problems)] == ["r1"]
+    assert len(problems) == 1 and "planted.jsonl" in problems[0]
+    if kind != "sparse":  # the lock is never read for its size
+        hostile(layout.lock_file(""), kind)
+        with pytest.raises(FolderBusy, match="ledger/.lock"):
+            FolderLock(layout, Shard()).acquire()
+    hostile(layout.sidecar, kind)
+    with pytest.raises(ValueError, match="semtrack_config.json"):
+        check_sidecar(config, "32-true")
+    pickle = layout.pickle("d", "v")
+    hostile(pickle, kind)
+    rule = DoneRule(layout, {}, want_gif=False, verify=False)
+    assert rule.plan([SimpleNamespace(index=0, dataset="d", video_id="v")]).pending == [0]
+    assert len(rule.refused) == 1 and "v.pkl" in rule.refused[0]
+
+
+BAD_RECORDS = {
+    "a list where a string belongs": {"kind": "video", "run": ["r"], "time": 1.0, "row": 0, "dataset": "d",
+                                      "video_id": "v", "status": "failed", "stage": "s", "reason": "x"},
+    "a string row": {"kind": "video", "run": "r", "time": 1.0, "row": "0", "dataset": "d", "video_id": "v",
+                     "status": "failed", "stage": "s", "reason": "x"},
+    "done without bytes": {"kind": "video", "run": "r", "time": 1.0, "row": 0, "dataset": "d", "video_id": "v",
+                           "status": "done", "frames": 2, "points": 1, "outputs": {"pickle": {"sha256": "x"}}},
+    "a shard outside shards/": {"kind": "video", "run": "r", "time": 1.0, "row": 0, "dataset": "d", "video_id": "v",
+                                "status": "done", "outputs": {"pickle": {"bytes": 1, "shard": "../../etc/x.tar",
+                                                                         "member": "m", "offset": 0,
+                                                                         "shard_bytes": 9}}},
+    "an unknown status": {"kind": "video", "run": "r", "time": 1.0, "row": 0, "dataset": "d", "video_id": "v",
+                          "status": "maybe"},
+    "a boolean time": {"kind": "start", "run": "r", "time": True},
+    "stats of the wrong type": {"kind": "video", "run": "r", "time": 1.0, "row": 0, "dataset": "d", "video_id": "v",
+                                "status": "done", "stats": {"s": "fast"}},
+    "a negative sequence": {"kind": "end", "run": "r", "time": 1.0, "status": "complete", "seq": -1},
+}
+BAD_LINES = [b'{"kind": "start", "run": "\\ud800", "time": 1}', b'{"kind": "start", "run": "r", "time": NaN}',
+             b"[" * 200_000 + b"]" * 200_000, b"\xff\xfe not utf-8", b"[1, 2]", b'"a string"']
+TOO_LONG = b'{"kind": "start", "run": "r", "time": 1, "pad": "' + b"x" * 2**21 + b'"}'  # ends its file
+
+
+def test_each_bad_ledger_record_is_skipped_and_counted(tmp_path, capsys):
+    from semtrack.ledger import read_records
+
+    layout = OutputLayout(tmp_path / "out")
+    good = {"kind": "video", "run": "r1", "time": 2.0, "row": 0, "dataset": "d", "video_id": "v", "status": "done",
+            "frames": 2, "points": 1, "outputs": {"pickle": {"bytes": 5}}, "stats": {"seconds": 0.5, "none": None}}
+    lines = [json.dumps(start_record()).encode(), *(json.dumps(r).encode() for r in BAD_RECORDS.values()),
+             *BAD_LINES, json.dumps(good).encode()]
+    layout.ledger_dir.mkdir(parents=True)
+    (layout.ledger_dir / "r1.r0.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (layout.ledger_dir / "r1.r1.jsonl").write_bytes(TOO_LONG + b"\n" + json.dumps(good).encode() + b"\n")
+    problems = []
+    assert [r["kind"] for r in read_records(layout, problems)] == ["start", "video"]
+    bad = len(BAD_RECORDS) + len(BAD_LINES)
+    assert problems == [f"{bad} unreadable ledger lines in {layout.ledger_dir}/r1.r0.jsonl",
+                        f"1 unreadable ledger line in {layout.ledger_dir}/r1.r1.jsonl"]
+    assert report_main([str(layout.root)]) == 0  # no traceback, the report is rebuilt
+    assert "unreadable ledger lines" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(10)
+def test_a_deep_sidecar_names_its_file(tmp_path):
+    from semtrack.config import ExtractConfig
+    from semtrack.sidecar import check_sidecar
+
+    config = ExtractConfig(csv_path=str(tmp_path / "v.csv"), base_feat_path=str(tmp_path / "out"), weights="random",
+                           use_grid=True)
+    config.layout.root.mkdir(parents=True)
+    config.layout.sidecar.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match=r"semtrack_config.json: unreadable config sidecar \(JSON nested too deeply"):
+        check_sidecar(config, "32-true")
+
+
+def test_manifest_rows_are_bounded_and_typed_and_errors_name_the_file(tmp_path):
+    from semtrack.webdataset import MANIFEST_COLUMNS, read_manifest, read_member
+
+    manifest = tmp_path / "manifest.csv"
+    head = ",".join(MANIFEST_COLUMNS) + "\n"
+    for cells, message in [("v,d,shards/a.tar,m,1000000000000000000000000000000,10,2,1,done", "offset"),
+                           ("v,d,shards/a.tar,m,0,1000000000000,2,1,done", "bytes"),
+                           ("v,d,../a.tar,m,0,10,2,1,done", "shard"),
+                           ("v,d,shards/a.tar,m,x,10,2,1,done", "offset"),
+                           ('v,d,"shards/a.tar', "malformed|fields")]:
+        manifest.write_text(head + cells + "\n")
+        with pytest.raises(ValueError, match=f"manifest.csv: .*({message})"):
+            read_manifest(manifest)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.tar").write_bytes(b"x" * 100)
+    manifest.write_text(head + "v,d,shards/a.tar,m,90,20,2,1,done\n")
+    entry = read_manifest(manifest)[("d", "v")]
+    with pytest.raises(ValueError, match="too short"):
+        read_member(tmp_path, entry)
+
+
+@pytest.mark.timeout(10)
+def test_the_input_csv_must_be_a_regular_file_and_many_columns_are_linear(tmp_path, hostile):
+    from semtrack.video import read_video_csv
+
+    for kind in ("fifo", "zero"):
+        path = tmp_path / f"{kind}.csv"
+        hostile(path, kind)
+        with pytest.raises(ValueError, match=f"{kind}.csv: is a"):
+            read_video_csv(path)
+    with pytest.raises(ValueError, match="/dev/zero: is a character device"):
+        read_video_csv("/dev/zero")
+    wide = tmp_path / "wide.csv"
+    columns = ["video_path", "dataset", *(f"c{i}" for i in range(100_000))]
+    wide.write_text(",".join(columns) + "\n" + ",".join(["a.mp4", "d", *("x" * 100_000)]) + "\n")
+    assert [r.video_id for r in read_video_csv(wide)] == ["a"]
