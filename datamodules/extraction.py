@@ -158,12 +158,13 @@ class ExtractionDataModule(L.LightningDataModule):
 
     def row_plan(self, dataset: VideoCSVDataset, rank: int = 0, world_size: int = 1) -> RowPlan:
         """This process's rows and which of them are still to do (reads the ledger, stats the outputs)."""
-        return self.job.plan_rows(dataset.rows, rank, world_size)
+        return self.job.plan_rows(dataset.rows, rank, world_size, dataset.target_fps)
 
     def setup(self, stage: str | None = None) -> None:
         trainer = self.trainer
         where = (trainer.global_rank, trainer.world_size, trainer.num_devices) if trainer is not None else (0, 1, 1)
-        self.job.settle(self.make_dataset().rows, *where)
+        dataset = self.make_dataset()
+        self.job.settle(dataset.rows, *where, fps_of=dataset.target_fps)
 
     def transfer_batch_to_device(self, batch: list[Clip], device, dataloader_idx: int) -> list[Clip]:
         """Clips stay on the CPU (pinned on CUDA): the pipeline moves what each stage needs, and the

@@ -17,9 +17,18 @@ line, which readers skip. Records (`kind`):
 * `end`: run, rank, time, status (`complete` | `stopped` | `failed`), reason, done, failed,
   stage_totals {stage: [seconds, videos]}, wall_s, data_wait_s, points_dropped, startup_s.
 
-A video's state is its latest record (by time). A row is done when that record is `done` and
-every output this run asks for (the pickle, and the GIF under --make_vis) is listed there and still
-has the recorded size on disk (one `stat`); `verify=True` also re-reads and validates the pickle.
+Every record also holds `seq`, its writer's Lamport sequence: a process starts one above the highest
+`seq` in the folder's ledger when it planned its rows, and counts up by one per record. So a record
+written after another was read always sorts after it, whatever the clocks of the two hosts say; and
+(run, rank, seq) names a record once, so the copy of a ledger file adds nothing (`unique_records`).
+
+A video's state is its latest record (by `seq`, then time; records without `seq`, of older semtrack,
+come first). A row is done when that record is `done`, was made at the row's frame rate (`fps`, the
+per-row target: None = native), and every output this run asks for (the pickle, and the GIF under
+--make_vis) is listed there and still has the recorded size on disk (one `lstat`); `verify=True`
+also re-reads and validates the pickle. A pickle found without a record is adopted only when it
+validates and its metadata (if any) names the row's dataset and video id, the folder's options and
+the row's frame rate.
 """
 from __future__ import annotations
 
@@ -168,18 +177,48 @@ def read_records(layout: OutputLayout, problems: list[str] | None = None) -> lis
     return list(iter_records(layout, problems))
 
 
+def order(record: dict) -> tuple:
+    """The sort key of a record among others: its `seq` (0 for older records), then its time."""
+    return record.get("seq", 0), record["time"]
+
+
 def latest_videos(records: Iterable[dict], keys: Container[tuple[str, str]] | None = None
                   ) -> dict[tuple[str, str], dict]:
-    """{(dataset, video_id): its latest `video` record} (by `time`, ties to the one read last), of
+    """{(dataset, video_id): its latest `video` record} (by `order`, ties to the one read last), of
     the videos in `keys` (default all). Holds one record per video while reading."""
     latest: dict[tuple[str, str], dict] = {}
     for r in records:
         if r["kind"] != "video":
             continue
         key = (r["dataset"], r["video_id"])
-        if (keys is None or key in keys) and (key not in latest or r["time"] >= latest[key]["time"]):
+        if (keys is None or key in keys) and (key not in latest or order(r) >= order(latest[key])):
             latest[key] = r
     return latest
+
+
+def unique_records(records: Iterable[dict]) -> list[dict]:
+    """`records` less repeats (the same record read from a copied ledger file): one per (run, rank,
+    seq), or for records without `seq` one per identical content."""
+    seen: set = set()
+    kept = []
+    for r in records:
+        key = (r["run"], r.get("rank"), r["seq"]) if "seq" in r else json.dumps(r, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
+class SequenceTracker:
+    """Passes records through, noting the highest `seq` seen (`last`, 0 if none)."""
+
+    def __init__(self):
+        self.last = 0
+
+    def watch(self, records: Iterable[dict]) -> Iterator[dict]:
+        for r in records:
+            self.last = max(self.last, r.get("seq", 0))
+            yield r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,11 +283,16 @@ class ResumePlan:
 
 
 class DoneRule:
-    """Decides which rows are done: the ledger's latest record and one `stat` per output (cached per
-    tar shard); `verify` re-reads and validates each pickle; `want_gif`: --make_vis asks for GIFs."""
+    """Decides which rows are done: the ledger's latest record and one `lstat` per output (cached per
+    tar shard); `verify` re-reads and validates each pickle; `want_gif`: --make_vis asks for GIFs.
+    `options`: the folder's output options (`ExtractConfig.output_options`), which an adopted pickle's
+    metadata must hold; `row_fps`: {row index: its target frame rate (None = native)}, which a done
+    record (and an adopted pickle's metadata, where `check_fps`) must match; None: not checked."""
 
-    def __init__(self, layout: OutputLayout, latest: dict[tuple[str, str], dict], want_gif: bool, verify: bool):
+    def __init__(self, layout: OutputLayout, latest: dict[tuple[str, str], dict], want_gif: bool, verify: bool,
+                 options: dict | None = None, row_fps: dict[int, float | None] | None = None, check_fps: bool = True):
         self.layout, self.latest, self.want_gif, self.verify = layout, latest, want_gif, verify
+        self.options, self.row_fps, self.check_fps = options, row_fps, check_fps
         self._sizes: dict[Path, int | None] = {}
         self.refused: list[str] = []  # one line per pickle found without a record and not adopted, why
 
@@ -261,7 +305,7 @@ class DoneRule:
                 continue
             record = self.latest.get((row.dataset, row.video_id))
             if record is not None:
-                done = self.is_done(record)
+                done = self.is_done(record) and self._same_fps(record, row)
             else:
                 adopted = self.adopt(row)
                 done = adopted is not None
@@ -272,6 +316,24 @@ class DoneRule:
             else:
                 plan.pending.append(row.index)
         return plan
+
+    def _same_fps(self, record: dict, row) -> bool:
+        """Whether a record made at frame rate `fps` (absent in older records: not checked) fits the row."""
+        return self.row_fps is None or "fps" not in record or record["fps"] == self.row_fps.get(row.index)
+
+    def _disagreement(self, meta: dict, row) -> str | None:
+        """What in an adopted pickle's metadata disagrees with the row and the folder, or None."""
+        for key, want in (("dataset", row.dataset), ("video_id", row.video_id)):
+            if meta.get(key) != want:
+                return f"its metadata names {key} {shown(str(meta.get(key)))!r}, the row {shown(want)!r}"
+        config = meta.get("config")
+        if self.options is not None:
+            differing = sorted(k for k, v in self.options.items() if not isinstance(config, dict) or config.get(k) != v)
+            if differing:
+                return f"it was made with other options ({', '.join(differing[:5])})"
+        if self.check_fps and self.row_fps is not None and "fps" in meta and meta["fps"] != self.row_fps.get(row.index):
+            return f"it was made at fps {meta['fps']}, the row asks for {self.row_fps.get(row.index)}"
+        return None
 
     def is_done(self, record: dict) -> bool:
         if record.get("status") != DONE:
@@ -316,8 +378,13 @@ class DoneRule:
         except (OSError, ValueError) as exc:  # UnsafeFile, TrackFileError
             self.refused.append(one_line(exc) if isinstance(exc, OSError) else str(exc))
             return None
+        disagreement = self._disagreement(tracks.meta, row) if tracks.meta else None
+        if disagreement is not None:
+            self.refused.append(f"{shown(path)}: not adopted: {disagreement}")
+            return None
         outputs = {"pickle": output_entry(data)}
         if self.want_gif:
             outputs["gif"] = {"bytes": gif_size}
+        extra = {} if self.row_fps is None else {"fps": self.row_fps.get(row.index)}
         return done_record(row.index, row.dataset, row.video_id, tracks.num_frames, tracks.num_points, outputs,
-                           adopted=True)
+                           adopted=True, **extra)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import semtrack
 from semtrack.layout import LEDGER_DIR, OutputLayout
-from semtrack.ledger import DONE, FAILED, iter_records, latest_videos, read_records
+from semtrack.ledger import DONE, FAILED, iter_records, latest_videos, order, read_records, unique_records
 from semtrack.pipeline import STAGES
 from semtrack.safeio import SIDECAR_MAX, read_text, shown, write_text_atomic
 from semtrack.util import one_line
@@ -52,7 +52,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
     videos = [r for r in records if r["kind"] == "video" and not r.get("adopted")]
     done = sum(r["status"] == DONE for r in videos)
     failed = sum(r["status"] == FAILED for r in videos)
-    first = min(starts, key=lambda r: r["time"]) if starts else {}
+    first = min(starts, key=order) if starts else {}
     rows = first.get("rows", done + failed)
     skipped = sum(r.get("skipped", 0) for r in starts)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -88,12 +88,14 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
 def build_report(layout: OutputLayout, records: list[dict], run_id: str | None = None) -> dict:
     """The folder's report from all its ledger `records`; `last_run` is run `run_id` (default: the
     run that started last). `counts.rows` is the latest run's CSV row count; `pending` is None when
-    runs read different CSVs (it cannot be told then)."""
+    runs read different CSVs (it cannot be told then). A record read twice (a copied ledger file)
+    counts once."""
+    records = unique_records(records)
     by_run: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_run[r["run"]].append(r)
-    starts = sorted((r for r in records if r["kind"] == "start"), key=lambda r: r["time"])
-    runs = sorted(by_run, key=lambda run: min(r["time"] for r in by_run[run]))
+    starts = sorted((r for r in records if r["kind"] == "start"), key=order)
+    runs = sorted(by_run, key=lambda run: min(order(r) for r in by_run[run]))
     if run_id is None and runs:
         run_id = runs[-1]
     latest = latest_videos(records)
@@ -186,7 +188,7 @@ def format_report(report: dict) -> str:
         if run["stage_mean_s"]:
             lines.append("  mean s/video: " + ", ".join(f"{k} {v:.3f}" for k, v in run["stage_mean_s"].items()))
     failures = report["failures"]
-    lines += [f"  FAILED row {f['row']} {f['video_id']} [{f['stage']}]: {f['reason']}"
+    lines += [f"  FAILED row {f['row']} {shown(f['video_id'])} [{shown(f['stage'])}]: {shown(f['reason'])}"
               for f in failures[:MAX_PRINTED_FAILURES]]
     if len(failures) > MAX_PRINTED_FAILURES:
         lines.append(f"  ... and {len(failures) - MAX_PRINTED_FAILURES} more failures in failures.csv")

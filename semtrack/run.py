@@ -89,6 +89,7 @@ class Run:
         self._thread: threading.Thread | None = None
         self._options: dict = {}
         self._weights: dict = {}
+        self._seq = 0  # the last ledger `seq` this process wrote
 
     @property
     def elapsed(self) -> float:
@@ -109,6 +110,7 @@ class Run:
         the models loaded (each pickle's metadata). Raises OSError if the ledger cannot be written."""
         cfg, plan, layout = self.job.config, self.job.plan, self.job.layout
         self.run_id, self._weights = run_id, dict(weights)
+        self._seq = plan.last_seq
         self._options = run_options(cfg, precision)
         self._ledger = LedgerPart(layout.ledger_part(run_id, self.rank))
         if sidecar and not cfg.debug_mode:
@@ -134,7 +136,13 @@ class Run:
         self.started = self.stop.started = True
 
     def _stamp(self, record: dict) -> dict:
-        return {**record, "run": self.run_id, "rank": self.rank, "time": time.time()}
+        """`record` with the run, rank, time and the next Lamport `seq` (`semtrack.ledger`); a video
+        record also with its row's target frame rate `fps`, when the plan knows it."""
+        self._seq += 1
+        stamped = {**record, "run": self.run_id, "rank": self.rank, "time": time.time(), "seq": self._seq}
+        if record.get("kind") == "video" and record["row"] in self.job.plan.row_fps:
+            stamped.setdefault("fps", self.job.plan.row_fps[record["row"]])
+        return stamped
 
     # ------------------------------------------------------------------ batches (main thread)
     def check(self) -> None:

@@ -248,3 +248,114 @@ def test_the_input_csv_must_be_a_regular_file_and_many_columns_are_linear(tmp_pa
     columns = ["video_path", "dataset", *(f"c{i}" for i in range(100_000))]
     wide.write_text(",".join(columns) + "\n" + ",".join(["a.mp4", "d", *("x" * 100_000)]) + "\n")
     assert [r.video_id for r in read_video_csv(wide)] == ["a"]
+
+
+# ------------------------------------------------------------------------------ records that lie
+def _run(tmp_path, rows: int = 2, fps_of=lambda row: 10.0, **options):
+    """A `Run` (semtrack.run) of `rows` rows v0, v1, ... of dataset d, each at the frame rate `fps_of(row)`."""
+    from semtrack.config import ExtractConfig
+    from semtrack.job import Job
+    from semtrack.run import Run
+
+    config = ExtractConfig(csv_path=str(tmp_path / "v.csv"), base_feat_path=str(tmp_path / "out"), weights="random",
+                           use_grid=True, **options)
+    job = Job.of(config)
+    job.settle([SimpleNamespace(index=i, dataset="d", video_id=f"v{i}") for i in range(rows)], 0, 1, 1, fps_of)
+    return Run(job)
+
+
+def _finish(run, results) -> None:
+    from test_run import WEIGHTS
+
+    from semtrack.ledger import new_run_id
+
+    run.begin(new_run_id(), "32-true", WEIGHTS)
+    run.submit(results, {})
+    run.finish()
+    run.rebuild()
+
+
+def test_a_future_dated_failed_record_does_not_win_over_a_later_run(tmp_path):
+    from test_run import result
+
+    from semtrack.ledger import iter_records, latest_videos
+
+    layout = _run(tmp_path).job.layout
+    future = {"kind": "video", "run": "ahead", "rank": 0, "time": 4e9, "seq": 7, "row": 0, "dataset": "d",
+              "video_id": "v0", "status": "failed", "stage": "decode", "reason": "x", "video_path": "/v0"}
+    LedgerPart(layout.ledger_part("ahead", 0)).append([{**start_record("ahead"), "time": 4e9, "seq": 6}, future])
+    run = _run(tmp_path)
+    assert run.job.plan.pending == [0, 1] and run.job.plan.last_seq == 7
+    _finish(run, [result(0), result(1)])
+    assert latest_videos(iter_records(layout))[("d", "v0")]["status"] == "done"
+    assert run.report["counts"]["failed"] == 0 and run.report["last_run"]["run_id"] == run.run_id
+    assert _run(tmp_path).job.plan.pending == []  # not redone on every later run
+
+
+def test_a_copied_ledger_file_adds_nothing(tmp_path):
+    import shutil
+
+    from test_run import result
+
+    from semtrack.ledger import read_records
+    from semtrack.report import build_report
+
+    run = _run(tmp_path)
+    _finish(run, [result(0), result(1, ok=False)])
+    layout = run.job.layout
+    before = build_report(layout, read_records(layout), run.run_id)
+    part = next(layout.ledger_dir.glob("*.jsonl"))
+    shutil.copy(part, layout.ledger_dir / "backup copy.jsonl")
+    after = build_report(layout, read_records(layout))
+    assert after["last_run"] == before["last_run"] and after["counts"] == before["counts"]
+    assert after["last_run"]["counts"]["done"] == 1 and len(after["runs"]) == 1
+
+
+def test_adoption_refuses_pickles_made_for_another_video_or_with_other_options(tmp_path):
+    from test_run import WEIGHTS, result
+
+    from semtrack.ledger import DoneRule
+    from semtrack.sidecar import run_options
+    from semtrack.trackfile import save_tracks, tracks_dict
+
+    run = _run(tmp_path, rows=3)
+    config, layout = run.job.config, run.job.layout
+    options = run_options(config, "32-true")
+    other = run_options(_run(tmp_path / "other", n_clusters=config.n_clusters + 3).job.config, "32-true")
+    save_tracks(layout.pickle("d", "v0"), tracks_dict(result(0), WEIGHTS, options))  # agrees: adopted
+    save_tracks(layout.pickle("d", "v1"), tracks_dict(result(2), WEIGHTS, options))  # another video's
+    save_tracks(layout.pickle("d", "v2"), tracks_dict(result(2), WEIGHTS, other))  # other options
+    rows = [SimpleNamespace(index=i, dataset="d", video_id=f"v{i}") for i in range(3)]
+    rule = DoneRule(layout, {}, want_gif=False, verify=False, options=config.output_options(),
+                    row_fps={i: 10.0 for i in range(3)})
+    plan = rule.plan(rows)
+    assert plan.pending == [1, 2] and [r["video_id"] for r in plan.adopted] == ["v0"]
+    assert "video_id 'v2', the row 'v1'" in rule.refused[0] and "other options (n_clusters" in rule.refused[1]
+    at_5 = DoneRule(layout, {}, want_gif=False, verify=False, options=config.output_options(), row_fps={0: 5.0})
+    assert at_5.plan(rows[:1]).pending == [0]  # made at fps 10, the row now asks for 5
+
+
+def test_a_changed_row_fps_redoes_the_row(tmp_path):
+    from test_run import result
+
+    from semtrack.job import Job
+    from semtrack.ledger import read_records
+
+    run = _run(tmp_path)
+    _finish(run, [result(0), result(1)])
+    assert all(r.get("fps") == 10.0 for r in read_records(run.job.layout) if r["kind"] == "video")
+    rows = [SimpleNamespace(index=i, dataset="d", video_id=f"v{i}") for i in range(2)]
+    job = Job.of(run.job.config)
+    assert job.plan_rows(rows, fps_of=lambda r: 10.0).pending == []
+    assert job.plan_rows(rows, fps_of=lambda r: 10.0 if r.index else 5.0).pending == [0]
+    assert job.plan_rows(rows, fps_of=lambda r: 10.0 if r.index else None).pending == [0]  # now native
+
+
+def test_the_two_frame_minimum_applies_per_row(tmp_path, videos_dir):
+    from datamodules.video import VideoCSVDataset
+
+    csv = tmp_path / "v.csv"
+    csv.write_text(f"video_path,dataset,fps\n{videos_dir / 'cat.mp4'},d,1e-300\n{videos_dir / 'cat.mp4'},e,\n")
+    dataset = VideoCSVDataset(csv, fps=10.0)
+    assert dataset[0].frames is None and "a track needs at least 2" in dataset[0].error
+    assert dataset[1].error is None and dataset[1].frames.shape[0] >= 2
