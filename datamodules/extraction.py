@@ -6,7 +6,9 @@ takes every `world_size`-th from the r-th; of those, the ones not done yet by th
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Iterable, Iterator
 
 import lightning as L
@@ -16,8 +18,14 @@ from datamodules.video import VideoCSVDataset
 from semtrack.config import ExtractConfig
 from semtrack.job import Job, RowPlan
 from semtrack.records import Clip
+from semtrack.stopping import detach_worker
 
 BUCKET_MAX_BYTES = 2e9  # decoded frames held for length bucketing, at most (unless one batch needs more)
+
+
+def _detach(parent: int, worker_id: int) -> None:
+    """A DataLoader worker's start (`worker_init_fn`): `semtrack.stopping.detach_worker`."""
+    detach_worker(parent)
 
 
 class PendingRows(Dataset):
@@ -177,6 +185,9 @@ class ExtractionDataModule(L.LightningDataModule):
         self.setup("predict")
         cfg, trainer, job = self.config, self.trainer, self.job
         accelerated = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        # Workers ignore SIGTERM / SIGINT / SIGHUP: a signal to the whole process group lets them finish
+        # the batch in hand while the main process stops at the next boundary (`semtrack.stopping`).
         loader = DataLoader(PendingRows(self.dataset, job.plan.pending), batch_size=None, shuffle=False,
-                            num_workers=job.num_workers, pin_memory=accelerated)
+                            num_workers=job.num_workers, pin_memory=accelerated,
+                            worker_init_fn=functools.partial(_detach, os.getpid()))
         return ClipBatches(loader, cfg.batch_size, cfg.batch_size * cfg.bucket_batches, BUCKET_MAX_BYTES)
