@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     errors = report["last_run"]["errors"] if report["last_run"] else []
     for line in errors:
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {shown(line)}", file=sys.stderr)
     return 1 if errors or report["counts"]["failed"] else 0
 
 

@@ -47,6 +47,7 @@ from semtrack.ledger import DONE, FAILED, LedgerPart, done_record, failed_record
 from semtrack.records import VideoResult
 from semtrack.renders import GifRenderer
 from semtrack.report import format_report, rebuild
+from semtrack.safeio import shown
 from semtrack.shards import FolderLock
 from semtrack.sidecar import run_options, write_sidecar
 from semtrack.sinks import OutputSink, open_sink
@@ -306,7 +307,7 @@ class Run:
             self.errors = report["last_run"]["errors"]
         print("\n" + format_report(report), file=sys.stderr, flush=True)  # after the bar line
         for line in self.errors:
-            print(f"error: {line}", file=sys.stderr, flush=True)
+            print(f"error: {shown(line)}", file=sys.stderr, flush=True)
         self.report = report
         return report
 

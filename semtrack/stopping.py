@@ -21,6 +21,8 @@ import signal
 import sys
 import threading
 
+from semtrack.safeio import shown
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 RERUN_FLAGS = ("--rerun", "--extract.rerun")  # the flags that redo done rows (not repeated to resume)
@@ -40,7 +42,8 @@ def detach_worker(parent: int) -> None:
 
 def resume_command(argv: list[str], program: str = "semtrack-extract") -> str:
     """The command line that resumes a run started with the arguments `argv`: the same, less the flags
-    that redo done rows (`--rerun`, `--rerun=...`, `--extract.rerun[=]...`), shell-quoted."""
+    that redo done rows (`--rerun`, `--rerun=...`, `--extract.rerun[=]...`), shell-quoted, control
+    characters escaped (a name can hold terminal escapes)."""
     kept, skip_value = [], False
     for arg in argv:
         if skip_value:
@@ -52,7 +55,7 @@ def resume_command(argv: list[str], program: str = "semtrack-extract") -> str:
             skip_value = not eq and name != "--rerun"
             continue
         kept.append(arg)
-    return shlex.join([program, *kept])
+    return shown(shlex.join([program, *kept]))
 
 
 class Stopped(Exception):

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from semtrack.config import ExtractConfig
 from semtrack.ledger import new_run_id
 from semtrack.run import Run
+from semtrack.safeio import shown
 from semtrack.shards import FolderBusy
 from semtrack.stopping import Stopped, StopRequest
 from semtrack.util import one_line
@@ -30,7 +31,7 @@ MAX_NOTES = 5  # start-up warnings shown (skipped ledger lines, pickles not adop
 def say(trainer, text: str) -> None:
     """One line on stderr from global rank 0: what the run is doing while the bar has nothing to show."""
     if trainer.is_global_zero:
-        print(f"semtrack: {text}", file=sys.stderr, flush=True)
+        print(f"semtrack: {shown(text)}", file=sys.stderr, flush=True)  # names' control characters escaped
 
 
 class TrackWriter(BasePredictionWriter):
