@@ -47,7 +47,7 @@ from semtrack.ledger import DONE, FAILED, LedgerPart, done_record, failed_record
 from semtrack.records import VideoResult
 from semtrack.renders import GifRenderer
 from semtrack.report import format_report, rebuild
-from semtrack.safeio import shown
+from semtrack.safeio import real_folder, shown
 from semtrack.shards import FolderLock
 from semtrack.sidecar import run_options, write_sidecar
 from semtrack.sinks import OutputSink, open_sink
@@ -114,6 +114,7 @@ class Run:
         self._seq = plan.last_seq
         self._options = run_options(cfg, precision)
         self._ledger = LedgerPart(layout.ledger_part(run_id, self.rank))
+        real_folder(layout.root, layout.ledger_dir)  # UnsafeFile if a link was planted there
         if sidecar and not cfg.debug_mode:
             write_sidecar(cfg, precision)
         if sweep_folder:
@@ -232,6 +233,7 @@ class Run:
         clip, tr, view = result.clip, result.tracks, result.clusters
         frames = clip.frames.permute(0, 2, 3, 1).numpy()  # (T, H, W, 3) uint8
         cluster_frames = clip.cluster_frames.tolist()
+        real_folder(self.job.layout.root, self.job.layout.debug_png(clip.dataset, clip.video_id, 0).parent)
         for k in sorted(set(view.source_frames.tolist())):
             idx = (view.source_frames == k).nonzero()[:, 0]
             points = tr.tracks[tr.query_frames[idx], idx]  # (M, 2) the query pixels (x, y)

@@ -168,6 +168,23 @@ def discard_temporary(file: BinaryIO, tmp: Path) -> None:
         os.unlink(tmp)
 
 
+def real_folder(root: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """`folder` (under the output folder `root`), created if missing, after checking that no folder
+    between `root` and it is a link or anything but a folder (a planted link to another user's folder
+    would send the writes there): UnsafeFile naming the first that is. `root` itself may be a link."""
+    root, folder = Path(root), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
+        info = os.lstat(current)
+        if not stat.S_ISDIR(info.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a folder")
+            raise UnsafeFile(f"{shown(current)}: is {kind}, not a folder; semtrack does not write through links in "
+                             "its output folder (remove it)")
+    return folder
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable where the filesystem allows it (some refuse a folder fsync)."""
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from semtrack.layout import OutputLayout
-from semtrack.safeio import UnsafeFile, open_regular, shown
+from semtrack.safeio import UnsafeFile, open_regular, real_folder, shown
 
 SLURM_COUNT, SLURM_ID = "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"
 SLURM_MIN, SLURM_STEP = "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"
@@ -132,7 +132,10 @@ class FolderLock:
 
     def _take(self, name: str, mode: int, message) -> None:
         path = self.layout.lock_file(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            real_folder(self.layout.root, path.parent)
+        except UnsafeFile as exc:
+            raise FolderBusy(f"cannot lock {self.layout.root}: {exc}") from None
         # Read-only (a held lock keeps no file open for writing); never a link, a FIFO or a device.
         try:
             fd = open_regular(path, None, os.O_CREAT)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from semtrack.layout import OutputLayout
 from semtrack.ledger import output_entry
-from semtrack.safeio import write_atomic
+from semtrack.safeio import real_folder, write_atomic
 from semtrack.webdataset import TarShards
 
 
@@ -51,6 +51,8 @@ class PickleFiles:
 
     def add(self, record: dict, members: dict[str, bytes]) -> list[dict]:
         outputs = {}
+        for kind in members:  # before anything is written or removed: no planted link on the way
+            real_folder(self.layout.root, self._path(kind, record).parent)
         try:
             for kind, data in members.items():
                 write_atomic(self._path(kind, record), data)

@@ -29,7 +29,15 @@ from semtrack.layout import OutputLayout
 from semtrack.ledger import output_entry, read_slice
 from semtrack.ledger_schema import MAX_INT as MAX_OFFSET
 from semtrack.ledger_schema import SHARD_PATH as _SHARD_PATH
-from semtrack.safeio import MANIFEST_MAX, commit_temporary, create_temporary, discard_temporary, read_text, shown
+from semtrack.safeio import (
+    MANIFEST_MAX,
+    commit_temporary,
+    create_temporary,
+    discard_temporary,
+    read_text,
+    real_folder,
+    shown,
+)
 from semtrack.trackfile import MAX_FILE_BYTES
 
 MEMBER_ORDER = ("pickle", "json", "gif")  # a sample's members, in the order they are written
@@ -69,7 +77,7 @@ class TarShards:
 
     def _open(self) -> None:
         self._final = self.layout.shards_dir / f"{self.run_id}.r{self.rank}.{self._seq:05d}.tar"
-        self._final.parent.mkdir(parents=True, exist_ok=True)
+        real_folder(self.layout.root, self._final.parent)
         self._file, self._tmp = create_temporary(self._final)
         self._seq += 1
 

@@ -359,3 +359,22 @@ def test_the_two_frame_minimum_applies_per_row(tmp_path, videos_dir):
     dataset = VideoCSVDataset(csv, fps=10.0)
     assert dataset[0].frames is None and "a track needs at least 2" in dataset[0].error
     assert dataset[1].error is None and dataset[1].frames.shape[0] >= 2
+
+
+def test_a_link_planted_at_a_folder_of_the_output_folder_is_not_written_through(tmp_path):
+    from semtrack.sinks import PickleFiles
+
+    layout = OutputLayout(tmp_path / "out")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "v.pkl").write_text("precious\n")
+    (layout.root / "d").mkdir(parents=True)
+    (layout.root / "d" / "feat_dump").symlink_to(elsewhere)
+    record = {"kind": "video", "row": 0, "dataset": "d", "video_id": "v", "status": "done"}
+    with pytest.raises(UnsafeFile, match="feat_dump: is a symbolic link"):
+        PickleFiles(layout).add(record, {"pickle": b"data"})
+    assert (elsewhere / "v.pkl").read_text() == "precious\n"
+    layout.ledger_dir.symlink_to(elsewhere)
+    with pytest.raises(FolderBusy, match="ledger: is a symbolic link"):
+        FolderLock(layout, Shard()).acquire()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["v.pkl"]
