@@ -19,6 +19,7 @@ from semtrack.stopping import SIGNALS, Stopped, StopRequest, resume_command
 
 SCRIPT = REPO_ROOT / "scripts" / "extract.py"
 DUMP = "cotracker3_bip_fr_32_fps_10"
+ROWS = 10  # more than the workers prefetch (2 x 2), so they are still decoding when the signal comes
 TINY = ["--weights", "random", "--max_frames", "4", "--tracker_resolution", "64", "96", "--accelerator", "cpu",
         "--use_grid", "--cotracker_grid_size", "2", "--trainer.enable_progress_bar=false", "--bucket_batches", "1"]
 
@@ -79,7 +80,7 @@ def test_sighup_is_a_stop_request_like_sigterm_and_workers_ignore_all_three():
 def test_a_group_sigterm_with_two_workers_records_no_failure_and_a_resume_completes(tmp_path, videos_dir):
     signum = signal.SIGTERM
     out = tmp_path / "out" / DUMP
-    args = ["--csv_path", str(_csv(tmp_path, videos_dir, 4)), "--base_feat_path", str(tmp_path / "out"), *TINY,
+    args = ["--csv_path", str(_csv(tmp_path, videos_dir, ROWS)), "--base_feat_path", str(tmp_path / "out"), *TINY,
             "--num_workers", "2", "--batch_size", "1"]
     proc = _start([*args, "--rerun"])
     _wait_for_a_pickle(out, proc)
@@ -95,4 +96,4 @@ def test_a_group_sigterm_with_two_workers_records_no_failure_and_a_resume_comple
     resumed = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads((out / "run_report.json").read_text())
-    assert report["counts"] == {"rows": 4, "done": 4, "failed": 0, "pending": 0}
+    assert report["counts"] == {"rows": ROWS, "done": ROWS, "failed": 0, "pending": 0}
