@@ -2,13 +2,12 @@
 
 `GifRenderer(processes)` starts its processes at once (forked on Linux, from the thread that makes
 it: the run makes it before any other thread of its own); `submit(result, max_width)` returns a
-future of the GIF's bytes (`semtrack.gif.gif_bytes`, drawn in memory: nothing of the output folder
-is read or written by a worker). Workers ignore SIGINT, SIGTERM and SIGHUP
-(`semtrack.stopping.detach_worker`): a stop request is the main process's to handle, and it waits
-for the GIFs it asked for. On Linux they are killed when the main process ends, however it ends
-(they share its open files, the folder lock's among them).
-Should a worker die (e.g. killed for memory), the pool is broken and later GIFs are drawn in the
-calling thread instead.
+future of the GIF's bytes (`semtrack.gif.gif_bytes`, drawn in memory: the output sink writes them).
+Workers ignore SIGINT, SIGTERM and SIGHUP (`semtrack.stopping.detach_worker`): a stop request is the
+main process's to handle, and it waits for the GIFs it asked for. On Linux they are killed when the
+main process ends, however it ends (they share its open files, the folder lock's among them). Should
+a worker die (e.g. killed for memory), the pool is broken and later GIFs are drawn in the calling
+thread instead.
 """
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ class GifRenderer:
         self._broken = False
 
     def submit(self, result, max_width: int | None) -> Future:
-        """A future of the GIF's bytes of tracked `result` (a `VideoResult`)."""
+        """A future of the GIF's bytes of tracked `result` (a `VideoResult`), `max_width` px wide at most."""
         args = (*gif_arrays(result), max_width)
         if not self._broken:
             try:

@@ -11,7 +11,11 @@ and `videos_per_s` (done videos only; `attempts_per_s` counts failures too). `ru
 
 merges every ledger file of OUT_DIR, rewrites those files and prints the report. Exit status: 0 no
 video of the folder failed, 1 some did (or the files could not be written), 2 not a semtrack output
-folder (neither a semtrack sidecar nor a ledger with a semtrack `start` record: nothing is written).
+folder (neither a semtrack sidecar nor a ledger with a `start` record of its schema: nothing written).
+The track statistics (`semtrack.survey`): `--json` prints them, `--where EXPR` prints the videos
+matching a filter (both on stdout, the report on stderr, exit status 0 unless they cannot be
+made), `--html [PATH]` writes the page (`semtrack.report_html`), `--verify_outputs` first computes
+the statistics that older records lack from the pickles.
 """
 from __future__ import annotations
 
@@ -24,10 +28,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import semtrack
-from semtrack.layout import LEDGER_DIR, OutputLayout
+from semtrack.layout import LEDGER_DIR, REPORT_HTML, OutputLayout
 from semtrack.ledger import DONE, FAILED, iter_records, latest_videos, order, read_records, unique_records
-from semtrack.pipeline import STAGES
+from semtrack.records import STAGES
+from semtrack.report_html import render_html
 from semtrack.safeio import SIDECAR_MAX, read_text, shown, write_text_atomic
+from semtrack.survey import MISSING_NOTE, FilterError, StatsTable, build_survey, restate
 from semtrack.util import one_line
 from semtrack.webdataset import manifest_csv
 
@@ -49,7 +55,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
     """One run's figures from its `start`, `video` and `end` records (all processes of the run)."""
     starts = [r for r in records if r["kind"] == "start"]
     ends = [r for r in records if r["kind"] == "end"]
-    videos = [r for r in records if r["kind"] == "video" and not r.get("adopted")]
+    videos = [r for r in records if r["kind"] == "video" and not r.get("adopted") and not r.get("restated")]
     done = sum(r["status"] == DONE for r in videos)
     failed = sum(r["status"] == FAILED for r in videos)
     first = min(starts, key=order) if starts else {}
@@ -75,7 +81,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
         "counts": {"rows": rows, "done": done, "failed": failed, "skipped": skipped,
                    "pending": max(0, rows - done - failed - skipped)},
         "failures": _sorted_failures(r for r in videos if r["status"] == FAILED),
-        "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in (*STAGES, "write") if totals[s][1]},
+        "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in STAGES if totals[s][1]},
         "data_wait_s": sum(e.get("data_wait_s", 0.0) for e in ends),
         "points_dropped": sum(e.get("points_dropped", 0) for e in ends),
         "startup_s": max((e["startup_s"] for e in ends if e.get("startup_s") is not None), default=None),
@@ -114,7 +120,7 @@ def build_report(layout: OutputLayout, records: list[dict], run_id: str | None =
         "failures": _sorted_failures(r for r in latest.values() if r["status"] == FAILED),
         "last_run": next((s for s in summaries if s["run_id"] == run_id), None),
         "runs": [{k: s[k] for k in ("run_id", "started", "shard", "world_size", "status", "counts", "wall_s",
-                                    "videos_per_s")} for s in summaries],
+                                    "videos_per_s", "stage_mean_s")} for s in summaries],
     }
 
 
@@ -136,14 +142,17 @@ def write_report_files(layout: OutputLayout, report: dict, records: list[dict]) 
         write_text_atomic(layout.manifest, manifest_csv(latest.values()))
 
 
-def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] | None = None) -> dict:
-    """Read the ledger, build the report and write its files -> the report. `errors` (one line each:
-    what the run could not write) go into `last_run.errors`; a report file that cannot be written
-    adds its line there too (in the returned report only)."""
-    problems: list[str] = []
-    records = read_records(layout, problems)
+def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] | None = None,
+            records: list[dict] | None = None, problems: list[str] | None = None) -> dict:
+    """Read the ledger (unless its `records` are given, with the `problems` met reading them), build the
+    report and write its files -> the report. `errors` (one line each: what the run could not write) go
+    into `last_run.errors`; a report file that cannot be written adds its line there too (in the
+    returned report only). `ledger_problems`: one line per ledger file or lines skipped."""
+    if records is None:
+        problems = []
+        records = read_records(layout, problems)
     report = build_report(layout, records, run_id)
-    report["ledger_problems"] = problems
+    report["ledger_problems"] = list(problems or ())
     if report["last_run"] is not None:
         report["last_run"]["errors"] = list(errors or ())
     try:
@@ -199,7 +208,7 @@ def format_report(report: dict) -> str:
 
 def is_output_folder(layout: OutputLayout) -> bool:
     """Whether `layout.root` is a semtrack output folder: its sidecar is one semtrack wrote, or one of its
-    ledger files holds a semtrack `start` record."""
+    ledger files holds a `start` record of semtrack's schema (`semtrack.ledger_schema`)."""
     try:
         sidecar = json.loads(read_text(layout.sidecar, SIDECAR_MAX))
         if isinstance(sidecar, dict) and isinstance(sidecar.get("semtrack_version"), str) \
@@ -207,24 +216,75 @@ def is_output_folder(layout: OutputLayout) -> bool:
             return True
     except (OSError, ValueError, RecursionError):
         pass
-    return any(r["kind"] == "start" and isinstance(r.get("semtrack_version"), str) for r in iter_records(layout))
+    return any(r["kind"] == "start" for r in iter_records(layout))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`semtrack-report OUT_DIR`: merge the folder's ledger, rewrite its report files, print the report."""
+    """`semtrack-report OUT_DIR [--json] [--where EXPR] [--html [PATH]] [--verify_outputs]`: merge the
+    folder's ledger, rewrite its report files, print the report (or its statistics as JSON, or the
+    videos matching a filter) and write the HTML page."""
     parser = argparse.ArgumentParser(prog="semtrack-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>)")
+    parser.add_argument("--json", action="store_true", help="print the folder's numbers and statistics as JSON")
+    parser.add_argument("--where", metavar="EXPR", help='print "dataset,video_id" of the done videos matching EXPR, '
+                                                        'e.g. "visible<0.1 and points>=8" or a rule name')
+    parser.add_argument("--html", nargs="?", const="", metavar="PATH",
+                        help=f"write the HTML report to PATH (default: OUT_DIR/{REPORT_HTML})")
+    parser.add_argument("--verify_outputs", action="store_true",
+                        help="compute the statistics of done videos recorded without them, from their pickles")
     args = parser.parse_args(argv)
     layout = OutputLayout(args.out_dir)
     if not is_output_folder(layout):
         print(f"error: {shown(layout.root)} holds neither a semtrack config sidecar ({layout.sidecar.name}) nor a "
               f"semtrack ledger ({LEDGER_DIR}/*.jsonl): not a semtrack output folder; nothing written", file=sys.stderr)
         return 2
-    report = rebuild(layout)
-    print(format_report(report))
+    problems: list[str] = []
+    records = read_records(layout, problems)
+    latest = latest_videos(records)
+    table = StatsTable.of(latest)
+    if args.verify_outputs and table.missing:
+        try:
+            restated, problems = restate(layout, table.missing)
+        except OSError as exc:
+            print(f"error: cannot write the ledger of {layout.root}: {one_line(exc)}", file=sys.stderr)
+            return 1
+        for line in problems:
+            print(f"error: no statistics for {line}", file=sys.stderr)
+        print(f"semtrack: statistics computed from the pickles of {len(restated)} done video(s)", file=sys.stderr)
+        records += restated
+        latest = latest_videos(records)
+        table = StatsTable.of(latest)
+    try:
+        selected = table.where(args.where) if args.where is not None else None
+    except FilterError as exc:
+        print(f"error: --where: {exc}", file=sys.stderr)
+        return 2
+    report = rebuild(layout, records=records, problems=problems)
+    quiet = args.json or selected is not None  # stdout is for the JSON or the ids
+    print(format_report(report), file=sys.stderr if quiet else sys.stdout)
+    if table.missing:
+        print(f"  statistics: {len(table.missing)} done video(s) have {MISSING_NOTE} "
+              f"(semtrack-report {layout.root} --verify_outputs)",
+              file=sys.stderr if quiet else sys.stdout)
     errors = report["last_run"]["errors"] if report["last_run"] else []
     for line in errors:
         print(f"error: {shown(line)}", file=sys.stderr)
+    survey = build_survey(report, latest, table) if args.json or args.html is not None else None
+    if args.html is not None:
+        page = Path(args.html) if args.html else layout.root / REPORT_HTML
+        try:
+            write_text_atomic(page, render_html(survey, layout, page, dict(zip(table.keys, table.records))))
+        except OSError as exc:
+            print(f"error: cannot write {page}: {one_line(exc)}", file=sys.stderr)
+            return 1
+        print(f"semtrack: wrote {page} ({page.stat().st_size} bytes)", file=sys.stderr if quiet else sys.stdout)
+    if args.json:
+        print(json.dumps(survey, indent=1))
+    if selected is not None:
+        print("dataset,video_id")
+        print("".join(f"{d},{v}\n" for d, v in selected), end="")
+    if quiet:
+        return 0
     return 1 if errors or report["counts"]["failed"] else 0
 
 
