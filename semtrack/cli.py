@@ -29,6 +29,7 @@ import typing
 
 import yaml
 
+import semtrack
 from semtrack.config import GROUPS, ExtractConfig, field_help, research_options
 
 SUBCOMMAND = "predict"
@@ -119,7 +120,7 @@ def flat_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog, allow_abbrev=False,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
-        usage="%(prog)s --csv_path CSV [options]",
+        usage="%(prog)s (--csv_path CSV | --video_path FILE|DIR|GLOB) [options]",
         description="Semantic point tracks for every video of a CSV: DINOv2 entities tracked with CoTracker3, "
                     "one pickle per video.",
         epilog=f"Any other Trainer argument: --trainer.NAME VALUE. YAML configs and every Lightning option: "
@@ -134,6 +135,7 @@ def flat_parser(prog: str | None = None) -> argparse.ArgumentParser:
         hint = _HINTS[name]
         groups[group].add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=_metavar(hint),
                                    help=f"{text} (default: {shown or _default_text(f.default)})", **_arg_spec(hint))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {semtrack.__version__}")
     trainer = parser.add_argument_group("trainer")
     for name, text in TRAINER_FLAGS.items():
         trainer.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="TEXT", help=text)
@@ -275,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     from semtrack.stopping import Stopped
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare command: how to use it, not an error about the default CSV
+        parser = flat_parser()
+        print(parser.format_usage().rstrip() + f"\n{parser.prog}: give --csv_path or --video_path; --help lists "
+              "every option", file=sys.stderr)
+        return 2
     lightning_form = SUBCOMMAND in argv[:1] or any(a.split("=")[0] in ("--config", "--print_config") for a in argv)
     args = translate(argv) if lightning_form else argv
     # Lightning's DDP launcher re-runs sys.argv for the other ranks: hand it this command line.

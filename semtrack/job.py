@@ -1,15 +1,18 @@
 """What one extraction job is, decided once: its options, output folder and shard, and, once the
-process knows its rank, the rows it runs and how many processes decode them.
+process knows its rank, the rows it runs, how many processes decode them and how many threads compute.
 
 `Job.of(config)` is made once per process (by `datamodules.extraction.ExtractionDataModule`, which
 the preflight checks of `semtrack.api` build or are given) and passed to what needs it: the
-DataModule fills in `plan` and `num_workers` in its `setup`, the writer's `Run` reads them.
+DataModule fills in `plan`, `num_workers` and `num_threads` in its `setup`; the writer applies the
+threads (`torch.set_num_threads`) and its `Run` reads the rest.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
+
+import torch
 
 from semtrack.config import ExtractConfig
 from semtrack.layout import OutputLayout
@@ -43,27 +46,44 @@ def assigned_rows(rows: list, shard: Shard, rank: int, world_size: int, debug: b
     return run_rows[rank::world_size], len(run_rows)
 
 
-def default_num_workers(local_world_size: int, environ: Mapping[str, str] = os.environ,
-                        cpus: int | None = None) -> tuple[int, str]:
-    """Decoding processes per device when `--num_workers` is not given -> (count, how it was chosen).
-
-    The CPUs this process may run on (`os.sched_getaffinity`), shared by the `local_world_size`
-    processes of this node, unless SLURM bound each task to its own (`SLURM_CPUS_PER_TASK` equals that
-    count); one of them is left to the main process; at least 1, at most `MAX_DEFAULT_WORKERS`.
-    """
+def cpus_per_device(local_world_size: int, environ: Mapping[str, str] = os.environ, cpus: int | None = None) -> int:
+    """The CPUs one process may use: those it may run on (`os.sched_getaffinity`), shared by the
+    `local_world_size` processes of this node, unless SLURM bound each task to its own
+    (`SLURM_CPUS_PER_TASK` equals that count); at least 1."""
     cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
     per_task = environ.get("SLURM_CPUS_PER_TASK", "")
     own = per_task.isdigit() and int(per_task) == cpus
-    per_device = cpus if own or local_world_size <= 1 else max(1, cpus // local_world_size)
+    return cpus if own or local_world_size <= 1 else max(1, cpus // local_world_size)
+
+
+def default_num_workers(local_world_size: int, environ: Mapping[str, str] = os.environ,
+                        cpus: int | None = None) -> tuple[int, str]:
+    """Decoding processes per device when `--num_workers` is not given -> (count, how it was chosen):
+    the process's CPUs (`cpus_per_device`), one left to the main process; at least 1, at most
+    `MAX_DEFAULT_WORKERS`."""
+    per_device = cpus_per_device(local_world_size, environ, cpus)
     count = min(MAX_DEFAULT_WORKERS, max(1, per_device - 1))
     return count, f"{per_device} CPU(s) per device, one left to the main process, at most {MAX_DEFAULT_WORKERS}"
+
+
+def default_num_threads(local_world_size: int, num_workers: int, ceiling: int,
+                        environ: Mapping[str, str] = os.environ, cpus: int | None = None) -> tuple[int, str]:
+    """torch intra-op threads of the main process when `--num_threads` is not given -> (count, how it
+    was chosen): the process's CPUs (`cpus_per_device`) less one per decoding worker (each decodes
+    with one thread), at least 1 and at most `ceiling` (torch's count before the run: its default of
+    physical cores, or OMP_NUM_THREADS). So the ranks and workers of a node never run more threads
+    than it has CPUs."""
+    per_device = cpus_per_device(local_world_size, environ, cpus)
+    count = max(1, min(ceiling, per_device - num_workers))
+    return count, f"{per_device} CPU(s) per device less {num_workers} decoding worker(s)"
 
 
 @dataclass
 class Job:
     """One extraction job in one process: `config` (an `ExtractConfig`), the output `layout` it writes
     (the config's folder, or its `debug/` folder in debug mode), its `shard` of the CSV rows; `plan`
-    (this process's rows) and `num_workers` (its decoding processes) once its rank is known."""
+    (this process's rows), `num_workers` (its decoding processes) and `num_threads` (its torch
+    threads) once its rank is known."""
 
     config: ExtractConfig
     layout: OutputLayout
@@ -71,6 +91,8 @@ class Job:
     plan: RowPlan | None = None
     num_workers: int | None = None
     workers_note: str = ""  # how num_workers was chosen, for the start-up line
+    num_threads: int | None = None  # torch intra-op threads of the main process
+    threads_note: str = ""  # how num_threads was chosen, for the start-up line
 
     @classmethod
     def of(cls, config: ExtractConfig) -> Job:
@@ -93,8 +115,8 @@ class Job:
                        datasets=tuple(sorted({r.dataset for r in rows})))
 
     def settle(self, rows: Sequence, rank: int, world_size: int, local_world_size: int) -> None:
-        """Fill in `plan` and `num_workers` for global `rank` of `world_size` processes, `local_world_size`
-        of them on this node (once; later calls keep the first plan)."""
+        """Fill in `plan`, `num_workers` and `num_threads` for global `rank` of `world_size` processes,
+        `local_world_size` of them on this node (once; later calls keep the first plan)."""
         if self.plan is not None:
             return
         self.plan = self.plan_rows(rows, rank, world_size)
@@ -102,3 +124,8 @@ class Job:
             self.num_workers, self.workers_note = self.config.num_workers, "--num_workers"
         else:
             self.num_workers, self.workers_note = default_num_workers(local_world_size)
+        if self.config.num_threads is not None:
+            self.num_threads, self.threads_note = self.config.num_threads, "--num_threads"
+        else:
+            self.num_threads, self.threads_note = default_num_threads(
+                local_world_size, self.num_workers, torch.get_num_threads())

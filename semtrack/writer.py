@@ -2,12 +2,12 @@
 (`semtrack.run.Run`, which does the bookkeeping and the writing), adds the DDP broadcasts and the
 barrier, and `ExtractionProgressBar` shows the run's counts.
 
-Order of a run, per process: `setup` (signal handlers, the folder lock on global rank 0, the plan
-line, "loading models"), the models load, `on_predict_start` (the run id from rank 0, `Run.begin`,
-"decoding the first videos"), each batch (`Run.submit` hands the results to the background writer;
-a stop request is honoured at each batch boundary), then `on_predict_end` (`Run.finish`, a barrier,
-rank 0 rebuilds the report and broadcasts it) or, when the run stops or fails, `on_exception` (the
-same, without waiting for the other ranks).
+Order of a run, per process: `setup` (signal handlers, the folder lock on global rank 0, torch's
+thread count from the job, the plan line, "loading models"), the models load, `on_predict_start`
+(the run id from rank 0, `Run.begin`, "decoding the first videos"), each batch (`Run.submit`
+hands the results to the background writer; a stop request is honoured at each batch boundary),
+then `on_predict_end` (`Run.finish`, a barrier, rank 0 rebuilds the report and broadcasts it) or,
+when the run stops or fails, `on_exception` (the same, without waiting for the other ranks).
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class TrackWriter(BasePredictionWriter):
         self.report: dict | None = None
         self.last_write_s = 0.0
         self._setup_time = self._batch_start = self._batch_end = self._wait = 0.0
+        self._threads_before: int | None = None
 
     @property
     def started(self) -> bool:
@@ -70,11 +71,14 @@ class TrackWriter(BasePredictionWriter):
         if refusal:
             raise FolderBusy(refusal)
         job, plan = self.run.job, self.run.job.plan
+        self._threads_before = torch.get_num_threads()
+        torch.set_num_threads(job.num_threads)  # the models load and run with it
         counts = torch.tensor([len(plan.pending), plan.skipped], device=trainer.strategy.root_device)
         pending, skipped = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
         where = "" if job.shard.count == 1 else f"{job.shard.describe()}: "
         say(trainer, f"{where}{plan.rows} rows, {pending} to do, {skipped} done already; {job.num_workers} decoding "
-                     f"worker(s) per device ({job.workers_note}); loading models")
+                     f"worker(s) per device ({job.workers_note}), {job.num_threads} torch thread(s) per process "
+                     f"({job.threads_note}); loading models")
 
     def on_predict_start(self, trainer, pl_module) -> None:
         run_id = trainer.strategy.broadcast(new_run_id() if trainer.is_global_zero else None, src=0)
@@ -115,8 +119,12 @@ class TrackWriter(BasePredictionWriter):
             self.report = self.run.rebuild()
 
     def release(self) -> None:
-        """Drop the signal handlers, the writer thread and the folder lock (after the run, whatever its outcome)."""
+        """Drop the signal handlers, the writer thread and the folder lock and restore torch's thread
+        count (after the run, whatever its outcome)."""
         self.stop.restore()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         if self.run is not None:
             self.run.release()
 

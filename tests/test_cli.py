@@ -8,7 +8,9 @@ import sys
 
 import av
 import pytest
+import torch
 
+import semtrack
 from _shared import REPO_ROOT
 from semtrack.cli import main, parse_flat
 from semtrack.config import GROUPS, ExtractConfig
@@ -97,3 +99,47 @@ def test_a_video_passed_as_a_checkpoint_is_one_line_and_exit_2(flag, tmp_path, v
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "tiny_25fps.mp4 is not a" in err[0] and "checkpoint" in err[0]
     assert "Traceback" not in err[0] and not list((tmp_path / "out").rglob("*.pkl"))
+
+
+@pytest.mark.parametrize("hub", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline", "unreachable"])
+def test_missing_weights_of_both_models_are_one_line_before_anything_is_written(hub, tmp_path, videos_dir):
+    """Official weights, nothing cached, the hub off or not answering: exit 2, one line naming both
+    models, no retries, no output folder (the check runs before the folder is touched)."""
+    csv = tmp_path / "v.csv"
+    csv.write_text(f"video_path,dataset\n{videos_dir / 'tiny_ssv2.webm'},ssv2\n")
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), **hub}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--csv_path", str(csv), "--base_feat_path",
+                           str(tmp_path / "out"), "--accelerator", "cpu"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 2 models have no weights: "), proc.stderr
+    assert "no CoTracker3 weights" in lines[0] and "no DINOv2 'vitb14' weights" in lines[0]
+    assert "Retry" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--accelerator", "gpu"], "error: invalid Trainer option: No supported gpu backend found!"),
+    (["--devices", "abc"], "error: invalid Trainer option: `devices` selected with `CPUAccelerator` should be an "
+                           "int > 0."),
+    (["--devices", "0"], "error: invalid Trainer option: `Trainer(devices=0)` value is not a valid input using cpu "
+                         "accelerator."),
+    (["--trainer.nonexistent", "3"], "error: invalid Trainer option: unknown Trainer argument --trainer.nonexistent"),
+    (["--precision", "bogus"], "error: invalid Trainer option: Precision 'bogus' is invalid."),
+])
+def test_a_bad_trainer_option_is_one_line_and_exit_2(argv, expected, tmp_path, capsys):
+    if argv[:2] == ["--accelerator", "gpu"] and torch.cuda.is_available():
+        pytest.skip("a GPU is there")
+    status = main(["--csv_path", str(tmp_path / "v.csv"), "--base_feat_path", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_arguments_print_the_usage_and_version_prints_the_version():
+    bare = run_script()
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: extract.py (--csv_path CSV | --video_path")
+    assert "sample.csv" not in bare.stderr and len(bare.stderr.splitlines()) == 2
+    version = run_script("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"extract.py {semtrack.__version__}"

@@ -77,7 +77,7 @@ def semantic(tmp_path_factory, videos_dir):
         (videos_dir / "corrupt_truncated.mp4", "synthetic"),
     ])
     args = ["--clustering_method", "bipartite", "--csv_path", str(csv), "--base_feat_path", str(tmp / "out"),
-            *SEMANTIC, "--make_vis"]
+            *SEMANTIC, "--make_vis", "--num_threads", "1"]
     proc = run_script(*args)
     return {"proc": proc, "csv": csv, "args": args, "out": tmp / "out" / "cotracker3_bip_fr_4_fps_10"}
 
@@ -152,6 +152,18 @@ def test_semantic_run_gifs_failures_report_sidecar(semantic):
     assert "2 done, 2 failed" in semantic["proc"].stderr
     sidecar = json.loads((out / "semtrack_config.json").read_text())["options"]
     assert f.meta["config"] == sidecar and sidecar["tracker_resolution"] == [96, 128]
+
+
+def test_semantic_outputs_are_the_same_bytes_with_two_ranks(semantic):
+    """The same thread count per process (`--num_threads`), 1 or 2 CPU ranks: the same pickles (the
+    tracker's float16 tracks can differ by one ulp between thread counts)."""
+    out = semantic["out"]
+    base = out.parent.parent / "ddp"
+    args = [a if a != str(out.parent) else str(base) for a in semantic["args"]]
+    proc = run_script(*args, "--devices", "2", "--accelerator", "cpu")
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the two broken files
+    assert "1 torch thread(s) per process (--num_threads)" in proc.stderr
+    assert pickles(base / out.name) == pickles(out) and len(pickles(out)) == 2
 
 
 def test_sidecar_mismatch_is_refused(semantic, capsys):

@@ -17,7 +17,7 @@ import torch
 from _shared import REPO_ROOT
 from semtrack.config import ExtractConfig
 from semtrack.gif import save_trail_gif
-from semtrack.job import MAX_DEFAULT_WORKERS, Job, default_num_workers
+from semtrack.job import MAX_DEFAULT_WORKERS, Job, default_num_threads, default_num_workers
 from semtrack.layout import OutputLayout
 from semtrack.ledger import LedgerPart, read_records
 from semtrack.records import Clip, Failure, Tracks, VideoResult
@@ -225,3 +225,17 @@ def test_the_default_number_of_decoding_workers_follows_the_cpus_per_device(tmp_
     given = make_run(tmp_path, rows=1, num_workers=0).job
     assert (given.num_workers, given.workers_note) == (0, "--num_workers")
     assert make_run(tmp_path, rows=1).job.num_workers == default_num_workers(1)[0] >= 1
+
+
+def test_the_default_number_of_threads_leaves_the_decoding_workers_their_cpus(tmp_path):
+    assert default_num_threads(1, 0, ceiling=8, environ={}, cpus=2)[0] == 2  # no workers: every CPU
+    assert default_num_threads(1, 1, ceiling=8, environ={}, cpus=2)[0] == 1  # the default worker takes one
+    assert default_num_threads(2, 0, ceiling=8, environ={}, cpus=2)[0] == 1  # two ranks share two CPUs
+    assert default_num_threads(2, 7, ceiling=64, environ={}, cpus=32)[0] == 9  # 16 per device less 7 workers
+    assert default_num_threads(1, 0, ceiling=4, environ={}, cpus=16)[0] == 4  # never above torch's own count
+    assert default_num_threads(8, 1, ceiling=8, environ={}, cpus=8)[0] == 1  # at least one
+    assert default_num_threads(8, 2, ceiling=8, environ={"SLURM_CPUS_PER_TASK": "6"}, cpus=6)[0] == 4
+    count, note = default_num_threads(1, 3, ceiling=64, environ={}, cpus=16)
+    assert count == 13 and "16 CPU(s) per device less 3 decoding worker(s)" == note
+    given = make_run(tmp_path, rows=1, num_threads=3).job
+    assert (given.num_threads, given.threads_note) == (3, "--num_threads")
