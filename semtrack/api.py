@@ -124,7 +124,7 @@ def preflight(config: ExtractConfig, precision: str, datamodule: ExtractionDataM
     check_weights(config)
     check_writable(layout)
     if rank_zero_only.rank == 0:  # the rank Lightning reads from the launcher's environment
-        print(f"semtrack: {len(rows)} rows in {config.csv_path}; checking which are done in {layout.root}",
+        print(f"semtrack: {len(rows)} rows in {config.source}; checking which are done in {layout.root}",
               file=sys.stderr, flush=True)
     return datamodule
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -53,6 +54,7 @@ RUN_ONLY_OPTIONS = frozenset(
      "verify_outputs", "num_threads", "retry_failed", "video_path", "dataset", "limit"}
 )
 OUTPUT_FORMATS = ("pickle", "webdataset")
+CSV_PATH = "sample.csv"  # the research script's default input
 RETRY_FAILED = ("transient", "always", "never")  # which failed rows a run redoes; the first is the default
 
 
@@ -62,7 +64,7 @@ class ExtractConfig:
     (REFERENCE.md 2.1)."""
 
     csv_path: str = _option(
-        "sample.csv", "input/output", "CSV of videos: columns video_path, dataset [, video_id, fps]")
+        CSV_PATH, "input/output", "CSV of videos: columns video_path, dataset [, video_id, fps]")
     base_feat_path: str = _option("./semtrack_out", "input/output", "output root; outputs go to <base>/<dump_name>/")
     video_path: Optional[str] = _option(
         None, "input/output", "instead of a CSV: a video file, a folder of videos, or a glob such as 'clips/*.mp4'")
@@ -170,6 +172,8 @@ class ExtractConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.video_path is not None and self.csv_path != CSV_PATH:
+            raise ValueError("give --csv_path or --video_path, not both")
         if self.retry_failed not in RETRY_FAILED:
             raise ValueError(f"retry_failed must be one of {RETRY_FAILED}, got {self.retry_failed!r}")
         if (self.num_workers is not None and self.num_workers < 0) or self.min_point_distance < 0:
@@ -205,6 +209,11 @@ class ExtractConfig:
     def layout(self) -> OutputLayout:
         """The paths under `<base_feat_path>/<dump_name>`."""
         return OutputLayout(f"{self.base_feat_path}/{self.dump_name()}")
+
+    @property
+    def source(self) -> str:
+        """Where the rows come from, for messages and the ledger: `video_path`, else the CSV's absolute path."""
+        return self.video_path if self.video_path is not None else os.path.abspath(self.csv_path)
 
     @property
     def tracker_weights(self) -> str:

@@ -25,7 +25,8 @@ MAX_DEFAULT_WORKERS = 8  # decoding processes per device without --num_workers, 
 @dataclass
 class RowPlan:
     """What one process of a run does. `rows`: the run's rows (its shard, all ranks); `assigned`:
-    this process's share; `pending`: the row indices of it still to do; `skipped`: done already;
+    this process's share; `pending`: the row indices of it still to do; `skipped`: done already, or
+    failed earlier and not retried (`not_retried` of them, `--retry_failed`);
     `adopted`: ledger records for valid pickles found without one; `csv_rows`, `csv_keys`: the
     CSV's row count and key digest (`semtrack.ledger.csv_keys`); `datasets`: the CSV's datasets."""
 
@@ -37,6 +38,7 @@ class RowPlan:
     csv_keys: str
     adopted: list[dict] = field(default_factory=list)
     datasets: tuple[str, ...] = ()
+    not_retried: int = 0
 
 
 def assigned_rows(rows: list, shard: Shard, rank: int, world_size: int, debug: bool) -> tuple[list, int]:
@@ -109,8 +111,10 @@ class Job:
         mine, run_rows = assigned_rows(list(rows), self.shard, rank, world_size, cfg.debug_mode)
         rerun = cfg.rerun or cfg.debug_mode
         latest = {} if rerun else latest_videos(iter_records(self.layout), {(r.dataset, r.video_id) for r in mine})
-        decided = DoneRule(self.layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs).plan(mine, rerun)
+        decided = DoneRule(self.layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs,
+                           retry_failed=cfg.retry_failed).plan(mine, rerun)
         return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
+                       not_retried=decided.not_retried,
                        csv_rows=len(rows), csv_keys=csv_keys(rows), adopted=decided.adopted,
                        datasets=tuple(sorted({r.dataset for r in rows})))
 

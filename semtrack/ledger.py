@@ -205,20 +205,40 @@ def read_output(layout: OutputLayout, record: dict, kind: str) -> bytes:
 
 @dataclass
 class ResumePlan:
-    """One process's share of a run: `pending` row indices to process, `skipped` rows already done,
-    `adopted` records for valid pickles found without a record (to append to the ledger)."""
+    """One process's share of a run: `pending` row indices to process, `skipped` rows already done or
+    failed without a retry (`not_retried` of them), `adopted` records for valid pickles found
+    without a record (to append to the ledger)."""
 
     pending: list[int] = field(default_factory=list)
     skipped: int = 0
     adopted: list[dict] = field(default_factory=list)
+    not_retried: int = 0  # of `skipped`: rows whose latest record is a failure the rule does not retry
+
+
+def is_permanent(record: dict) -> bool:
+    """Whether a `failed` record's failure would recur: the file failed to decode (not a video, empty,
+    truncated, undecodable) and is unchanged since (its mtime and ctime before the record's time).
+    Failures of the model stages, of writing, of a decoder that broke unexpectedly, or of a file that
+    is gone or changed are transient (worth a retry)."""
+    if record.get("stage") != "decode" or str(record.get("reason", "")).startswith("unexpected"):
+        return False
+    try:
+        info = os.stat(record.get("video_path") or "")
+    except (OSError, ValueError):
+        return False
+    return max(info.st_mtime, info.st_ctime) < record.get("time", 0.0)
 
 
 class DoneRule:
     """Decides which rows are done: the ledger's latest record and one `stat` per output (cached per
-    tar shard); `verify` re-reads and validates each pickle; `want_gif`: --make_vis asks for GIFs."""
+    tar shard); `verify` re-reads and validates each pickle; `want_gif`: --make_vis asks for GIFs.
+    `retry_failed` says which failed rows are redone: "always", "never", or "transient" (not those
+    whose failure `is_permanent`)."""
 
-    def __init__(self, layout: OutputLayout, latest: dict[tuple[str, str], dict], want_gif: bool, verify: bool):
+    def __init__(self, layout: OutputLayout, latest: dict[tuple[str, str], dict], want_gif: bool, verify: bool,
+                 retry_failed: str = "always"):
         self.layout, self.latest, self.want_gif, self.verify = layout, latest, want_gif, verify
+        self.retry_failed = retry_failed
         self._sizes: dict[Path, int | None] = {}
 
     def plan(self, rows: Iterable, rerun: bool = False) -> ResumePlan:
@@ -229,6 +249,10 @@ class DoneRule:
                 plan.pending.append(row.index)
                 continue
             record = self.latest.get((row.dataset, row.video_id))
+            if record is not None and record.get("status") == FAILED and not self.retries(record):
+                plan.skipped += 1
+                plan.not_retried += 1
+                continue
             if record is not None:
                 done = self.is_done(record)
             else:
@@ -241,6 +265,10 @@ class DoneRule:
             else:
                 plan.pending.append(row.index)
         return plan
+
+    def retries(self, record: dict) -> bool:
+        """Whether the failed `record`'s row is redone."""
+        return self.retry_failed == "always" or (self.retry_failed == "transient" and not is_permanent(record))
 
     def is_done(self, record: dict) -> bool:
         if record.get("status") != DONE:

@@ -73,6 +73,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
         "counts": {"rows": rows, "done": done, "failed": failed, "skipped": skipped,
                    "pending": max(0, rows - done - failed - skipped)},
         "failures": _sorted_failures(r for r in videos if r["status"] == FAILED),
+        "not_retried": sum(r.get("not_retried", 0) for r in starts),  # of skipped: failed earlier, not redone
         "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in (*STAGES, "write") if totals[s][1]},
         "data_wait_s": sum(e.get("data_wait_s", 0.0) for e in ends),
         "points_dropped": sum(e.get("points_dropped", 0) for e in ends),
@@ -179,6 +180,9 @@ def format_report(report: dict) -> str:
         lines.append(f"  this run{where}: {rc['rows']} rows: {rc['done']} done, {rc['failed']} failed, "
                      f"{rc['skipped']} skipped, {rc['pending']} not reached in {run['wall_s']:.1f} s "
                      f"({_rate(run)}){status}")
+        if run.get("not_retried"):
+            lines.append(f"  {run['not_retried']} rows failed earlier and were not retried (--retry_failed always "
+                         "redoes them)")
         if run["stage_mean_s"]:
             lines.append("  mean s/video: " + ", ".join(f"{k} {v:.3f}" for k, v in run["stage_mean_s"].items()))
     failures = report["failures"]

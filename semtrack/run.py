@@ -119,10 +119,11 @@ class Run:
         output_format = "pickle" if cfg.debug_mode else cfg.output_format
         self._sink = open_sink(layout, output_format, run_id, self.rank, cfg.videos_per_tar)
         start = {"kind": "start", "world_size": self.world_size, "shard": [self.job.shard.index, self.job.shard.count],
-                 "host": socket.gethostname(), "pid": os.getpid(), "csv_path": os.path.abspath(cfg.csv_path),
+                 "host": socket.gethostname(), "pid": os.getpid(), "csv_path": cfg.source,
                  "output_format": self._sink.format, "make_vis": cfg.make_vis, "debug": cfg.debug_mode,
                  "semtrack_version": semtrack.__version__, "csv_rows": plan.csv_rows, "csv_keys": plan.csv_keys,
-                 "rows": plan.rows, "assigned": plan.assigned, "skipped": plan.skipped}
+                 "rows": plan.rows, "assigned": plan.assigned, "skipped": plan.skipped,
+                 "not_retried": plan.not_retried}
         try:
             self._ledger.append([self._stamp(start), *(self._stamp(r) for r in plan.adopted)])
         except OSError as exc:

@@ -73,10 +73,13 @@ class TrackWriter(BasePredictionWriter):
         job, plan = self.run.job, self.run.job.plan
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(job.num_threads)  # the models load and run with it
-        counts = torch.tensor([len(plan.pending), plan.skipped], device=trainer.strategy.root_device)
-        pending, skipped = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
+        counts = torch.tensor([len(plan.pending), plan.skipped, plan.not_retried],
+                              device=trainer.strategy.root_device)
+        pending, skipped, not_retried = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
         where = "" if job.shard.count == 1 else f"{job.shard.describe()}: "
-        say(trainer, f"{where}{plan.rows} rows, {pending} to do, {skipped} done already; {job.num_workers} decoding "
+        earlier = f", {not_retried} failed earlier (not retried)" if not_retried else ""
+        say(trainer, f"{where}{plan.rows} rows, {pending} to do, {skipped - not_retried} done already{earlier}; "
+                     f"{job.num_workers} decoding "
                      f"worker(s) per device ({job.workers_note}), {job.num_threads} torch thread(s) per process "
                      f"({job.threads_note}); loading models")
 

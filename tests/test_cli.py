@@ -143,3 +143,21 @@ def test_no_arguments_print_the_usage_and_version_prints_the_version():
     assert "sample.csv" not in bare.stderr and len(bare.stderr.splitlines()) == 2
     version = run_script("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"extract.py {semtrack.__version__}"
+
+
+def test_a_folder_of_videos_without_a_csv_and_a_limit(tmp_path, videos_dir, capsys):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name in ("tiny_25fps.mp4", "tiny_ssv2.webm", "not_a_video.mp4"):
+        (folder / name).symlink_to(videos_dir / name)
+    status = main(["--video_path", str(folder), "--limit", "2", "--base_feat_path", str(tmp_path / "out"),
+                   "--weights", "random", "--use_grid", "--cotracker_grid_size", "2", "--max_frames", "4",
+                   "--tracker_resolution", "64", "96", "--num_workers", "0", "--accelerator", "cpu",
+                   "--trainer.enable_progress_bar=false"])
+    assert status == 1, capsys.readouterr().err  # not_a_video.mp4 is the first in sorted order
+    out = tmp_path / "out" / "cotracker3_bip_fr_32_fps_10"
+    assert sorted(p.name for p in out.rglob("*.pkl")) == ["tiny_25fps.pkl"]
+    assert load_tracks(out / "clips" / "feat_dump" / "tiny_25fps.pkl").num_points == 4
+    assert f"2 rows in {folder}" in capsys.readouterr().err
+    assert main(["--video_path", str(folder), "--csv_path", "v.csv"]) == 2
+    assert capsys.readouterr().err.strip() == "error: give --csv_path or --video_path, not both"
