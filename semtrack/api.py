@@ -82,8 +82,9 @@ def build_trainer(config: ExtractConfig, callbacks: Sequence[Callback] = (), **t
     devices it cannot use, an unknown argument)."""
     quiet_lightning()
     options = {**TRAINER_DEFAULTS, **trainer_options}
+    options["enable_progress_bar"] = options.get("enable_progress_bar") is not False  # a YAML null: the bar
     writer = TrackWriter(config)
-    job = [writer] + ([ExtractionProgressBar(writer)] if options.get("enable_progress_bar", True) else [])
+    job = [writer] + ([ExtractionProgressBar(writer)] if options["enable_progress_bar"] else [])
     try:
         trainer = L.Trainer(**options, callbacks=[*job, *callbacks])
     except (MisconfigurationException, TypeError, ValueError) as exc:

@@ -216,8 +216,10 @@ def _lightning_cli(args: list[str]):
     from lightning.pytorch.cli import LightningCLI
 
     from datamodules.extraction import ExtractionDataModule
-    from semtrack.api import TRAINER_DEFAULTS, build_trainer, execute, preflight
+    from semtrack.api import TRAINER_DEFAULTS, build_trainer, execute, preflight, quiet_lightning
     from semtrack.module import SemanticTracker
+
+    quiet_lightning()
 
     class ExtractCLI(LightningCLI):
         """One subcommand (`predict`) and the whole `ExtractConfig` under `extract`."""

@@ -145,6 +145,33 @@ def iter_records(layout: OutputLayout) -> Iterator[dict]:
                 yield record
 
 
+class LedgerTail:
+    """Reads the records appended to one ledger file since the last `read` (whole lines only; a file
+    not there yet reads as empty)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        whole = data[:data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        out = []
+        for line in whole.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if _well_formed(record):
+                out.append(record)
+        return out
+
+
 def read_records(layout: OutputLayout) -> list[dict]:
     """`iter_records` as a list."""
     return list(iter_records(layout))

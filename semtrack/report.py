@@ -9,8 +9,9 @@ and `videos_per_s` (done videos only; `attempts_per_s` counts failures too). `ru
 
     semtrack-report OUT_DIR            (also: python -m semtrack.report OUT_DIR)
 
-merges every ledger file of OUT_DIR, rewrites those files and prints the report. Exit status: 0 no
-video of the folder failed, 1 some did (or the files could not be written), 2 no ledger there.
+merges every ledger file of OUT_DIR, rewrites those files and prints the report (OUT_DIR a base folder:
+every job folder in it). Exit status: 0 no video failed, 1 some did (or the files could not be
+written), 2 no ledger there.
 """
 from __future__ import annotations
 
@@ -194,22 +195,34 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`semtrack-report OUT_DIR`: merge the folder's ledger, rewrite its report files, print the report."""
-    parser = argparse.ArgumentParser(prog="semtrack-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>)")
-    args = parser.parse_args(argv)
-    layout = OutputLayout(args.out_dir)
-    if not layout.ledger_dir.is_dir() or not any(Path(layout.ledger_dir).glob("*.jsonl")):
-        print(f"error: {layout.root} has no ledger ({layout.ledger_dir}/*.jsonl): not a semtrack output folder",
-              file=sys.stderr)
-        return 2
+def _has_ledger(layout: OutputLayout) -> bool:
+    return layout.ledger_dir.is_dir() and any(Path(layout.ledger_dir).glob("*.jsonl"))
+
+
+def _report_folder(layout: OutputLayout) -> int:
     report = rebuild(layout)
     print(format_report(report))
     errors = report["last_run"]["errors"] if report["last_run"] else []
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     return 1 if errors or report["counts"]["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`semtrack-report OUT_DIR`: merge the folder's ledger, rewrite its report files, print the report.
+    Given the base folder (`--base_feat_path`), every job folder in it in turn."""
+    parser = argparse.ArgumentParser(prog="semtrack-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>), or a base folder")
+    args = parser.parse_args(argv)
+    layout = OutputLayout(args.out_dir)
+    if _has_ledger(layout):
+        return _report_folder(layout)
+    jobs = sorted(p for p in Path(args.out_dir).glob("*") if p.is_dir() and _has_ledger(OutputLayout(p)))
+    if not jobs:
+        print(f"error: {layout.root} has no ledger ({layout.ledger_dir}/*.jsonl) and no job folder with one: "
+              "not a semtrack output folder", file=sys.stderr)
+        return 2
+    return max(_report_folder(OutputLayout(job)) for job in jobs)
 
 
 if __name__ == "__main__":

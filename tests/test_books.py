@@ -133,6 +133,8 @@ def test_two_shards_and_semtrack_report_equal_one_run(single, clips, monkeypatch
     assert report_main([str(out)]) == 1
     printed = capsys.readouterr().out
     assert "3 rows: 2 done, 1 failed, 0 pending" in printed and "FAILED row 1 broken [decode]" in printed
+    assert report_main([str(base)]) == 1  # the base folder: each job folder in it
+    assert capsys.readouterr().out == printed
     merged, reference = report_of(out), report_of(single)
     assert merged["counts"] == reference["counts"] == {"rows": 3, "done": 2, "failed": 1, "pending": 0}
     assert failures_of(merged) == failures_of(reference) == [(1, "broken", "decode")]

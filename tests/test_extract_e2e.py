@@ -222,6 +222,8 @@ def reference(grid_csv):
 def test_yaml_config_run_succeeds(reference):
     proc, out = reference
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "" and not [line for line in proc.stderr.splitlines()  # no banner, no warnings
+                                      if not line.startswith(("semtrack: ", "  "))], proc.stderr
     assert len(pickles(out)) == 4
     counts = json.loads((out / "run_report.json").read_text())["counts"]
     assert counts == {"rows": 4, "done": 4, "failed": 0, "pending": 0}
@@ -236,6 +238,8 @@ def test_two_ranks_give_identical_pickles_and_one_report(reference, grid_csv):
     proc = run_script("--csv_path", str(grid_csv), "--base_feat_path", str(base), *GRID,
                       "--devices", "2", "--accelerator", "cpu", "--batch_size", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "" and "semtrack: 4/4 videos: 4 done, 0 failed, 0 skipped" in proc.stderr  # both ranks
+    assert not [line for line in proc.stderr.splitlines() if not line.startswith(("semtrack: ", "  "))]
     out = base / "cotracker3_bip_fr_32_fps_10"
     assert pickles(out) == pickles(reference[1])
     report = json.loads((out / "run_report.json").read_text())
