@@ -123,8 +123,9 @@ def flat_parser(prog: str | None = None) -> argparse.ArgumentParser:
         usage="%(prog)s (--csv_path CSV | --video_path FILE|DIR|GLOB) [options]",
         description="Semantic point tracks for every video of a CSV: DINOv2 entities tracked with CoTracker3, "
                     "one pickle per video.",
-        epilog=f"Any other Trainer argument: --trainer.NAME VALUE. YAML configs and every Lightning option: "
-               f"{prog or 'semtrack-extract'} {SUBCOMMAND} --help.",
+        epilog=f"Any other Trainer argument: --trainer.NAME VALUE. --print_config writes these options as a "
+               f"YAML config; run one with {prog or 'semtrack-extract'} {SUBCOMMAND} --config FILE "
+               f"({SUBCOMMAND} --help: every Lightning option).",
     )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for name, f in _FIELDS.items():
@@ -137,9 +138,23 @@ def flat_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                    help=f"{text} (default: {shown or _default_text(f.default)})", **_arg_spec(hint))
     parser.add_argument("--version", action="version", version=f"%(prog)s {semtrack.__version__}")
     trainer = parser.add_argument_group("trainer")
+    defaults = trainer_defaults()
     for name, text in TRAINER_FLAGS.items():
-        trainer.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="TEXT", help=text)
+        trainer.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="TEXT",
+                             help=f"{text} (default: {defaults[name]})")
     return parser
+
+
+def trainer_defaults() -> dict:
+    """The trainer flags' defaults: the job's (`semtrack.api.TRAINER_DEFAULTS`), else Lightning's."""
+    import inspect
+
+    import lightning as L
+
+    from semtrack.api import TRAINER_DEFAULTS
+
+    lightning = inspect.signature(L.Trainer.__init__).parameters
+    return {name: TRAINER_DEFAULTS.get(name, lightning[name].default) for name in TRAINER_FLAGS}
 
 
 def _trainer_value(text: str):

@@ -38,7 +38,8 @@ def test_help_lists_every_option_by_group_with_its_default():
     flat = " ".join(text.split())  # help lines wrap
     assert "(default: 10.0)" in flat and "(default: 25)" in flat and "(default: 384 512)" in flat
     assert "max_epochs" not in text and "gradient_clip_val" not in text and "lacks type" not in text
-    assert "predict --help" in text
+    assert "predict --help" in text and "--print_config" in flat and "--version" in text
+    assert "(default: 32-true)" in flat and "(default: auto)" in flat  # the trainer flags' defaults too
 
 
 def test_full_lightning_help_stays_reachable():

@@ -4,6 +4,7 @@ workers. Synthetic results, no models."""
 from __future__ import annotations
 
 import errno
+import io
 import signal
 import subprocess
 import sys
@@ -239,3 +240,35 @@ def test_the_default_number_of_threads_leaves_the_decoding_workers_their_cpus(tm
     assert count == 13 and "16 CPU(s) per device less 3 decoding worker(s)" == note
     given = make_run(tmp_path, rows=1, num_threads=3).job
     assert (given.num_threads, given.threads_note) == (3, "--num_threads")
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_is_a_line_in_a_log_and_a_bar_on_a_terminal_with_every_ranks_counts():
+    from semtrack.writer import ExtractionProgressBar
+
+    run = SimpleNamespace(all_ranks_counts=lambda: (5, 1), elapsed=10.0)
+    for tty in (False, True):
+        writer = SimpleNamespace(run=run, pending_total=8, skipped_total=2, progress=None)
+        stream = _Stream(tty)
+        bar = ExtractionProgressBar(writer, stream)
+        assert writer.progress is bar
+        bar.on_predict_start(SimpleNamespace(is_global_zero=True), None)
+        bar.on_predict_batch_end(None, None, None, None, 0)  # within 30 s of the start: no line in a log
+        bar.final()
+        text = stream.getvalue()
+        if tty:
+            assert "\r" in text and "6/8" in text and "done=5" in text and "failed=1" in text
+        else:
+            assert text == "semtrack: 6/8 videos: 5 done, 1 failed, 2 skipped, 0.50 done/s, 10 s\n"
+    quiet = ExtractionProgressBar(SimpleNamespace(run=run, pending_total=8, skipped_total=0), _Stream(False))
+    quiet.on_predict_start(SimpleNamespace(is_global_zero=False), None)  # other ranks show nothing
+    quiet.final()
+    assert quiet.stream.getvalue() == ""
