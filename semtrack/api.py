@@ -89,7 +89,8 @@ def build_trainer(config: ExtractConfig, callbacks: Sequence[Callback] = (), **t
         trainer = L.Trainer(**options, callbacks=[*job, *callbacks])
     except (MisconfigurationException, TypeError, ValueError) as exc:
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
-        reason = f"unknown Trainer argument --trainer.{unknown[1]}" if unknown else one_line(exc)
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        reason = f"unknown Trainer argument --trainer.{unknown[1]}" if unknown else first
         raise ValueError(f"invalid Trainer option: {reason}") from None
     return trainer, writer
 

@@ -41,6 +41,7 @@ TRAINER_FLAGS = {
     "precision": "32-true (fp32), bf16-mixed (bf16 tracker), or 16-mixed (fp32 tracker)",
 }
 NONE_WORDS = ("none", "null")
+ERROR_CHARS = 300  # a LightningCLI parsing error's characters kept in its one line
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
 _HINTS = typing.get_type_hints(ExtractConfig)
 SWITCHES = frozenset(name for name, f in _FIELDS.items() if isinstance(f.default, bool))
@@ -265,11 +266,18 @@ def _lightning_cli(args: list[str]):
         def predict(self, model, datamodule=None, **kwargs) -> None:
             execute(self.trainer, self.writer, model, datamodule)  # predictions not collected: flat memory
 
-    return ExtractCLI(
-        SemanticTracker, ExtractionDataModule, args=args, trainer_defaults=dict(TRAINER_DEFAULTS),
-        save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=False,
-        parser_kwargs={SUBCOMMAND: {"default_env": False}, "description": __doc__.split("\n\n")[0]},
-    )
+    from jsonargparse import ArgumentError
+
+    try:
+        return ExtractCLI(
+            SemanticTracker, ExtractionDataModule, args=args, trainer_defaults=dict(TRAINER_DEFAULTS),
+            save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=False,
+            parser_kwargs={SUBCOMMAND: {"default_env": False, "exit_on_error": False}, "exit_on_error": False,
+                           "description": __doc__.split("\n\n")[0]},
+        )
+    except ArgumentError as exc:  # one line, as for the flat flags
+        text = " ".join(str(exc).split()) or "bad arguments"
+        raise ValueError(f"{text[:ERROR_CHARS]}; see {SUBCOMMAND} --help") from None
 
 
 # ---------------------------------------------------------------------------- main

@@ -128,11 +128,16 @@ def test_missing_weights_of_both_models_are_one_line_before_anything_is_written(
                          "accelerator."),
     (["--trainer.nonexistent", "3"], "error: invalid Trainer option: unknown Trainer argument --trainer.nonexistent"),
     (["--precision", "bogus"], "error: invalid Trainer option: Precision 'bogus' is invalid."),
+    (["predict", "--trainer.nonexistent", "3"], "error: unrecognized arguments: --trainer.nonexistent 3; see predict"),
+    (["predict", "--trainer.devices", "abc", "--extract.weights", "random"],
+     "error: invalid Trainer option: `devices` selected with `CPUAccelerator`"),
 ])
 def test_a_bad_trainer_option_is_one_line_and_exit_2(argv, expected, tmp_path, capsys):
     if argv[:2] == ["--accelerator", "gpu"] and torch.cuda.is_available():
         pytest.skip("a GPU is there")
-    status = main(["--csv_path", str(tmp_path / "v.csv"), "--base_feat_path", str(tmp_path / "out"), *argv])
+    form = argv[:1] if argv[0] == "predict" else []  # the LightningCLI form: options after the subcommand
+    status = main([*form, "--csv_path", str(tmp_path / "v.csv"), "--base_feat_path", str(tmp_path / "out"),
+                   *argv[len(form):]])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith(expected), err
     assert not (tmp_path / "out").exists()
