@@ -20,19 +20,38 @@ Sections (`SECTIONS`, a registry: `@section(name, rows)` adds one; each takes th
 arguments and returns its part of the JSON, and `rows` turns that part into table rows):
 
 * `decode`: `semtrack.video.decode_video` per decoder (`auto`, `decord`, `pyav`) inside a DataLoader
-  worker (one decoder thread, as in the job), each video once untimed, then `--repeats` times.
+  worker (one decoder thread, as in the job), each video once untimed, then `--repeats` times; and
+  `floor`: the codec alone decoding the reference frames (non-reference ones skipped, no RGB
+  conversion; its `frames` are the frames it decoded): about what no exact decode of a one-keyframe
+  clip goes below.
 * `transfer`: moving a decoded clip into shared memory (`Tensor.share_memory_`, what a worker's
   queue pickler does to every tensor it hands to the main process), in a DataLoader worker.
+* `writer`: what the writer does per video, in this process: the pickle (`dumps_tracks` of
+  `tracks_dict`), one ledger record appended and fsynced (a batch of 1), and the trail GIF
+  (`gif_bytes`, the job's default width), on the `ssv2_like` set's clips with stand-in tracks
+  (`POINTS` random-walk points in `ENTITIES` entities, 10 % invisible: the issue's GIF case).
+* `overlap`: how much of the writing the next step hides. A stand-in step sleeps `--step_ms` per
+  video of a batch of `--batch` (a stand-in for GPU time: the main thread is idle, as while it waits
+  for the GPU), `--batches` times, alone and then handing each batch to a real `semtrack.run.Run`
+  (background writer, GIF workers with `--make_vis`) in a temporary folder, without and with GIFs.
+  Reported: the wall time per batch from the first step to the last record written (`Run.finish`
+  included) against the stand-in step alone (the claim: <= 1.1x, i.e. the device would not wait for
+  the host; the last batch's writing is never hidden, so more batches make it smaller), the same for
+  the loop alone (until the last batch is handed over), the drain after the last batch, the
+  main thread's CPU per batch (`time.thread_time`: what the step loses to writing) and the CPU of
+  the writer thread and of the GIF workers per video.
 
-Reported per set: the median over videos of each video's median time (ms), the mean, and the
+Reported per set (decode, transfer, writer): the median over videos of each video's median time (ms), the mean, and the
 videos' median frame count. The JSON holds every video's times, the commit, date and hardware.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -40,9 +59,11 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import av
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -54,13 +75,25 @@ from bench_extract import environment  # noqa: E402
 
 from _shared import shared_path  # noqa: E402
 from datamodules.video import VideoCSVDataset  # noqa: E402
-from semtrack.config import DECODERS  # noqa: E402
+from semtrack.config import DECODERS, ExtractConfig  # noqa: E402
+from semtrack.gif import gif_bytes  # noqa: E402
+from semtrack.job import Job  # noqa: E402
+from semtrack.ledger import LedgerPart, done_record  # noqa: E402
+from semtrack.records import Clip, Tracks, VideoResult  # noqa: E402
+from semtrack.renders import gif_arrays  # noqa: E402
+from semtrack.run import Run  # noqa: E402
+from semtrack.sidecar import run_options  # noqa: E402
+from semtrack.trackfile import dumps_tracks, tracks_dict  # noqa: E402
 from semtrack.video import FramePlan, decode_video  # noqa: E402
 
 SSV2_VARIANTS = 3  # lengths per source in the SSV2-like set (make_ssv2_like.py --variants)
 RATE_RANGE = (24.0, 31.0)  # frames per second of the "480p 25-30 fps" sets
 HEIGHT = 480
 X264_OPTIONS = {"preset": "medium", "crf": "23"}  # libx264's defaults, spelled out
+POINTS, ENTITIES = 250, 20  # stand-in tracks of the writer and overlap sections (the issue's GIF case)
+STEP_MS = 40.0  # stand-in device time per video: 25 videos/s per device, the issue's rate
+OVERLAP_LIMIT = 1.1  # the claim: the loop's wall time per batch <= this x the stand-in step alone
+WEIGHTS = {"tracker": "random:bench", "dinov2": None}  # the weights the stand-in pickles name
 RECIPE = "ssv2x3-480p-x264medium23-v1"  # names the cache folder: change it when a set's recipe changes
 
 Row = tuple[str, str, str, float, str]  # section, set, what, ms per video (median), note
@@ -228,6 +261,24 @@ def _time_decode(path: str, plan: FramePlan, decoder: str, repeats: int) -> dict
             "ms": _median_ms(times), "times_ms": [round(1000 * t, 3) for t in times]}
 
 
+def _time_codec_floor(path: str, repeats: int) -> dict:
+    """The codec's own CPU (PyAV, one thread) for the reference frames alone: every packet sent with
+    `skip_frame = NONREF`, nothing converted to RGB. An exact decode of a clip with one keyframe
+    decodes at least every reference frame up to its last selected one (and the selected
+    non-reference frames), so this is about its floor (above it only by the frames after the last
+    selected one)."""
+    def decode() -> int:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            stream.codec_context.skip_frame = "NONREF"
+            return sum(1 for _ in container.decode(stream))
+
+    frames = decode()
+    return {"video": Path(path).name, "decoder": "floor", "error": None, "frames": frames,
+            **_cpu_ms(decode, repeats)}
+
+
 def _decode_rows(part: dict) -> list[Row]:
     return [("decode", name, decoder, s["median_ms"], f"mean {s['mean_ms']:.1f}, {s['videos']} videos, "
              f"median {s['median_frames']:g} frames")
@@ -245,6 +296,7 @@ def decode_section(sets: dict[str, Path], args: argparse.Namespace) -> dict:
         failed = [f"{r['video']} ({d}): {r['error']}" for d, rs in per_decoder.items() for r in rs if r["error"]]
         if failed:
             raise RuntimeError(f"set {name}: decoding failed: {'; '.join(failed)}")
+        per_decoder["floor"] = in_worker(_time_codec_floor, [(path, args.repeats) for path, _ in plans])
         out[name] = {"summary": {d: summarise(rs) for d, rs in per_decoder.items()}, "videos": per_decoder}
     return out
 
@@ -284,6 +336,149 @@ def transfer_section(sets: dict[str, Path], args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# stand-in results: real clips, random-walk tracks
+# ---------------------------------------------------------------------------------------------
+
+
+def stand_in_result(row: int, path: str, plan: FramePlan, points: int = POINTS) -> VideoResult:
+    """The clip of `path` decoded (`auto`) with `points` random-walk tracks (seed `row`: uniform starts,
+    steps of 2 px std) in `ENTITIES` entities, 10 % of the positions invisible, as row `row`."""
+    decoded, served, error = decode_video(path, plan, "auto")
+    if decoded is None:
+        raise RuntimeError(f"{path}: {error}")
+    t, h, w = decoded.frames.shape[:3]
+    rng = np.random.default_rng(row)
+    start = rng.uniform([0, 0], [w, h], size=(points, 2))
+    walk = start[None] + np.cumsum(rng.normal(0, 2.0, size=(t, points, 2)), axis=0)
+    frames = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last strides
+    clip = Clip(row, f"v{row}", "bench", path, frames=frames, frame_times=torch.from_numpy(decoded.times),
+                source_fps=decoded.source_fps, fps=decoded.fps, cluster_frames=torch.zeros(1, dtype=torch.int64),
+                decoder=served)
+    visibility = torch.from_numpy(rng.random((t, points)) > 0.1)
+    ids = torch.from_numpy(np.sort(rng.integers(0, ENTITIES, points)))
+    tracks = Tracks(torch.from_numpy(walk).float(), visibility, ids, torch.zeros(points, dtype=torch.int64))
+    return VideoResult(clip, tracks)
+
+
+def _config(folder: Path, make_vis: bool = False) -> ExtractConfig:
+    return ExtractConfig(csv_path=str(folder / "rows.csv"), base_feat_path=str(folder / "out"), weights="random",
+                         use_grid=True, make_vis=make_vis)
+
+
+def _cpu_ms(fn: Callable, repeats: int) -> dict:
+    """Median and every process CPU time (ms) of `repeats` calls of fn() after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return {"ms": _median_ms(times), "times_ms": [round(1000 * t, 3) for t in times]}
+
+
+def _pickle(result: VideoResult, options: dict) -> bytes:
+    return dumps_tracks(tracks_dict(result, WEIGHTS, options))
+
+
+def _writer_rows(part: dict) -> list[Row]:
+    return [("writer", "ssv2_like", what, s["median_ms"], f"mean {s['mean_ms']:.1f}, {s['videos']} videos, "
+             f"median {s['median_frames']:g} frames, {part['points']} points")
+            for what, s in part["summary"].items()]
+
+
+@section("writer", _writer_rows)
+def writer_section(sets: dict[str, Path], args: argparse.Namespace) -> dict:
+    if "ssv2_like" not in sets:
+        raise RuntimeError("the writer section needs the ssv2_like set")
+    with tempfile.TemporaryDirectory(prefix="bench_host_") as folder:
+        config = _config(Path(folder))
+        options = run_options(config, "32-true")
+        ledger = LedgerPart(Path(folder) / "ledger.jsonl")
+        per_what: dict[str, list[dict]] = {"pickle": [], "ledger": [], "gif": []}
+        for row, (path, plan) in enumerate(_plans(sets["ssv2_like"])):
+            result = stand_in_result(row, path, plan)
+            frames, tracks = result.clip.num_frames, result.tracks.tracks
+            record = done_record(row, "bench", f"v{row}", frames, int(tracks.shape[1]), outputs={})
+            work = {"pickle": functools.partial(_pickle, result, options),
+                    "ledger": functools.partial(ledger.append, [record]),
+                    "gif": functools.partial(gif_bytes, *gif_arrays(result), max_width=config.vis_max_width)}
+            for what, fn in work.items():
+                per_what[what].append({"video": Path(path).name, "frames": frames, **_cpu_ms(fn, args.repeats)})
+    return {"points": POINTS, "summary": {w: summarise(v) for w, v in per_what.items()}, "videos": per_what}
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's ended, waited-for child processes."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def overlap_run(results: list[VideoResult], folder: Path, make_vis: bool, batch: int, batches: int,
+                step_s: float) -> dict:
+    """The stand-in step alone, then with a `Run` writing behind it (see the module docstring)."""
+    alone = time.perf_counter()
+    for _ in range(batches):
+        time.sleep(step_s * batch)
+    alone = (time.perf_counter() - alone) / batches
+    config = _config(folder, make_vis)
+    job = Job.of(config)
+    rows = [(i, results[i % len(results)]) for i in range(batch * batches)]
+    job.settle([SimpleNamespace(index=i, dataset="bench", video_id=f"v{i}") for i, _ in rows], 0, 1, 1)
+    run = Run(job)
+    run.begin("bench", "32-true", WEIGHTS, sidecar=False)
+    children, process, main = _children_cpu(), time.process_time(), 0.0
+    start = time.perf_counter()
+    for b in range(batches):
+        time.sleep(step_s * batch)
+        handed = [VideoResult(_renumbered(r.clip, i), r.tracks) for i, r in rows[b * batch: (b + 1) * batch]]
+        before = time.thread_time()
+        run.submit(handed, {"tracking": (step_s * batch, batch)})
+        main += time.thread_time() - before
+    loop = time.perf_counter() - start
+    run.finish()
+    drain = time.perf_counter() - start - loop
+    run.release()  # joins the GIF workers, so their CPU is counted
+    process = time.process_time() - process
+    videos = batch * batches
+    if (run.done, run.failed) != (videos, 0):
+        raise RuntimeError(f"the run wrote {run.done} of {videos} videos ({run.failed} failed): {run.errors}")
+    return {"make_vis": make_vis, "step_ms": round(1000 * step_s * batch, 3), "alone_ms": round(1000 * alone, 3),
+            "run_ms": round(1000 * (loop + drain) / batches, 3), "ratio": round((loop + drain) / batches / alone, 4),
+            "loop_ms": round(1000 * loop / batches, 3), "loop_ratio": round(loop / batches / alone, 4),
+            "drain_ms": round(1000 * drain, 3), "main_cpu_ms_per_batch": round(1000 * main / batches, 3),
+            "writer_cpu_ms_per_video": round(1000 * (process - main) / videos, 3),
+            "gif_workers_cpu_ms_per_video": round(1000 * (_children_cpu() - children) / videos, 3)}
+
+
+def _renumbered(clip: Clip, row: int) -> Clip:
+    return Clip(row, f"v{row}", clip.dataset, clip.video_path, clip.frames, clip.frame_times, clip.source_fps,
+                clip.fps, clip.cluster_frames, clip.decoder)
+
+
+def _overlap_rows(part: dict) -> list[Row]:
+    """Rows of ms per batch (not per video), wall time."""
+    return [("overlap", "ssv2_like", f"{'GIFs' if r['make_vis'] else 'pickles'}, /batch", r["run_ms"],
+             f"{r['ratio']:.3f}x the step alone ({r['alone_ms']:.0f} ms, batch {part['batch']}); loop only "
+             f"{r['loop_ratio']:.3f}x, drain {r['drain_ms']:.0f} ms; CPU: main thread "
+             f"{r['main_cpu_ms_per_batch']:.2f} ms/batch, writer {r['writer_cpu_ms_per_video']:.1f} ms/video, "
+             f"GIF workers {r['gif_workers_cpu_ms_per_video']:.1f} ms/video")
+            for r in part["runs"]]
+
+
+@section("overlap", _overlap_rows)
+def overlap_section(sets: dict[str, Path], args: argparse.Namespace) -> dict:
+    if "ssv2_like" not in sets:
+        raise RuntimeError("the overlap section needs the ssv2_like set")
+    results = [stand_in_result(row, path, plan) for row, (path, plan) in enumerate(_plans(sets["ssv2_like"]))]
+    runs = []
+    for make_vis in (False, True):
+        with tempfile.TemporaryDirectory(prefix="bench_host_") as folder:
+            runs.append(overlap_run(results, Path(folder), make_vis, args.batch, args.batches, args.step_ms / 1000))
+    return {"batch": args.batch, "batches": args.batches, "step_ms_per_video": args.step_ms, "limit": OVERLAP_LIMIT,
+            "within_limit": all(r["ratio"] <= OVERLAP_LIMIT for r in runs), "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
 
@@ -306,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="clips the sets are made from (default: every clip in ../shared/videos)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "semtrack_bench_host",
                         help="folder for the sets made from the sources (reused across runs)")
+    parser.add_argument("--step_ms", type=float, default=STEP_MS, help="overlap: stand-in device time per video (ms)")
+    parser.add_argument("--batch", type=int, default=8, help="overlap: videos per batch")
+    parser.add_argument("--batches", type=int, default=10, help="overlap: batches per run")
     return parser
 
 
@@ -326,14 +524,15 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         raise SystemExit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    if min(args.repeats, args.batch, args.batches) < 1 or args.step_ms <= 0:
+        raise SystemExit("--repeats, --batch and --batches must be >= 1 and --step_ms > 0")
     sources = args.sources or default_sources()
     sets = dict(args.sets) if args.sets else build_sets(sources, args.cache)
     result = {
         "benchmark": "host", "env": environment(),
         "settings": {"repeats": args.repeats, "sets": {name: str(path) for name, path in sets.items()},
                      "sources": None if args.sets else [str(p) for p in sources],
+                     "overlap": {"batch": args.batch, "batches": args.batches, "step_ms": args.step_ms},
                      "time": "time.process_time of the process that does the work (ms)"},
         "sections": {name: SECTIONS[name].run(sets, args) for name in chosen},
     }

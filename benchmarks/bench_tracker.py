@@ -49,8 +49,13 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _shared import shared_path  # noqa: E402
 from semtrack.features import model_spec  # noqa: E402
-from semtrack.pipeline import CUDA_BUDGET_BYTES, CUDA_CHUNK_CHOICES, CUDA_ENCODER_CHUNK, chunk_bytes_for_call  # noqa: E402
 from semtrack.tracker import OfflineTracker, estimate_tracking_bytes, load_tracker  # noqa: E402
+from semtrack.tracking_memory import (  # noqa: E402
+    CUDA_BUDGET_BYTES,
+    CUDA_CHUNK_CHOICES,
+    CUDA_ENCODER_CHUNK,
+    chunk_bytes_for_call,
+)
 
 NUM_FRAMES, NUM_QUERIES = 52, 224
 SSV2_SIZE = (240, 428)  # (H, W) of an SSV2 clip
@@ -153,10 +158,10 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def meta_tracker(interp_shape=(384, 512), encoder_chunk: int = 16, iters: int = 6):
+def meta_tracker(interp_shape=(384, 512), iters: int = 6):
     """An `OfflineTracker` on the meta device (no weights, no compute)."""
     with torch.device("meta"):
-        tracker = OfflineTracker(iters=iters, interp_shape=interp_shape, encoder_chunk=encoder_chunk).eval()
+        tracker = OfflineTracker(iters=iters, interp_shape=interp_shape).eval()
     tracker.to("meta")  # buffers made from numpy arrays start on the CPU
     return tracker
 
@@ -167,9 +172,10 @@ def meta_inputs(shapes, size=SSV2_SIZE):
     return clips, queries
 
 
-def count_ops(tracker, clips, queries) -> tuple[int, int]:
+def count_ops(tracker, clips, queries, **chunks) -> tuple[int, int]:
+    """(ops, syncs) of one `track_many` call; `chunks`: its encoder_chunk / chunk_bytes (default: the defaults)."""
     with fused_attention(), OpCounter() as counter:
-        tracker.track_many(clips, queries, backward_tracking=True)
+        tracker.track_many(clips, queries, backward_tracking=True, **chunks)
     return counter.ops, counter.syncs
 
 
@@ -218,9 +224,8 @@ def count_setting(tracker, clips, queries, shapes, chunk_bytes, encoder_chunk, b
 
     if chunk_bytes == PER_CALL:
         chunk_bytes = chunk_bytes_for_call(estimate, budget, CUDA_CHUNK_CHOICES, CUDA_CHUNK_CHOICES[-1])
-    if chunk_bytes != "default":
-        tracker.model.chunk_bytes = chunk_bytes
-    ops, syncs = count_ops(tracker, clips, queries)
+    chunks = {"encoder_chunk": encoder_chunk} | ({} if chunk_bytes == "default" else {"chunk_bytes": chunk_bytes})
+    ops, syncs = count_ops(tracker, clips, queries, **chunks)
     return ops, syncs, estimate(chunk_bytes)
 
 
@@ -231,7 +236,7 @@ def run_launches(args) -> dict:
         clips, queries = meta_inputs(shapes)
         out = result["draws"][draw] = {"shapes_T_N": shapes, "settings": {}}
         for label, (encoder_chunk, chunk_bytes) in LAUNCH_SETTINGS.items():
-            tracker = meta_tracker(encoder_chunk=encoder_chunk)
+            tracker = meta_tracker()
             solo = [count_setting(tracker, [c], [q], [shape], chunk_bytes, encoder_chunk, budget)
                     for c, q, shape in zip(clips, queries, shapes)]
             ops, syncs, estimate = count_setting(tracker, clips, queries, shapes, chunk_bytes, encoder_chunk, budget)
@@ -312,9 +317,9 @@ def run_rss(args) -> dict:
 
 
 def run_time_cpu(video, queries, weights, encoder_chunk: int) -> dict:
-    tracker = load_tracker(weights, device="cpu", encoder_chunk=encoder_chunk)
+    tracker = load_tracker(weights, device="cpu")
     start, cpu_start = time.perf_counter(), time.process_time()
-    tracker.track_many([video], [queries], backward_tracking=True)
+    tracker.track_many([video], [queries], backward_tracking=True, encoder_chunk=encoder_chunk)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"time_s": round(elapsed, 2), "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak_rss_mb),
@@ -322,15 +327,16 @@ def run_time_cpu(video, queries, weights, encoder_chunk: int) -> dict:
 
 
 def run_time_cuda(video, queries, weights, precision: str, repeats: int, encoder_chunk: int):
-    tracker = load_tracker(weights, device="cuda", precision=precision, encoder_chunk=encoder_chunk)
+    tracker = load_tracker(weights, device="cuda", precision=precision)
     video, queries = video.cuda(), queries.cuda()
-    tracker.track_many([video], [queries], backward_tracking=True)  # warm-up
+    tracker.track_many([video], [queries], backward_tracking=True, encoder_chunk=encoder_chunk)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        ((tracks, visible),) = tracker.track_many([video], [queries], backward_tracking=True)
+        ((tracks, visible),) = tracker.track_many([video], [queries], backward_tracking=True,
+                                                  encoder_chunk=encoder_chunk)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     stats = {

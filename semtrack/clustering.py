@@ -19,21 +19,16 @@ its solo labels; `cluster` is the same for a list of videos.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from semtrack.defaults import CLUSTERING_METHODS, MERGE_RATIO, N_CLUSTERS, NUM_ITERS, merge_schedule
 from semtrack.util import stable_seed
 
-CLUSTERING_METHODS = ("bipartite", "kmeans")
 KMEANS_INITS = ("random", "kmeans++")
-MERGE_RATIO = 25  # percent of a frame's tokens merged per bipartite iteration (research default)
-MAX_MERGE_RATIO = 50  # a bipartite step can merge at most the A half of the tokens
-NUM_ITERS = 11  # bipartite merge iterations (research default)
-N_CLUSTERS = 32  # k of k-means (research default)
 EPS = 1e-12  # normalisation floor: a zero token gets a zero direction instead of NaN
 TEMPORAL_THRESHOLD = 0.2  # a frame centroid is new if its best cosine to U is below this (strict)
 
@@ -41,36 +36,6 @@ TEMPORAL_THRESHOLD = 0.2  # a frame centroid is new if its best cosine to U is b
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise the last dimension (division by the norm, floored at EPS)."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
-
-
-def merge_schedule(num_tokens: int, merge_ratio: float = MERGE_RATIO, num_iters: int = NUM_ITERS) -> list[int]:
-    """Tokens per frame before each merge iteration and after the last: length `num_iters + 1`.
-
-    Iteration with `n` tokens merges away `r = floor(n * merge_ratio / 100)` of them. Raises
-    ValueError for `merge_ratio` outside (0, MAX_MERGE_RATIO], a negative `num_iters`, or a schedule
-    that would start an iteration with fewer than 2 tokens (nothing left to merge into).
-    """
-    bounds = f"(0, {MAX_MERGE_RATIO}]"
-    if isinstance(merge_ratio, bool) or not isinstance(merge_ratio, numbers.Real):
-        raise ValueError(f"merge_ratio must be a number in {bounds}, got {merge_ratio!r}")
-    if not 0 < merge_ratio <= MAX_MERGE_RATIO:
-        raise ValueError(f"merge_ratio must be in {bounds} (percent of tokens merged per iteration), got {merge_ratio}")
-    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral) or num_iters < 0:
-        raise ValueError(f"num_iters must be a non-negative int, got {num_iters!r}")
-    schedule = [int(num_tokens)]
-    for it in range(int(num_iters)):
-        n = schedule[-1]
-        if n < 2:
-            raise ValueError(
-                f"num_iters={num_iters} with merge_ratio={merge_ratio} merges {num_tokens} tokens down to "
-                f"{n} after {it} iterations; iteration {it + 1} would merge past one token"
-            )
-        if isinstance(merge_ratio, numbers.Integral):
-            r = n * int(merge_ratio) // 100
-        else:
-            r = math.floor(n * merge_ratio / 100)
-        schedule.append(n - int(r))
-    return schedule
 
 
 def _onehot_sums(device: torch.device) -> bool:

@@ -2,8 +2,9 @@
 
 `ExtractConfig` is what the command line, the Python API, the pipeline and the writer share. Each
 field carries its group and a one-line description (`field_help`), which the command line shows.
-Defaults that belong to a stage (merge ratio, points per entity, ...) are that stage's constants;
-the frame-rate defaults are stated here and used by the video Dataset too. Trainer settings
+Defaults that belong to a stage (merge ratio, points per entity, ...) are in `semtrack.defaults`,
+which imports no stage, so neither this module nor a DataLoader worker imports the models; the
+frame-rate defaults are stated here and used by the video Dataset too. Trainer settings
 (devices, accelerator, strategy, precision, num_nodes) belong to the Lightning `Trainer`.
 """
 from __future__ import annotations
@@ -14,9 +15,9 @@ import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from semtrack import clustering, points
+from semtrack import defaults
+from semtrack.defaults import MODEL_RESOLUTION
 from semtrack.layout import OutputLayout, dump_name
-from semtrack.tracker.memory import MODEL_RESOLUTION
 
 # Frames: defaults shared with datamodules.video.VideoCSVDataset.
 FPS = 10.0  # target frame rate (the research script's default was every decoded frame: fps=None)
@@ -101,15 +102,15 @@ class ExtractConfig:
         "fp32", "features", "DINOv2's precision; fp32 keeps --precision bf16-mixed to the tracker")
     clustering_method: Literal["bipartite", "kmeans"] = _option(
         "bipartite", "clustering", "bipartite token merging or k-means")
-    n_clusters: int = _option(clustering.N_CLUSTERS, "clustering", "k of k-means")
+    n_clusters: int = _option(defaults.N_CLUSTERS, "clustering", "k of k-means")
     merge_ratio: int = _option(
-        clustering.MERGE_RATIO, "clustering",
-        f"bipartite: percent of tokens merged per iteration, in (0, {clustering.MAX_MERGE_RATIO}]")
-    num_iters: int = _option(clustering.NUM_ITERS, "clustering", "bipartite merge iterations")
+        defaults.MERGE_RATIO, "clustering",
+        f"bipartite: percent of tokens merged per iteration, in (0, {defaults.MAX_MERGE_RATIO}]")
+    num_iters: int = _option(defaults.NUM_ITERS, "clustering", "bipartite merge iterations")
     kmeans_init: Literal["random", "kmeans++"] = _option(
         "random", "clustering", "k-means start: random (research) or kmeans++")
     num_points_per_entity: int = _option(
-        points.NUM_POINTS_PER_ENTITY, "points", "query points per entity (per component with components)")
+        defaults.NUM_POINTS_PER_ENTITY, "points", "query points per entity (per component with components)")
     use_connected_components: bool = _option(False, "points", "sample every 4-connected component of an entity")
     sampler: Literal["fast", "exact"] = _option(
         "fast", "points", "fast: batched on the device; exact: the research scikit-learn sampler")
@@ -118,7 +119,7 @@ class ExtractConfig:
     min_point_distance: float = _option(
         0.0, "points", "drop points closer than this (px) to an earlier point of the same frame; 0 keeps all")
     use_grid: bool = _option(False, "points", "track a regular grid instead of semantic points")
-    cotracker_grid_size: int = _option(points.GRID_SIZE, "points", "grid side for --use_grid")
+    cotracker_grid_size: int = _option(defaults.GRID_SIZE, "points", "grid side for --use_grid")
     weights: Literal["official", "random"] = _option(
         "official", "tracker", "official: the published weights; random: stand-ins for tests only")
     cotracker_checkpoint: Optional[str] = _option(
@@ -152,9 +153,9 @@ class ExtractConfig:
         None, "job", "this job's shard: the rows i with i mod num_shards = it", shown="$SLURM_ARRAY_TASK_ID")
 
     def __post_init__(self) -> None:
-        if self.clustering_method not in clustering.CLUSTERING_METHODS:
+        if self.clustering_method not in defaults.CLUSTERING_METHODS:
             raise ValueError(
-                f"clustering_method must be one of {clustering.CLUSTERING_METHODS}, got {self.clustering_method!r}"
+                f"clustering_method must be one of {defaults.CLUSTERING_METHODS}, got {self.clustering_method!r}"
             )
         fps = self.fps
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
@@ -165,7 +166,7 @@ class ExtractConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        clustering.merge_schedule(16 * 16, self.merge_ratio, self.num_iters)  # ValueError naming the option
+        defaults.merge_schedule(defaults.TOKENS_PER_FRAME, self.merge_ratio, self.num_iters)  # ValueError naming it
         if self.vis_max_width is not None and (isinstance(self.vis_max_width, bool) or self.vis_max_width < 1):
             raise ValueError(f"vis_max_width must be a positive number of pixels or None, got {self.vis_max_width!r}")
         for name in ("num_threads", "limit"):

@@ -34,6 +34,7 @@ TEXT_PX = 12  # size of PIL's default (FreeType) font for the ids and the counte
 TEXT_OUTLINE_PX = 1  # outline around every glyph
 ID_RAISE_PX = 4  # px from a dot's centre up to its id's baseline: 3 as before, plus the outline; starts at the dot's x
 COUNTER_MARGIN_PX = 3  # the counter's top-left corner, from the frame's
+TEXT_STAMPS_CACHED = 1024  # rendered texts (ids, counters) kept per process: <= 12 kB each (a counter)
 
 # 32 categorical colours (RGB). Made by greedy farthest-point selection (Glasbey's method) in CIELAB
 # over the RGB grid of step 15, restricted to lightness L* in [30, 90] and chroma >= 25, starting
@@ -146,10 +147,12 @@ def _glyph(char: str) -> tuple[np.ndarray, int, int, float]:
     return np.asarray(canvas) > 0, left, top, font.getlength(char)
 
 
+@functools.lru_cache(maxsize=TEXT_STAMPS_CACHED)
 def _text_stamp(text: str, fill: int, outline: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`text` set from cached glyphs with a `TEXT_OUTLINE_PX` outline (the glyphs dilated by a square):
     (dy, dx) int64 offsets of its pixels from the pen's start on the baseline and their palette
-    indices (`fill` for glyphs, `outline` around them)."""
+    indices (`fill` for glyphs, `outline` around them), read-only (cached: a process drawing many
+    GIFs renders each id and each counter of a common frame rate once)."""
     pen, placed = 0.0, []
     for char in text:
         mask, left, top, advance = _glyph(char)
@@ -172,7 +175,10 @@ def _text_stamp(text: str, fill: int, outline: int) -> tuple[np.ndarray, np.ndar
         grown[:, :-shift] |= rows[:, shift:]
     dy, dx = np.nonzero(grown)
     values = np.where(glyphs[dy, dx], fill, outline).astype(np.uint8)
-    return dy.astype(np.int64) + y0, dx.astype(np.int64) + x0, values
+    stamp = (dy.astype(np.int64) + y0, dx.astype(np.int64) + x0, values)
+    for array in stamp:
+        array.flags.writeable = False
+    return stamp
 
 
 @functools.lru_cache(maxsize=1)
@@ -351,17 +357,22 @@ def render_indexed(
     indexed = np.asarray(tall.quantize(palette=template, dither=Image.Dither.NONE)).reshape(t_len, height, width)
 
     # A stamp reaches `reach` px from its point, so points farther than that outside the frame are
-    # skipped, and the others are stamped into the frame padded by 2 * reach with no bounds check.
+    # not drawn, and the others are stamped into the frame padded by `pad` > 2 * reach with no bounds
+    # check; a point not drawn in a frame is stamped into the padding's corner (centre (reach, reach)),
+    # which no drawn stamp reaches and which is cut off. One scatter per frame, point after point (a
+    # later point's dot and id cover an earlier one's).
     dy, dx, values, owner = _point_stamps(obj_ids)
     reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
-    pad = 2 * reach
+    pad = 2 * reach + 1
     padded_width = width + 2 * pad
     offsets = dy * padded_width + dx  # (K,)
     with np.errstate(invalid="ignore"):
         centre = np.where(finite[..., None], np.rint(tracks), -reach - 1)  # (T, N, 2)
         in_reach = (centre >= -reach).all(-1) & (centre[..., 0] < width + reach) & (centre[..., 1] < height + reach)
     drawn = alive & in_reach  # (T, N)
-    centre_flat = np.where(drawn, (centre[..., 1] + pad) * padded_width + centre[..., 0] + pad, 0).astype(np.int64)
+    centre_flat = np.where(drawn, (centre[..., 1] + pad) * padded_width + centre[..., 0] + pad,
+                           reach * padded_width + reach).astype(np.int64)  # (T, N)
+    lengths = np.bincount(owner, minlength=len(obj_ids))  # (N,) stamp pixels per point
 
     times = np.asarray(frame_times, dtype=np.float64)
     out = np.empty((t_len, height, width), dtype=np.uint8)
@@ -369,8 +380,7 @@ def render_indexed(
     inner = canvas[pad: pad + height, pad: pad + width]
     for i in range(t_len):
         inner[...] = indexed[i]
-        keep = drawn[i][owner]  # (K,)
-        np.put(canvas, centre_flat[i][owner[keep]] + offsets[keep], values[keep])  # in order: later points on top
+        np.put(canvas, np.repeat(centre_flat[i], lengths) + offsets, values)
         out[i] = inner
         cy, cx, cv = _text_stamp(counter_text(i, t_len, float(times[i])), WHITE_INDEX, BLACK_INDEX)
         cy, cx = cy - cy.min() + COUNTER_MARGIN_PX, cx - cx.min() + COUNTER_MARGIN_PX  # its top-left corner

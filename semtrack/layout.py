@@ -3,6 +3,7 @@
     <base_feat_path>/<dump_name>/                  OutputLayout.root
         semtrack_config.json                       the options that decided the outputs (sidecar)
         failures.csv, run_report.json              the folder's report, rebuilt from the ledger
+        report.html                                `semtrack-report --html`: the page of its statistics
         manifest.csv                               webdataset output: where each video's members are
         ledger/<run_id>.r<rank>.jsonl              one JSON line per finished video (semtrack.ledger)
         ledger/.lock, ledger/.lock-shard-<i>-of-<n>   advisory locks of the runs writing the folder
@@ -27,10 +28,11 @@ SIDECAR = "semtrack_config.json"
 FAILURES = "failures.csv"
 REPORT = "run_report.json"
 MANIFEST = "manifest.csv"
+REPORT_HTML = "report.html"
 LEDGER_DIR = "ledger"
 SHARDS_DIR = "shards"
 DEBUG_DIR = "debug"
-RESERVED_NAMES = (SIDECAR, FAILURES, REPORT, MANIFEST, LEDGER_DIR, SHARDS_DIR, DEBUG_DIR)
+RESERVED_NAMES = (SIDECAR, FAILURES, REPORT, MANIFEST, REPORT_HTML, LEDGER_DIR, SHARDS_DIR, DEBUG_DIR)
 OUTPUT_SUFFIXES = (".pkl", ".gif")  # what the job appends to a video id (equally long)
 _MAX_LISTED = 5  # culprit rows named in an error
 _LONGEST_FRAME = 10**6  # debug overlay names hold a frame index; this bounds its digits

@@ -12,14 +12,17 @@ line, which readers skip. Records (`kind`):
   skipped (this process's), output_format, make_vis, semtrack_version.
 * `video`: run, rank, row, dataset, video_id, status (`done` | `failed`), time; done: frames T,
   points N, outputs {"pickle": {bytes, sha256}, "gif": {bytes}} (tar shards: also shard, member,
-  offset, shard_bytes); failed: stage, reason, video_path. `adopted: true` marks a pickle found
-  valid on disk without a record (written by an older semtrack).
+  offset, shard_bytes), stats {name: number or None} (`semtrack.trackstats`); failed: stage, reason,
+  video_path. `adopted: true` marks a pickle found valid on disk without a record (written by an older
+  semtrack); `restated: true` a done record repeated with the `stats` that `semtrack-report
+  --verify_outputs` computed from its pickle (not counted in any run's figures).
 * `end`: run, rank, time, status (`complete` | `stopped` | `failed`), reason, done, failed,
   stage_totals {stage: [seconds, videos]}, wall_s, data_wait_s, points_dropped, startup_s.
 
 A video's state is its latest record (by time). A row is done when that record is `done` and
 every output this run asks for (the pickle, and the GIF under --make_vis) is listed there and still
-has the recorded size on disk (one `stat`); `verify=True` also re-reads and validates the pickle.
+has the recorded size on disk (one `stat`); `verify=True` also re-reads and validates the pickle (and
+restates a record without statistics with those of its pickle).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from typing import Container, Iterable, Iterator, Sequence
 
 from semtrack.layout import OutputLayout
 from semtrack.trackfile import TrackFileError, loads_tracks
+from semtrack.trackstats import file_stats
 
 DONE, FAILED = "done", "failed"
 
@@ -64,13 +68,16 @@ def output_entry(data: bytes) -> dict:
 
 
 def done_record(row: int, dataset: str, video_id: str, frames: int, points: int, outputs: dict | None = None,
-                **extra) -> dict:
+                stats: dict | None = None, **extra) -> dict:
     """A `video` record of a done row: T `frames`, N `points`, its `outputs` (filled in by the output
-    sink when None); `extra` e.g. `adopted=True`."""
+    sink when None), its track statistics `stats` (`semtrack.trackstats`; left out when None); `extra`
+    e.g. `adopted=True`."""
     record = {"kind": "video", "row": row, "dataset": dataset, "video_id": video_id, "status": DONE,
               "frames": frames, "points": points}
     if outputs is not None:
         record["outputs"] = outputs
+    if stats is not None:
+        record["stats"] = stats
     return {**record, **extra}
 
 
@@ -233,8 +240,9 @@ def read_output(layout: OutputLayout, record: dict, kind: str) -> bytes:
 @dataclass
 class ResumePlan:
     """One process's share of a run: `pending` row indices to process, `skipped` rows already done or
-    failed without a retry (`not_retried` of them), `adopted` records for valid pickles found
-    without a record (to append to the ledger)."""
+    failed without a retry (`not_retried` of them), `adopted` records to append to the ledger: for
+    valid pickles found without a record, and (when verifying) done records without statistics
+    repeated with those of their pickles (`restated`)."""
 
     pending: list[int] = field(default_factory=list)
     skipped: int = 0
@@ -267,10 +275,11 @@ class DoneRule:
         self.layout, self.latest, self.want_gif, self.verify = layout, latest, want_gif, verify
         self.retry_failed = retry_failed
         self._sizes: dict[Path, int | None] = {}
+        self.restated: list[dict] = []  # verified done records that had no statistics, with them
 
     def plan(self, rows: Iterable, rerun: bool = False) -> ResumePlan:
         """`rows`: objects with `index`, `dataset`, `video_id`."""
-        plan = ResumePlan()
+        plan, self.restated = ResumePlan(), []
         for row in rows:
             if rerun:
                 plan.pending.append(row.index)
@@ -291,6 +300,7 @@ class DoneRule:
                 plan.skipped += 1
             else:
                 plan.pending.append(row.index)
+        plan.adopted += self.restated
         return plan
 
     def retries(self, record: dict) -> bool:
@@ -318,14 +328,18 @@ class DoneRule:
     def _valid(self, record: dict) -> bool:
         try:
             data = read_output(self.layout, record, "pickle")
-            loads_tracks(data, record["video_id"])
+            tracks = loads_tracks(data, record["video_id"])
         except (OSError, TrackFileError):
             return False
-        return output_entry(data)["sha256"] == record["outputs"]["pickle"].get("sha256")
+        if output_entry(data)["sha256"] != record["outputs"]["pickle"].get("sha256"):
+            return False
+        if not isinstance(record.get("stats"), dict):
+            self.restated.append({**record, "stats": file_stats(tracks), "restated": True})
+        return True
 
     def adopt(self, row) -> dict | None:
-        """A `done` record for a row with no record whose pickle (and GIF, if wanted) exists and whose
-        pickle validates with `loads_tracks`; else None."""
+        """A `done` record (with its `stats`) for a row with no record whose pickle (and GIF, if wanted)
+        exists and whose pickle validates with `loads_tracks`; else None."""
         path = self.layout.pickle(row.dataset, row.video_id)
         gif_size = self._size(self.layout.gif(row.dataset, row.video_id)) if self.want_gif else None
         if self._size(path) is None or (self.want_gif and gif_size is None):
@@ -339,4 +353,4 @@ class DoneRule:
         if self.want_gif:
             outputs["gif"] = {"bytes": gif_size}
         return done_record(row.index, row.dataset, row.video_id, tracks.num_frames, tracks.num_points, outputs,
-                           adopted=True)
+                           stats=file_stats(tracks), adopted=True)

@@ -7,13 +7,13 @@
 
 Grid mode skips the first three. Each stage is `StageRunner.run`: a failing call is retried clip by
 clip and a failure is pinned on its clip. The tracker takes the batch in as few calls as fit the
-memory budget (clips in order of length, so a call pads little). Results leave the device once, at
-the end.
+memory budget (clips in order of length, so a call pads little), each call with the chunk sizes
+`semtrack.tracking_memory` gives it. Results leave the device once, at the end.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -21,20 +21,11 @@ from semtrack.clustering import cluster
 from semtrack.config import ExtractConfig
 from semtrack.points import QueryPoints, grid_query_points, select_query_points
 from semtrack.records import Clip, ClusterView, Failure, Tracks, VideoResult
-from semtrack.resources import available_memory
-from semtrack.runner import GB, StageRunner, TrackingBudget
-from semtrack.tracker import estimate_tracking_bytes
+from semtrack.runner import StageRunner
+from semtrack.tracking_memory import TrackingMemory
 
-STAGES = ("features", "clustering", "points", "tracking")
+# The Trainer's precision -> the tracker's.
 TRACKER_PRECISION = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp32", "bf16-mixed": "bf16"}
-CUDA_BUDGET_BYTES = 10 * GB  # tracking memory per GPU rank, models included
-# On a GPU, fewer and larger chunks of the tracker's ops launch fewer kernels (exact either way): each
-# tracking call takes the largest of CUDA_CHUNK_CHOICES (None: unchunked) whose estimate fits the
-# budget (`chunk_bytes_for_call`). The smallest, which the calls are grouped by, fits 8 SSV2 clips of
-# 88 frames with 300 points at 8.8 GB in bf16, inside CUDA_BUDGET_BYTES with the models
-# (semtrack.tracker.estimate_tracking_bytes).
-CUDA_ENCODER_CHUNK = 32  # frames per encoder call
-CUDA_CHUNK_CHOICES = (None, 8 * GB, 4 * GB, 2 * GB, 1_500_000_000)  # one chunk's intermediates, largest first
 
 
 @dataclass
@@ -47,54 +38,64 @@ class BatchResult:
     tracking_calls: list[tuple[int, int, int]]
 
 
-def chunk_choices(device: torch.device) -> tuple[int | None, ...]:
-    """The chunk budgets a tracking call may use, largest first: `CUDA_CHUNK_CHOICES` on CUDA; elsewhere
-    only the tracker's default (a CPU gains nothing from big chunks)."""
-    return CUDA_CHUNK_CHOICES if device.type == "cuda" else ()
+def tracker_precision(precision: str) -> str:
+    """The tracker's precision ("fp32" | "bf16") for the Trainer's `precision` (`TRACKER_PRECISION`)."""
+    if str(precision) not in TRACKER_PRECISION:
+        raise ValueError(f"precision {precision!r} is not supported; use one of {sorted(TRACKER_PRECISION)}")
+    return TRACKER_PRECISION[str(precision)]
 
 
-def tune_tracker(tracker, device: torch.device) -> None:
-    """Chunk sizes for the device: on CUDA `CUDA_ENCODER_CHUNK` and the smallest of `chunk_choices`,
-    elsewhere the tracker's defaults."""
-    if device.type == "cuda":
-        tracker.model.encoder_chunk = CUDA_ENCODER_CHUNK
-        tracker.model.chunk_bytes = chunk_choices(device)[-1]
+def build_models(config: ExtractConfig, device: torch.device, precision: str) -> tuple:
+    """(DINOv2 extractor or None in grid mode, tracker) on `device`, the tracker in `precision` ("fp32" |
+    "bf16"), each from its weights source by the one rule of `semtrack.weights` (`config.dinov2_weights`,
+    `config.tracker_weights`: "official", "random", a path or a URL); a bad source raises `WeightsError`.
+    Each model's `weights_id` says what it loaded."""
+    # Imported here: `import semtrack.pipeline` stays free of timm until a job builds its models.
+    from semtrack.features import DinoV2Extractor
+    from semtrack.tracker import load_tracker
+
+    features = None
+    if not config.use_grid:
+        features = DinoV2Extractor(config.dinov2_model, checkpoint=config.dinov2_weights,
+                                   preprocess=config.dinov2_preprocess).to(device)
+    tracker = load_tracker(config.tracker_weights, device=device, precision=precision,
+                           interp_shape=config.tracker_resolution)
+    return features, tracker
 
 
-def chunk_bytes_for_call(estimate: Callable[[int | None], float], budget: float | None,
-                         choices: Sequence[int | None], default: int | None) -> int | None:
-    """The first of `choices` (largest first) whose `estimate(chunk_bytes)` fits `budget` bytes;
-    `default` when there are no choices, no budget, or none fits (the call was grouped to fit it)."""
-    if budget is None:
-        return default
-    return next((c for c in choices if estimate(c) <= budget), default)
-
-
-def tracking_budget(config: ExtractConfig, device: torch.device, model_bytes: int) -> float | None:
-    """Bytes one tracking call may use: `max_tracking_memory_gb`, else on CUDA `CUDA_BUDGET_BYTES`
-    minus what the models hold, elsewhere half the memory still available (None: unknown, no guard)."""
-    if config.max_tracking_memory_gb is not None:
-        return config.max_tracking_memory_gb * GB
-    if device.type == "cuda":
-        return max(0.0, CUDA_BUDGET_BYTES - model_bytes)
-    available = available_memory()
-    return None if available is None else available / 2
+def set_matmul_precision(choice: str) -> None:
+    """Process-wide: fp32 matmuls and convolutions on GPUs strict ("highest") or in TF32 ("high"), the
+    `matmul_precision` option. Every process that runs a pipeline calls it once, before the first batch."""
+    torch.set_float32_matmul_precision(choice)
+    torch.backends.cudnn.allow_tf32 = choice != "highest"
 
 
 class Pipeline:
     """features -> clustering -> points -> tracking for batches of clips (see the module docstring).
 
     features: a `DinoV2Extractor` (None in grid mode); tracker: an `OfflineTracker`, both on `device`;
-    tracker_precision: "fp32" | "bf16"; budget: bytes one tracking call may use (None: no limit);
-    chunks: chunk budgets a call may use, largest first (`chunk_choices`); calls are grouped at the
-    tracker's own `chunk_bytes`, and each then runs with the largest choice that fits the budget.
+    memory: the job's tracking-memory policy (how clips are grouped into tracker calls, and the chunk
+    sizes of each call).
     """
 
-    def __init__(self, config: ExtractConfig, features, tracker, device: torch.device, tracker_precision: str,
-                 budget: float | None, chunks: Sequence[int | None] = ()):
+    def __init__(self, config: ExtractConfig, features, tracker, device: torch.device, memory: TrackingMemory):
         self.config, self.features, self.tracker = config, features, tracker
-        self.device, self.tracker_precision, self.budget = device, tracker_precision, budget
-        self.chunks, self.base_chunk_bytes = tuple(chunks), tracker.model.chunk_bytes
+        self.device, self.memory = device, memory
+
+    @classmethod
+    def build(cls, config: ExtractConfig, device: torch.device, precision: str = "32-true") -> Pipeline:
+        """The job's pipeline on `device` for the Trainer's `precision` ("32-true", "bf16-mixed", ...):
+        the models (`build_models`) and the tracking-memory policy, given what the models hold on a GPU.
+        Sets no process-wide state (the TF32 switch is `set_matmul_precision`)."""
+        precision = tracker_precision(precision)
+        features, tracker = build_models(config, device, precision)
+        model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        return cls(config, features, tracker, device, TrackingMemory.plan(config, device, precision, model_bytes))
+
+    def weights_ids(self) -> dict[str, str | None]:
+        """What the models loaded: {"tracker": id, "dinov2": id or None in grid mode} (see `weights_id`)."""
+        return {"tracker": self.tracker.weights_id,
+                "dinov2": None if self.features is None else self.features.weights_id}
 
     # ------------------------------------------------------------------ the batch
     def __call__(self, clips: Sequence[Clip]) -> BatchResult:
@@ -106,14 +107,14 @@ class Pipeline:
         frames = {c.row: c.frames.to(self.device, non_blocking=True) for c in live}  # (T, 3, H, W) uint8
         points, labels, self._calls = {}, {}, []
         if cfg.use_grid:
-            budget = self.tracking_budget({c.row: cfg.cotracker_grid_size**2 for c in live})
+            budget = self.memory.guard({c.row: cfg.cotracker_grid_size**2 for c in live})
             tracks = run.run("tracking", live, self._grid_tracking, frames, calls=budget.calls_by_length)
         else:
             cluster_frames = {c.row: c.cluster_frames.to(self.device, non_blocking=True) for c in live}
             tokens = run.run("features", live, self._features, frames, cluster_frames)
             labels = run.run("clustering", live, self._clustering, tokens)
             points = run.run("points", live, self._points, labels, cluster_frames)
-            budget = self.tracking_budget({row: len(qp) for row, qp in points.items()})
+            budget = self.memory.guard({row: len(qp) for row, qp in points.items()})
             tracks = run.run("tracking", live, self._tracking, frames, points, calls=budget.calls_by_length)
         results = [self._result(clip, tracks, points, labels, run.failures.get(clip.row)) for clip in clips]
         if run.clock.cuda:
@@ -175,42 +176,11 @@ class Pipeline:
 
     def _track(self, frames: list[torch.Tensor], num_points: int, **options) -> list[tuple]:
         """`track_many` on uint8 clips (T_i, 3, H_i, W_i) with at most `num_points` points each, in the
-        tracker's own precision (not the Trainer's autocast) and the largest chunks that fit the
-        budget -> per clip (tracks, visibility, probabilities or None); records the call's padding."""
+        tracker's own precision (not the Trainer's autocast) and the chunk sizes `memory` gives the call
+        -> per clip (tracks, visibility, probabilities or None); records the call's padding."""
         lengths = [len(f) for f in frames]
         self._calls.append((len(frames), sum(lengths), max(lengths) * len(frames)))
-        size = (max(f.shape[-2] for f in frames), max(f.shape[-1] for f in frames))
-        model = self.tracker.model
-        model.chunk_bytes = chunk_bytes_for_call(
-            lambda chunk: self._estimate(max(lengths), num_points, size, len(frames), chunk),
-            self.budget, self.chunks, self.base_chunk_bytes)
-        try:
-            with torch.autocast(self.device.type, enabled=False):
-                out = self.tracker.track_many(frames, return_probs=self.config.save_confidence, **options)
-        finally:
-            model.chunk_bytes = self.base_chunk_bytes
+        chunks = self.memory.chunk_sizes(frames, num_points)
+        with torch.autocast(self.device.type, enabled=False):
+            out = self.tracker.track_many(frames, return_probs=self.config.save_confidence, **options, **chunks)
         return [o if self.config.save_confidence else (*o, None) for o in out]
-
-    # ------------------------------------------------------------------ tracking memory
-    def _estimate(self, num_frames: int, num_points: int, size: tuple[int, int], batch: int,
-                  chunk_bytes: int | None) -> float:
-        """`estimate_tracking_bytes` of one call of this job's tracker with `chunk_bytes` chunks."""
-        cfg = self.config
-        return estimate_tracking_bytes(
-            num_frames, num_points, size, cfg.tracker_resolution, backward=not cfg.use_grid,
-            dtype_bytes=2 if self.tracker_precision == "bf16" else 4, batch=batch,
-            encoder_chunk=self.tracker.model.encoder_chunk, chunk_bytes=chunk_bytes)
-
-    def tracking_budget(self, num_points: dict[int, int]) -> TrackingBudget:
-        """The memory guard for clips with `num_points` {row: N} points each (at the base chunk size)."""
-        height, width = self.config.tracker_resolution
-
-        def need(clips: Sequence[Clip], frames: int | None) -> float:
-            size = (max(c.size[0] for c in clips), max(c.size[1] for c in clips))
-            return self._estimate(frames or max(c.num_frames for c in clips), max(num_points[c.row] for c in clips),
-                                  size, len(clips), self.base_chunk_bytes)
-
-        def describe(clip: Clip) -> str:
-            return f"{clip.num_frames} frames x {num_points[clip.row]} points at {height}x{width}"
-
-        return TrackingBudget(self.budget, need, describe)

@@ -42,10 +42,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from semtrack.defaults import NUM_POINTS_PER_ENTITY
+
 SAMPLERS = ("fast", "exact")
 TIE_RULES = ("first", "research")  # exact sampler ties: first pixel in row-major order, or the research rule
-NUM_POINTS_PER_ENTITY = 16  # points per cluster, or per component (research default)
-GRID_SIZE = 16  # grid mode: a GRID_SIZE x GRID_SIZE grid of tracks (research default)
 FAST_SAMPLES = 256  # weighted samples per entity (fast sampler): coverage within ~2 % of exact; 1024: ~1 %, 4x slower
 FAST_MAX_ITER = 20  # weighted Lloyd iterations at most (coverage within 0.1 % of converged)
 FAST_TOL = 1e-2  # px: a video's Lloyd centres are final once none moved by this much in an iteration

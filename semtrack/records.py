@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+COMPUTE_STAGES = ("features", "clustering", "points", "tracking")  # what the pipeline runs, in order
+STAGES = ("decode", *COMPUTE_STAGES, "write")  # every stage a video passes (and can fail in), in order
+
 
 def _empty(dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(0, dtype=dtype)
@@ -55,8 +58,7 @@ class Clip:
 
 @dataclass(frozen=True)
 class Failure:
-    """Why a video has no tracks: the stage that failed ("decode", "features", "clustering",
-    "points", "tracking", "write") and a one-line reason."""
+    """Why a video has no tracks: the stage that failed (one of `STAGES`) and a one-line reason."""
 
     stage: str
     reason: str

@@ -1,14 +1,12 @@
 """Trail GIFs rendered in worker processes, so drawing never holds the main process's interpreter.
 
 `GifRenderer(processes)` starts its processes at once (forked on Linux, from the thread that makes
-it: the run makes it before any other thread of its own); `submit(scratch, result, max_width)`
-returns a future of the GIF's bytes. A worker draws with `semtrack.gif.save_trail_gif` into
-`scratch` (a temporary name in the output folder, so a killed run's leftovers are swept like any
-other), reads it back and removes it. Workers ignore SIGINT and SIGTERM: a stop request is the
-main process's to handle, and it waits for the GIFs it asked for. On Linux they are killed when the
-main process ends, however it ends (they share its open files, the folder lock's among them).
-Should a worker die (e.g. killed for memory), the pool is broken and later GIFs are drawn in the
-calling thread instead.
+it: the run makes it before any other thread of its own); `submit(result, max_width)` returns a
+future of the GIF's bytes (`semtrack.gif.gif_bytes`, drawn in memory: the output sink writes them).
+Workers ignore SIGINT and SIGTERM: a stop request is the main process's to handle, and it waits for
+the GIFs it asked for. On Linux they are killed when the main process ends, however it ends (they
+share its open files, the folder lock's among them). Should a worker die (e.g. killed for memory),
+the pool is broken and later GIFs are drawn in the calling thread instead.
 """
 from __future__ import annotations
 
@@ -19,9 +17,8 @@ import signal
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
-from semtrack.gif import save_trail_gif
+from semtrack.gif import gif_bytes
 
 GIF_PROCESSES = 2  # worker processes drawing GIFs (a 30-frame GIF costs tens of ms of CPU)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
@@ -38,18 +35,8 @@ def _start_worker(parent: int) -> None:
         os._exit(1)
 
 
-def draw_gif(scratch: str, frames, tracks, visibility, obj_ids, frame_times, max_width) -> bytes:
-    """The bytes of `save_trail_gif` of the arrays (see there), drawn through the file `scratch`."""
-    path = Path(scratch)
-    try:
-        save_trail_gif(path, frames, tracks, visibility, obj_ids, frame_times, max_width)
-        return path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def gif_arrays(result) -> tuple:
-    """`draw_gif`'s arrays of a tracked `VideoResult`: frames (T, H, W, 3) uint8, tracks (T, N, 2)
+    """`gif_bytes`'s arrays of a tracked `VideoResult`: frames (T, H, W, 3) uint8, tracks (T, N, 2)
     float32, visibility (T, N) bool, obj_ids (N,) int64, frame_times (T,) float64 seconds."""
     clip, tr = result.clip, result.tracks
     return (clip.frames.permute(0, 2, 3, 1).numpy(), tr.tracks.float().numpy(), tr.visibility.numpy(),
@@ -67,17 +54,17 @@ class GifRenderer:
         self._pool.submit(int).result()  # forks every worker now, from this thread
         self._broken = False
 
-    def submit(self, scratch: Path, result, max_width: int | None) -> Future:
-        """A future of the GIF's bytes of tracked `result` (a `VideoResult`), drawn through `scratch`."""
-        args = (str(scratch), *gif_arrays(result), max_width)
+    def submit(self, result, max_width: int | None) -> Future:
+        """A future of the GIF's bytes of tracked `result` (a `VideoResult`), `max_width` px wide at most."""
+        args = (*gif_arrays(result), max_width)
         if not self._broken:
             try:
-                return self._pool.submit(draw_gif, *args)
+                return self._pool.submit(gif_bytes, *args)
             except BrokenProcessPool:
                 self._broken = True
         done: Future = Future()
         try:
-            done.set_result(draw_gif(*args))
+            done.set_result(gif_bytes(*args))
         except Exception as exc:  # noqa: BLE001 - the caller records it against the video
             done.set_exception(exc)
         return done

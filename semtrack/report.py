@@ -10,8 +10,12 @@ and `videos_per_s` (done videos only; `attempts_per_s` counts failures too). `ru
     semtrack-report OUT_DIR            (also: python -m semtrack.report OUT_DIR)
 
 merges every ledger file of OUT_DIR, rewrites those files and prints the report (OUT_DIR a base folder:
-every job folder in it). Exit status: 0 no video failed, 1 some did (or the files could not be
-written), 2 no ledger there.
+every job folder in it, in turn). Exit status: 0 no video of the folder failed, 1 some did (or the
+files could not be written), 2 no ledger there.
+The track statistics (`semtrack.survey`): `--json` prints them, `--where EXPR` prints the videos
+matching a filter (both on stdout, the report on stderr, exit status 0 unless they cannot be
+made), `--html [PATH]` writes the page (`semtrack.report_html`), `--verify_outputs` first computes
+the statistics that older records lack from the pickles.
 """
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import semtrack
-from semtrack.layout import OutputLayout
+from semtrack.layout import REPORT_HTML, OutputLayout
 from semtrack.ledger import DONE, FAILED, latest_videos, read_records
-from semtrack.pipeline import STAGES
+from semtrack.records import STAGES
+from semtrack.report_html import render_html
+from semtrack.survey import MISSING_NOTE, FilterError, StatsTable, build_survey, restate
 from semtrack.util import one_line, write_text_atomic
 from semtrack.webdataset import manifest_csv
 
@@ -48,7 +54,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
     """One run's figures from its `start`, `video` and `end` records (all processes of the run)."""
     starts = [r for r in records if r["kind"] == "start"]
     ends = [r for r in records if r["kind"] == "end"]
-    videos = [r for r in records if r["kind"] == "video" and not r.get("adopted")]
+    videos = [r for r in records if r["kind"] == "video" and not r.get("adopted") and not r.get("restated")]
     done = sum(r["status"] == DONE for r in videos)
     failed = sum(r["status"] == FAILED for r in videos)
     first = min(starts, key=lambda r: r["time"]) if starts else {}
@@ -75,7 +81,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
                    "pending": max(0, rows - done - failed - skipped)},
         "failures": _sorted_failures(r for r in videos if r["status"] == FAILED),
         "not_retried": sum(r.get("not_retried", 0) for r in starts),  # of skipped: failed earlier, not redone
-        "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in (*STAGES, "write") if totals[s][1]},
+        "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in STAGES if totals[s][1]},
         "data_wait_s": sum(e.get("data_wait_s", 0.0) for e in ends),
         "points_dropped": sum(e.get("points_dropped", 0) for e in ends),
         "startup_s": max((e["startup_s"] for e in ends if e.get("startup_s") is not None), default=None),
@@ -112,7 +118,7 @@ def build_report(layout: OutputLayout, records: list[dict], run_id: str | None =
         "failures": _sorted_failures(r for r in latest.values() if r["status"] == FAILED),
         "last_run": next((s for s in summaries if s["run_id"] == run_id), None),
         "runs": [{k: s[k] for k in ("run_id", "started", "shard", "world_size", "status", "counts", "wall_s",
-                                    "videos_per_s")} for s in summaries],
+                                    "videos_per_s", "stage_mean_s")} for s in summaries],
     }
 
 
@@ -134,11 +140,12 @@ def write_report_files(layout: OutputLayout, report: dict, records: list[dict]) 
         write_text_atomic(layout.manifest, manifest_csv(latest.values()))
 
 
-def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] | None = None) -> dict:
-    """Read the ledger, build the report and write its files -> the report. `errors` (one line each:
-    what the run could not write) go into `last_run.errors`; a report file that cannot be written
-    adds its line there too (in the returned report only)."""
-    records = read_records(layout)
+def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] | None = None,
+            records: list[dict] | None = None) -> dict:
+    """Read the ledger (unless its `records` are given), build the report and write its files -> the
+    report. `errors` (one line each: what the run could not write) go into `last_run.errors`; a report
+    file that cannot be written adds its line there too (in the returned report only)."""
+    records = read_records(layout) if records is None else records
     report = build_report(layout, records, run_id)
     if report["last_run"] is not None:
         report["last_run"]["errors"] = list(errors or ())
@@ -199,30 +206,77 @@ def _has_ledger(layout: OutputLayout) -> bool:
     return layout.ledger_dir.is_dir() and any(Path(layout.ledger_dir).glob("*.jsonl"))
 
 
-def _report_folder(layout: OutputLayout) -> int:
-    report = rebuild(layout)
-    print(format_report(report))
-    errors = report["last_run"]["errors"] if report["last_run"] else []
-    for line in errors:
-        print(f"error: {line}", file=sys.stderr)
-    return 1 if errors or report["counts"]["failed"] else 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`semtrack-report OUT_DIR`: merge the folder's ledger, rewrite its report files, print the report.
-    Given the base folder (`--base_feat_path`), every job folder in it in turn."""
+    """`semtrack-report OUT_DIR [--json] [--where EXPR] [--html [PATH]] [--verify_outputs]`: merge the
+    folder's ledger, rewrite its report files, print the report (or its statistics as JSON, or the
+    videos matching a filter) and write the HTML page."""
     parser = argparse.ArgumentParser(prog="semtrack-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>), or a base folder")
+    parser.add_argument("--json", action="store_true", help="print the folder's numbers and statistics as JSON")
+    parser.add_argument("--where", metavar="EXPR", help='print "dataset,video_id" of the done videos matching EXPR, '
+                                                        'e.g. "visible<0.1 and points>=8" or a rule name')
+    parser.add_argument("--html", nargs="?", const="", metavar="PATH",
+                        help=f"write the HTML report to PATH (default: OUT_DIR/{REPORT_HTML})")
+    parser.add_argument("--verify_outputs", action="store_true",
+                        help="compute the statistics of done videos recorded without them, from their pickles")
     args = parser.parse_args(argv)
     layout = OutputLayout(args.out_dir)
-    if _has_ledger(layout):
-        return _report_folder(layout)
-    jobs = sorted(p for p in Path(args.out_dir).glob("*") if p.is_dir() and _has_ledger(OutputLayout(p)))
-    if not jobs:
+    if not _has_ledger(layout):
+        jobs = sorted(p for p in Path(args.out_dir).glob("*") if p.is_dir() and _has_ledger(OutputLayout(p)))
+        if jobs:  # a base folder (--base_feat_path): each job folder in it, with the same options
+            rest = list(sys.argv[1:] if argv is None else argv)
+            rest.remove(args.out_dir)
+            return max(main([str(job), *rest]) for job in jobs)
         print(f"error: {layout.root} has no ledger ({layout.ledger_dir}/*.jsonl) and no job folder with one: "
               "not a semtrack output folder", file=sys.stderr)
         return 2
-    return max(_report_folder(OutputLayout(job)) for job in jobs)
+    records = read_records(layout)
+    latest = latest_videos(records)
+    table = StatsTable.of(latest)
+    if args.verify_outputs and table.missing:
+        try:
+            restated, problems = restate(layout, table.missing)
+        except OSError as exc:
+            print(f"error: cannot write the ledger of {layout.root}: {one_line(exc)}", file=sys.stderr)
+            return 1
+        for line in problems:
+            print(f"error: no statistics for {line}", file=sys.stderr)
+        print(f"semtrack: statistics computed from the pickles of {len(restated)} done video(s)", file=sys.stderr)
+        records += restated
+        latest = latest_videos(records)
+        table = StatsTable.of(latest)
+    try:
+        selected = table.where(args.where) if args.where is not None else None
+    except FilterError as exc:
+        print(f"error: --where: {exc}", file=sys.stderr)
+        return 2
+    report = rebuild(layout, records=records)
+    quiet = args.json or selected is not None  # stdout is for the JSON or the ids
+    print(format_report(report), file=sys.stderr if quiet else sys.stdout)
+    if table.missing:
+        print(f"  statistics: {len(table.missing)} done video(s) have {MISSING_NOTE} "
+              f"(semtrack-report {layout.root} --verify_outputs)",
+              file=sys.stderr if quiet else sys.stdout)
+    errors = report["last_run"]["errors"] if report["last_run"] else []
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    survey = build_survey(report, latest, table) if args.json or args.html is not None else None
+    if args.html is not None:
+        page = Path(args.html) if args.html else layout.root / REPORT_HTML
+        try:
+            write_text_atomic(page, render_html(survey, layout, page, dict(zip(table.keys, table.records))))
+        except OSError as exc:
+            print(f"error: cannot write {page}: {one_line(exc)}", file=sys.stderr)
+            return 1
+        print(f"semtrack: wrote {page} ({page.stat().st_size} bytes)", file=sys.stderr if quiet else sys.stdout)
+    if args.json:
+        print(json.dumps(survey, indent=1))
+    if selected is not None:
+        print("dataset,video_id")
+        print("".join(f"{d},{v}\n" for d, v in selected), end="")
+    if quiet:
+        return 0
+    return 1 if errors or report["counts"]["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ and returns; it waits only while the queue is full, so at most `QUEUE_BATCHES` +
 takes the batches in order. For each batch it sends the GIFs to worker processes
 (`semtrack.renders.GifRenderer`, with `--make_vis`), serialises each pickle, hands each video's
 members to the output sink (`semtrack.sinks`: files renamed into place, or a tar shard), then appends
-the batch's ledger records and fsyncs them once. So a record is appended only after its outputs are
+the batch's ledger records (each done video's with its track statistics, `semtrack.trackstats`) and
+fsyncs them once. So a record is appended only after its outputs are
 in place, records reach disk batch by batch in the order the batches were computed, and the main
 thread never waits for a pickle, a GIF or an fsync. A video whose outputs cannot be written is
 recorded failed (stage `write`) and keeps none of them; an error that says the folder is the problem
@@ -52,8 +53,8 @@ from semtrack.sidecar import run_options, write_sidecar
 from semtrack.sinks import OutputSink, open_sink
 from semtrack.stopping import StopRequest
 from semtrack.trackfile import dumps_tracks, tracks_dict
-from semtrack.util import one_line, temporary_path
-from semtrack.webdataset import member_key
+from semtrack.trackstats import DIGITS, track_stats
+from semtrack.util import one_line
 
 QUEUE_BATCHES = 2  # batches waiting for the writer thread, at most (one more is being written)
 DECODE_WAIT_SHARE = 0.10  # warn when the loop waits longer than this share of its compute for decoded videos
@@ -159,10 +160,12 @@ class Run:
         """Raise `semtrack.stopping.Stopped` if a stop was requested (a signal, or the folder failed)."""
         self.stop.check()
 
-    def submit(self, results: Sequence[VideoResult], timings: dict[str, tuple[float, int]]) -> None:
-        """Hand a batch's results and its stage clocks {stage: (seconds, videos)} to the writer thread;
-        waits only while `QUEUE_BATCHES` batches are already waiting."""
-        self._queue.put((list(results), dict(timings)))
+    def submit(self, results: Sequence[VideoResult], timings: dict[str, tuple[float, int]], wait_s: float = 0.0
+               ) -> None:
+        """Hand a batch's results, its stage clocks {stage: (seconds, videos)} and the seconds the step
+        waited for its decoded videos to the writer thread; waits only while `QUEUE_BATCHES` batches are
+        already waiting."""
+        self._queue.put((list(results), dict(timings), wait_s))
         if self.startup_s is None:
             self.startup_s = time.perf_counter() - self._created
 
@@ -194,32 +197,31 @@ class Run:
             except BaseException as exc:  # noqa: BLE001 - an unforeseen error stops the run instead of hanging it
                 self.stop.fail(f"the writer failed: {one_line(exc)}")
 
-    def _write_batch(self, results: list[VideoResult], timings: dict) -> None:
+    def _write_batch(self, results: list[VideoResult], timings: dict, wait_s: float) -> None:
         if self.stop.reason is not None:
             return  # the folder cannot be written: this batch is left for the next run
         for stage, (seconds, videos) in timings.items():
             self.stage_totals[stage][0] += seconds
             self.stage_totals[stage][1] += videos
+        clocks = {"step_s": round(sum(s / v for s, v in timings.values() if v), DIGITS),
+                  "wait_s": round(wait_s / max(len(results), 1), DIGITS)}  # each video's share of the batch's
         max_width = self.job.config.vis_max_width
-        gifs = {i: self._gifs.submit(self._scratch(r), r, max_width) for i, r in enumerate(results)
+        gifs = {i: self._gifs.submit(r, max_width) for i, r in enumerate(results)
                 if r.ok and self._gifs is not None}
         records = []
         for i, result in enumerate(results):
             clip = result.clip
             if result.ok:
-                records += self._write(result, gifs.get(i))
+                records += self._write(result, gifs.get(i), clocks)
             else:
                 records.append(failed_record(clip.row, clip.dataset, clip.video_id, result.failure.stage,
                                              result.failure.reason, clip.video_path))
         self._commit(records)
 
-    def _scratch(self, result: VideoResult):
-        """Where a GIF worker draws this video's GIF: a temporary name in the output folder."""
-        return temporary_path(self.job.layout.root / f"{member_key(result.clip.dataset, result.clip.video_id)}.gif")
-
-    def _write(self, result: VideoResult, gif: Future | None) -> list[dict]:
-        """Write a tracked video's outputs -> the ledger records now durable (a failure record if
-        writing failed; a folder-level error also requests a stop)."""
+    def _write(self, result: VideoResult, gif: Future | None, clocks: dict) -> list[dict]:
+        """Write a tracked video's outputs -> the ledger records now durable, with the video's track
+        statistics and `clocks` {"step_s", "wait_s"} (a failure record if writing failed; a
+        folder-level error also requests a stop)."""
         start = time.perf_counter()
         clip, tracks = result.clip, result.tracks
         try:
@@ -228,8 +230,10 @@ class Run:
             members = {"pickle": dumps_tracks(tracks_dict(result, self._weights, self._options))}
             if gif is not None:
                 members["gif"] = gif.result()
+            stats = {**track_stats(tracks.tracks, tracks.visibility, tracks.obj_ids, tracks.query_frames, clip.size),
+                     **clocks}
             record = done_record(clip.row, clip.dataset, clip.video_id, int(tracks.tracks.shape[0]),
-                                 int(tracks.tracks.shape[1]))
+                                 int(tracks.tracks.shape[1]), stats=stats)
             records = self._sink.add(record, members)
             self.points_dropped += tracks.num_dropped
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on

@@ -1,15 +1,13 @@
-"""Running the stages of one batch of clips: calls, retries, failure pinning, clocks, memory budget.
+"""Running the stages of one batch of clips: calls, retries, failure pinning, clocks.
 
 `StageRunner.run(stage, clips, fn, *inputs)` applies a stage function to the clips still alive,
-one call per group (`calls`); when a call raises (CUDA out of memory included) its clips are
-retried one by one, so a failure is pinned on one clip (stage + one-line reason) and the others go
-on. `TrackingBudget.calls` cuts tracking work into calls whose estimated memory fits a budget and
-refuses, untried, a clip that does not fit alone, naming the fix.
+one call per group (`calls`, e.g. `semtrack.tracking_memory.TrackingBudget.calls_by_length`); when a
+call raises (CUDA out of memory included) its clips are retried one by one, so a failure is pinned on
+one clip (stage + one-line reason) and the others go on.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import defaultdict
 from typing import Any, Callable, Sequence
@@ -19,7 +17,6 @@ import torch
 from semtrack.records import Clip, Failure
 from semtrack.util import one_line
 
-GB = 1e9
 Calls = Callable[[list[Clip]], "tuple[list[list[Clip]], dict[int, str]]"]
 
 
@@ -109,58 +106,3 @@ class StageRunner:
             return False
         out.update((clip.row, result) for clip, result in zip(group, results))
         return True
-
-
-class TrackingBudget:
-    """Cuts tracking calls to fit `limit` bytes (None: no limit).
-
-    `need(clips, frames)` estimates the bytes of one call on `clips` (each cut to `frames` frames
-    when given); it must grow with the clips and the frames. `describe(clip)` names the work
-    ("T frames x N points at HxW") in the refusal reason.
-    """
-
-    def __init__(self, limit: float | None, need: Callable[[Sequence[Clip], int | None], float],
-                 describe: Callable[[Clip], str]):
-        self.limit, self.need, self.describe = limit, need, describe
-
-    def calls(self, clips: list[Clip]) -> tuple[list[list[Clip]], dict[int, str]]:
-        """-> (balanced consecutive calls that fit, {row: reason} for clips that do not fit alone)."""
-        if self.limit is None:
-            return [clips], {}
-        refused = {c.row: self.refusal(c) for c in clips if self.need([c], None) > self.limit}
-        fit = [c for c in clips if c.row not in refused]
-        greedy, start = [], 0  # consecutive calls, each as long as fits
-        while start < len(fit):
-            size = 1
-            while start + size < len(fit) and self.need(fit[start:start + size + 1], None) <= self.limit:
-                size += 1
-            greedy.append(fit[start:start + size])
-            start += size
-        balanced = _balanced(fit, len(greedy))  # as many calls, of near-equal length, if those fit too
-        if all(self.need(call, None) <= self.limit for call in balanced):
-            return balanced, refused
-        return greedy, refused
-
-    def calls_by_length(self, clips: list[Clip]) -> tuple[list[list[Clip]], dict[int, str]]:
-        """`calls` on the clips in order of frame count: a call of several clips pads little."""
-        return self.calls(sorted(clips, key=lambda c: c.num_frames))
-
-    def refusal(self, clip: Clip) -> str:
-        """Why `clip` is not tracked, naming the fix: the largest --max_frames that fits, or a budget that would."""
-        need, frames = self.need([clip], None), clip.num_frames
-        lo, hi = 1, frames  # lo: the largest frame count that fits (estimates grow with frames), or 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.need([clip], mid) <= self.limit else (lo, mid - 1)
-        # max_frames changes outputs, so the config sidecar wants a new output folder for it.
-        fix = f"use --max_frames {lo} (with a new --base_feat_path) or " if lo >= 2 else "use "
-        return (f"needs ≈{need / GB:.3g} GB to track {self.describe(clip)}; budget {self.limit / GB:.3g} GB; "
-                f"{fix}--max_tracking_memory_gb {math.ceil(need / GB * 100) / 100:g}")
-
-
-def _balanced(clips: list[Clip], count: int) -> list[list[Clip]]:
-    """`clips` cut into `count` consecutive calls of near-equal length (at most `count`)."""
-    if not count:
-        return []
-    chunk = math.ceil(len(clips) / count)
-    return [clips[i:i + chunk] for i in range(0, len(clips), chunk)]

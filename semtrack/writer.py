@@ -107,7 +107,7 @@ class TrackWriter(BasePredictionWriter):
                            dataloader_idx) -> None:
         """`prediction`: the step's `semtrack.pipeline.BatchResult`."""
         start = time.perf_counter()
-        self.run.submit(prediction.results, prediction.timings)
+        self.run.submit(prediction.results, prediction.timings, self._wait)
         self._batch_end = time.perf_counter()
         self.last_write_s = self._batch_end - start
         self.run.timed(self._wait, start - self._batch_start)

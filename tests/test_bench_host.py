@@ -59,3 +59,22 @@ def test_bench_host_makes_its_sets_and_reports_decode_and_transfer(tmp_path, vid
     assert list(only["sections"]) == ["transfer"] and list(only["sections"]["transfer"]) == ["mine"]
     with pytest.raises(SystemExit, match="unknown section"):
         bench_host.main(["--set", f"mine={sets['480p_x264']}", "--sections", "gif"])
+
+
+def test_bench_host_times_the_writer_and_the_overlap_with_and_without_gifs(tmp_path, videos_dir):
+    sources = [videos_dir / "tiny_ssv2.webm"]  # 12 fps, 12 frames at 320x240
+    result = bench_host.main(["--sources", *map(str, sources), "--cache", str(tmp_path / "cache"),
+                              "--sections", "writer", "overlap", "--repeats", "1",
+                              "--batch", "2", "--batches", "2", "--step_ms", "5"])
+    writer = result["sections"]["writer"]
+    assert sorted(writer["summary"]) == ["gif", "ledger", "pickle"]
+    for what, summary in writer["summary"].items():
+        assert summary["videos"] == 1 and summary["median_frames"] == 12, what  # the set: one length of this clip
+    overlap = result["sections"]["overlap"]
+    assert (overlap["batch"], overlap["batches"], overlap["limit"]) == (2, 2, 1.1)
+    without, with_gifs = overlap["runs"]
+    assert (without["make_vis"], with_gifs["make_vis"]) == (False, True)
+    for run in overlap["runs"]:  # every video written (the section raises otherwise); the stand-in step slept
+        assert run["step_ms"] == 10 and run["alone_ms"] >= 10 and run["run_ms"] >= run["loop_ms"] >= 10
+    assert with_gifs["gif_workers_cpu_ms_per_video"] > 0  # drawn in the worker processes
+    assert without["writer_cpu_ms_per_video"] > 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_report_stats import check_page
 
 import semtrack
 from _shared import REPO_ROOT
@@ -26,8 +27,12 @@ from datamodules.video import VideoCSVDataset
 from semtrack.cli import main
 from semtrack.clustering import bipartite_clusters
 from semtrack.features import DinoV2Extractor
+from semtrack.layout import OutputLayout
+from semtrack.ledger import read_records
 from semtrack.points import select_query_points
+from semtrack.report import main as report_main
 from semtrack.trackfile import load_tracks
+from semtrack.trackstats import file_stats
 
 pytestmark = pytest.mark.slow
 
@@ -164,6 +169,29 @@ def test_semantic_outputs_are_the_same_bytes_with_two_ranks(semantic):
     assert proc.returncode == 1, proc.stderr[-3000:]  # the two broken files
     assert "1 torch thread(s) per process (--num_threads)" in proc.stderr
     assert pickles(base / out.name) == pickles(out) and len(pickles(out)) == 2
+
+
+def test_report_statistics_json_where_and_html_of_a_real_run(semantic, tmp_path, capsys):
+    """Each done record holds its video's statistics as the writer computed them; --json, --where and --html."""
+    out = semantic["out"]
+    done = [r for r in read_records(OutputLayout(out)) if r.get("status") == "done"]
+    assert len(done) == 2
+    for record in done:
+        stats = record["stats"]
+        from_file = file_stats(load_tracks(out / record["dataset"] / "feat_dump" / f"{record['video_id']}.pkl"))
+        assert {k: stats[k] for k in ("frames", "points", "entities", "visible", "visible_half")} == \
+            {k: from_file[k] for k in ("frames", "points", "entities", "visible", "visible_half")}
+        assert stats["displacement_p95_px"] == pytest.approx(from_file["displacement_p95_px"], abs=0.1)  # float16
+        assert stats["step_s"] > 0 and stats["wait_s"] >= 0 and stats["frames"] == 4
+    assert report_main([str(out), "--json"]) == 0
+    survey = json.loads(capsys.readouterr().out)
+    assert survey["counts"]["with_statistics"] == 2 and survey["failures_by_stage"]["decode"]
+    assert survey["statistics"]["frames"]["median"] == 4 and len(survey["gallery"]) == 2
+    assert report_main([str(out), "--where", "frames==4 and visible>0"]) == 0
+    assert capsys.readouterr().out == "dataset,video_id\nssv2,tiny_ssv2\nsynthetic,tiny_25fps\n"
+    assert report_main([str(out), "--html", str(tmp_path / "report.html")]) == 1  # the folder has failures
+    links = check_page(tmp_path / "report.html")
+    assert {link.rsplit("/", 1)[-1] for link in links if link.endswith(".gif")} == {"tiny_ssv2.gif", "tiny_25fps.gif"}
 
 
 def test_sidecar_mismatch_is_refused(semantic, capsys):

@@ -64,3 +64,63 @@ def test_the_readme_architecture_section_names_every_module():
     paths += [f"datamodules/{p.name}" for p in (REPO_ROOT / "datamodules").glob("*.py") if p.name != "__init__.py"]
     missing = sorted(p for p in paths if f"`{p}`" not in section and f"`semtrack/{p}`" not in section)
     assert not missing, f"README's Architecture section does not name {missing}"
+
+
+WORKER_PROBE = '''
+import json
+import sys
+
+from torch.utils.data import DataLoader, Dataset
+
+
+class Probe(Dataset):
+    """The job's Dataset, and what the worker process had imported once it fetched an item."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        clip = self.inner[i]
+        return clip.num_frames, sorted(m for m in sys.modules if m.split(".")[0] in ("semtrack", "datamodules"))
+
+
+if __name__ == "__main__":
+    from datamodules.extraction import PendingRows
+    from datamodules.video import VideoCSVDataset
+
+    rows = PendingRows(VideoCSVDataset(sys.argv[1], max_frames=4), [0])
+    loader = DataLoader(Probe(rows), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    (frames, modules), = list(loader)
+    print(json.dumps({"frames": frames, "modules": modules}))
+'''
+
+
+def test_a_dataloader_worker_imports_no_model_stage(tmp_path):
+    """A spawned DataLoader worker decoding a real clip through the job's Dataset (`PendingRows` over
+    `VideoCSVDataset`) imports neither the tracker nor any other model stage: configuration takes its
+    defaults from `semtrack.defaults`, not from the stages."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from _shared import shared_path
+
+    csv = tmp_path / "one.csv"
+    csv.write_text(f"video_path,dataset\n{shared_path('videos', 'tiny_ssv2.webm')},test\n")
+    script = tmp_path / "probe.py"
+    script.write_text(WORKER_PROBE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(csv)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["frames"] >= 2  # a real decode ran in the worker
+    assert "datamodules.video" in probe["modules"] and "semtrack.config" in probe["modules"]
+    stages = ("semtrack.tracker", "semtrack.features", "semtrack.clustering", "semtrack.points",
+              "semtrack.runner", "semtrack.pipeline")
+    imported = [m for m in probe["modules"] if ".".join(m.split(".")[:2]) in stages]
+    assert not imported, f"a DataLoader worker imported model stages: {imported}"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,10 +11,10 @@ import torch
 from _shared import shared_path
 from semtrack.cli import main, parse_flat
 from semtrack.config import RESEARCH_PRESET, ExtractConfig
-from semtrack.module import SemanticTracker
 from semtrack.pipeline import Pipeline
 from semtrack.records import Clip
 from semtrack.trackfile import load_tracks
+from semtrack.tracking_memory import TrackingMemory
 
 
 def test_the_switch_sets_every_research_behaviour_unless_given():
@@ -31,20 +30,16 @@ def test_dinov2_inputs_are_the_research_inputs():
     """The extractor the job builds under --research_compat turns the official fixture frames into
     exactly the official model's inputs (PIL bilinear resize, ImageNet normalisation)."""
     fixture = np.load(shared_path("dinov2", "features_vitb14.npz"))
-    module = SemanticTracker(parse_flat(["--research_compat", "--weights", "random", "--tracker_resolution",
-                                         "64", "96"])[0])
-    module.configure_model()
+    config = parse_flat(["--research_compat", "--weights", "random", "--tracker_resolution", "64", "96"])[0]
+    pipeline = Pipeline.build(config, torch.device("cpu"))
     frames = torch.from_numpy(fixture["frames"]).permute(0, 3, 1, 2)  # (4, 3, 480, 854) uint8
-    assert torch.equal(module.features.preprocess_frames(frames), torch.from_numpy(fixture["inputs"]))
+    assert torch.equal(pipeline.features.preprocess_frames(frames), torch.from_numpy(fixture["inputs"]))
 
 
 class EchoTracker:
-    """Stand-in tracker: every point stays at its query pixel, so the tracks give the queries back
-    (`model` holds the chunk settings the pipeline reads and sets, as on an `OfflineTracker`)."""
+    """Stand-in tracker: every point stays at its query pixel, so the tracks give the queries back."""
 
-    model = SimpleNamespace(encoder_chunk=16, chunk_bytes=None)
-
-    def track_many(self, videos, queries, backward_tracking, return_probs):
+    def track_many(self, videos, queries, backward_tracking, return_probs, encoder_chunk, chunk_bytes):
         out = []
         for video, q in zip(videos, queries):
             tracks = q[None, :, 1:].expand(len(video), -1, 2).clone()  # (T, N, 2)
@@ -66,7 +61,8 @@ def test_pipeline_reproduces_the_research_labels_and_points(merge_ratio, num_ite
     h, w = fx["image_hw_nocc"]
     clip = Clip(0, "v", "d", "/v.mp4", frames=torch.zeros(60, 3, h, w, dtype=torch.uint8),
                 cluster_frames=torch.from_numpy(fx["frames_id_dict"]))
-    pipeline = Pipeline(config, lambda frames: tokens, EchoTracker(), torch.device("cpu"), "fp32", None)
+    memory = TrackingMemory(None, config.tracker_resolution)
+    pipeline = Pipeline(config, lambda frames: tokens, EchoTracker(), torch.device("cpu"), memory)
     result = pipeline([clip]).results[0]
     assert result.ok, result.failure
     np.testing.assert_array_equal(result.clusters.labels.numpy(), labels)

@@ -171,11 +171,7 @@ def test_encoder_chunking_does_not_change_features(model):
     video = torch.from_numpy(_fixture("model_small.npz")["video"])
     with torch.no_grad():
         whole = model.encode_clips(list(video)).levels
-        previous, model.encoder_chunk = model.encoder_chunk, 5
-        try:
-            chunked = model.encode_clips(list(video)).levels
-        finally:
-            model.encoder_chunk = previous
+        chunked = model.encode_clips(list(video), encoder_chunk=5).levels
     for level_whole, level_chunked in zip(whole, chunked):
         assert torch.allclose(level_whole, level_chunked, atol=1e-6)
 

@@ -87,12 +87,10 @@ def test_forward_call_equals_track_many(tracker, clips, queries):
 def test_chunked_computation_equals_unchunked(clips, queries):
     """3-4 chunks of frames / tracks / frame rows per op (12 MB budget) and 3-frame encoder chunks
     vs no chunking: the chunked ops are row-wise."""
-    tracker = load_tracker("random", interp_shape=(64, 96), encoder_chunk=3)
+    tracker = load_tracker("random", interp_shape=(64, 96))
     tracker.iters = 1
-    tracker.model.chunk_bytes = 12_000_000
-    chunked = tracker.track_many(clips[:2], queries[:2], return_probs=True)
-    tracker.model.chunk_bytes, tracker.model.encoder_chunk = None, 64
-    whole = tracker.track_many(clips[:2], queries[:2], return_probs=True)
+    chunked = tracker.track_many(clips[:2], queries[:2], return_probs=True, encoder_chunk=3, chunk_bytes=12_000_000)
+    whole = tracker.track_many(clips[:2], queries[:2], return_probs=True, encoder_chunk=64, chunk_bytes=None)
     for a, b in zip(chunked, whole):
         _assert_same(a, b)
 

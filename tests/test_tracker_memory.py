@@ -37,16 +37,16 @@ CHILD = textwrap.dedent("""
             return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
     t, n, size, resolution, encoder_chunk = json.loads(sys.argv[1])
-    tracker = load_tracker("random", interp_shape=tuple(resolution), encoder_chunk=encoder_chunk)
+    tracker = load_tracker("random", interp_shape=tuple(resolution))
     tracker.iters = 1
     torch.manual_seed(0)
     clip = (torch.rand(t, 3, *size) * 255).to(torch.uint8)
     queries = torch.rand(n, 3) * torch.tensor([t - 1, size[1] - 1, size[0] - 1])
-    tracker.track_many([clip[:2]], [queries.clamp(max=1)])  # warm-up: thread pools, kernels
+    tracker.track_many([clip[:2]], [queries.clamp(max=1)], encoder_chunk=encoder_chunk)  # warm-up: pools, kernels
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = status_kb("VmRSS")
-    tracker.track_many([clip], [queries], backward_tracking=True)
+    tracker.track_many([clip], [queries], backward_tracking=True, encoder_chunk=encoder_chunk)
     print(json.dumps((status_kb("VmHWM") - before) * 1024))
 """)
 

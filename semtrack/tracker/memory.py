@@ -12,7 +12,8 @@ dies, attention as one fused kernel: `benchmarks/bench_tracker.py --mode memory`
 """
 from __future__ import annotations
 
-MODEL_RESOLUTION = (384, 512)  # (H, W) CoTracker3 was trained at; its motion features assume it
+from semtrack.defaults import MODEL_RESOLUTION
+
 SUPPORT_POINTS = 36  # 6 x 6 support grid added in queries mode
 VIRTUAL_TRACKS = 64
 LATENT_DIM = 128  # feature channels of the pyramid

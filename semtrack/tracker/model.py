@@ -105,9 +105,9 @@ class CoTrackerThreeOffline(nn.Module):
     pixels, iters)` -> coords (B, T, N, 2) model-input pixels, vis (B, T, N) and conf (B, T, N)
     probabilities. H and W must be multiples of `stride`.
 
-    `encoder_chunk` bounds how many frames go through the encoder at once and `chunk_bytes` the
-    intermediates of one chunk of the correlation / transformer steps (memory for long clips);
-    neither changes the result.
+    Per call, `encode_clips(..., encoder_chunk)` bounds how many frames go through the encoder at once
+    and `track(..., chunk_bytes)` the intermediates of one chunk of the correlation / transformer steps
+    (memory for long clips); neither changes the result.
     """
 
     def __init__(
@@ -119,16 +119,12 @@ class CoTrackerThreeOffline(nn.Module):
         num_virtual_tracks: int = 64,
         model_resolution: tuple[int, int] = MODEL_RESOLUTION,
         latent_dim: int = 128,
-        encoder_chunk: int = ENCODER_CHUNK,
-        chunk_bytes: int | None = CHUNK_BYTES,
     ):
         super().__init__()
         self.stride = stride
         self.corr_radius = corr_radius
         self.corr_levels = corr_levels
         self.model_resolution = tuple(model_resolution)
-        self.encoder_chunk = encoder_chunk
-        self.chunk_bytes = chunk_bytes
         patch = 2 * corr_radius + 1
         self.input_dim = 2 + corr_levels * 256 + 84  # vis, conf, corr embeddings, motion encoding
         self.register_buffer(
@@ -161,7 +157,8 @@ class CoTrackerThreeOffline(nn.Module):
             levels.append(F.avg_pool2d(levels[-1], 2, stride=2))
         return levels
 
-    def encode_clips(self, clips: Sequence[torch.Tensor], size: tuple[int, int] | None = None) -> FeaturePyramid:
+    def encode_clips(self, clips: Sequence[torch.Tensor], size: tuple[int, int] | None = None,
+                     encoder_chunk: int = ENCODER_CHUNK) -> FeaturePyramid:
         """Encode every real frame of `clips` ((T_b, 3, H_b, W_b) uint8 or float, values 0..255).
 
         Frames go through the encoder in chunks of `encoder_chunk` (frames of several clips share a
@@ -181,7 +178,7 @@ class CoTrackerThreeOffline(nn.Module):
         for _ in range(self.corr_levels):
             levels.append(make(t_max, b, self.fnet.conv3.out_channels, hl, wl, device=clips[0].device))
             hl, wl = hl // 2, wl // 2
-        for chunk in _encoder_chunks(lengths, self.encoder_chunk):
+        for chunk in _encoder_chunks(lengths, encoder_chunk):
             x = torch.cat([self._prepare(clips[v][t0:t1], size) for v, t0, t1 in chunk])
             feats = self._features(x)
             start = 0
@@ -310,6 +307,7 @@ class CoTrackerThreeOffline(nn.Module):
         iters: int = 4,
         point_valid: torch.Tensor | None = None,
         reverse: bool = False,
+        chunk_bytes: int | None = CHUNK_BYTES,
     ):
         """Iterative refinement on precomputed features.
 
@@ -318,7 +316,8 @@ class CoTrackerThreeOffline(nn.Module):
         masked as context of the virtual tracks, the only place points meet); None: all real.
         reverse: track every clip reversed within its own length (frame t' of the pass is frame
         T_b - 1 - t' of the clip), reading the same pyramid. Padded frames (t >= T_b) are masked
-        as keys of the time attention. Each clip's result is that of a solo run.
+        as keys of the time attention. Each clip's result is that of a solo run. chunk_bytes: the
+        intermediates of one chunk of the correlation / transformer steps (None: unchunked).
 
         Returns coords (B, T, N, 2) model-input pixels, vis (B, T, N), conf (B, T, N) float32, in
         this pass's time; values at padded frames and points are meaningless (finite).
@@ -342,13 +341,13 @@ class CoTrackerThreeOffline(nn.Module):
         coords = xy[:, None].expand(b, t_max, n, 2).clone()  # (B, T, N, 2)
         logits = xy.new_zeros(b, t_max, n, 2)  # (vis, conf) logits
         grid_affine = self._grid_affine(pyramid)
-        chunks = chunk_bounds(t_max, rows_per_chunk(b * n * CORR_POINT_FRAME_BYTES, self.chunk_bytes, t_max))
+        chunks = chunk_bounds(t_max, rows_per_chunk(b * n * CORR_POINT_FRAME_BYTES, chunk_bytes, t_max))
         for _ in range(iters):
             state = torch.cat([logits, self._motion_deltas(coords, has_next)], dim=-1)  # (B, T, N, 6)
             z = None
             for t0, t1 in chunks:
                 z = self._tokens(pyramid, track_feats, grid_affine, coords, state, tau, time_index, t0, t1, z)
-            delta = self.updateformer(z, n, frame_valid, point_valid, self.chunk_bytes)  # (B, T, N, 4)
+            delta = self.updateformer(z, n, frame_valid, point_valid, chunk_bytes)  # (B, T, N, 4)
             coords = coords + delta[..., :2]
             logits = logits + delta[..., 2:]
         probs = torch.sigmoid(logits)

@@ -53,13 +53,12 @@ class OfflineTracker(nn.Module):
     precision: "fp32" (reference, matches the official outputs) or "bf16" (autocast; sampling
     coordinates, the coordinate/logit state, the feature pyramid and the normalisations stay
     float32). bf16 is meant for CUDA: on CPUs without native bf16 convolutions it is much slower.
-    encoder_chunk: frames (over all clips of a call) per encoder call; bounds the encoder's memory
-    (about 50 MB of activations per 384x512 frame in fp32). chunk_bytes: intermediates of one
-    chunk of the correlation and transformer steps (None: no chunking; larger chunks mean fewer
-    kernel launches). Neither changes the result.
+    How a call chunks its work is an argument of `track_many` (`encoder_chunk`, `chunk_bytes`), so one
+    tracker serves calls of any size; the other entry points use the defaults of `memory.py`.
     interp_shape: (H, W), multiples of 4, the frames are resized to; default the model resolution
     (384, 512). Other sizes leave the official configuration (the motion features keep their
     384x512 constants), so outputs then differ from the official predictor's.
+    weights_id: what the model's weights are (`weights.resolve_weights`: "hub:...", "file:<path>", ...).
     """
 
     def __init__(
@@ -69,21 +68,19 @@ class OfflineTracker(nn.Module):
         support_grid_size: int = 6,
         vis_threshold: float = 0.9,
         precision: str = "fp32",
-        encoder_chunk: int = ENCODER_CHUNK,
         interp_shape: tuple[int, int] | None = None,
-        chunk_bytes: int | None = CHUNK_BYTES,
+        weights_id: str | None = None,
     ):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model = model if model is not None else CoTrackerThreeOffline()
-        self.model.encoder_chunk = encoder_chunk
-        self.model.chunk_bytes = chunk_bytes
         self.interp_shape = tuple(interp_shape) if interp_shape is not None else self.model.model_resolution
         self.iters = iters
         self.support_grid_size = support_grid_size
         self.vis_threshold = vis_threshold
         self.precision = precision
+        self.weights_id = weights_id
 
     # ----------------------------------------------------------------------------- helpers
     def grid_points(self, size: int) -> torch.Tensor:
@@ -117,20 +114,22 @@ class OfflineTracker(nn.Module):
         grid = self.grid_points(self.support_grid_size).to(device)
         return torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)[None].expand(b, -1, -1)
 
-    def _passes(self, pyramid: FeaturePyramid, queries: torch.Tensor, point_valid, backward: bool):
+    def _passes(self, pyramid: FeaturePyramid, queries: torch.Tensor, point_valid, backward: bool,
+                chunk_bytes: int | None = CHUNK_BYTES):
         """Model pass(es) on a pyramid; queries (B, N, 3) model pixels, t in clip time.
 
         Returns coords (B, T, N, 2) model pixels and vis probabilities (B, T, N), with frames
         before each query frame taken from the backward pass when `backward`. The backward pass
-        tracks every clip reversed within its own length.
+        tracks every clip reversed within its own length. chunk_bytes: see `track_many`.
         """
-        coords, vis, _ = self.model.track(pyramid, queries, self.iters, point_valid)
+        coords, vis, _ = self.model.track(pyramid, queries, self.iters, point_valid, chunk_bytes=chunk_bytes)
         if backward:
             t = pyramid.num_frames
             lengths = torch.tensor(pyramid.lengths, dtype=queries.dtype, device=queries.device)[:, None]
             rev = queries.clone()
             rev[..., 0] = lengths - 1 - queries[..., 0]
-            coords_b, vis_b, _ = self.model.track(pyramid, rev, self.iters, point_valid, reverse=True)
+            coords_b, vis_b, _ = self.model.track(pyramid, rev, self.iters, point_valid, reverse=True,
+                                                chunk_bytes=chunk_bytes)
             back = pass_times(pyramid.lengths, t, True, queries.device).T  # (B, T) pass time of clip frame t
             clip = torch.arange(pyramid.batch, device=queries.device)[:, None]
             frames = torch.arange(t, device=queries.device, dtype=queries.dtype)
@@ -139,11 +138,12 @@ class OfflineTracker(nn.Module):
             vis = torch.where(before, vis_b[clip, back], vis)
         return coords, vis
 
-    def _run(self, clips: Sequence[torch.Tensor], queries: torch.Tensor, point_valid, backward: bool):
+    def _run(self, clips: Sequence[torch.Tensor], queries: torch.Tensor, point_valid, backward: bool,
+             encoder_chunk: int = ENCODER_CHUNK, chunk_bytes: int | None = CHUNK_BYTES):
         """Encode `clips` once and track queries (B, N, 3) model pixels -> coords, vis (see `_passes`)."""
         with self._autocast(queries.device):
-            pyramid = self.model.encode_clips(clips, self.interp_shape)
-            return self._passes(pyramid, queries, point_valid, backward)
+            pyramid = self.model.encode_clips(clips, self.interp_shape, encoder_chunk)
+            return self._passes(pyramid, queries, point_valid, backward, chunk_bytes)
 
     def _finish(self, coords, vis, queries, scale):
         """Threshold, overwrite each query frame with the query, rescale to input pixels.
@@ -168,6 +168,9 @@ class OfflineTracker(nn.Module):
         grid_query_frame: int = 0,
         backward_tracking: bool = True,
         return_probs: bool = False,
+        *,
+        encoder_chunk: int = ENCODER_CHUNK,
+        chunk_bytes: int | None = CHUNK_BYTES,
     ) -> list[tuple[torch.Tensor, ...]]:
         """Track points in several clips at once; each clip's result equals its solo run.
 
@@ -177,6 +180,11 @@ class OfflineTracker(nn.Module):
         6x6 support grid); or None with grid_size > 0 (grid mode: grid_size^2 points at frame
         grid_query_frame of every clip, no support grid). backward_tracking: frames before a
         query frame come from tracking the clip reversed (within its own length).
+        encoder_chunk: frames (over all clips of the call) per encoder call; bounds the encoder's
+        memory (about 50 MB of activations per 384x512 frame in fp32). chunk_bytes: intermediates of
+        one chunk of the correlation and transformer steps (None: no chunking; larger chunks mean
+        fewer kernel launches). Neither changes the result (`memory.estimate_tracking_bytes` takes
+        the same two).
 
         Returns per clip (tracks (T_i, N_i, 2) float32 clip pixels, visible (T_i, N_i) bool), plus
         probs (T_i, N_i) float32 with return_probs: the visibility probability after the
@@ -200,7 +208,7 @@ class OfflineTracker(nn.Module):
             counts = [len(points)] * len(clips)
         else:
             raise ValueError("track_many needs queries or grid_size > 0")
-        coords, vis = self._run(clips, user, point_valid, backward_tracking)
+        coords, vis = self._run(clips, user, point_valid, backward_tracking, encoder_chunk, chunk_bytes)
         n = max(counts)
         tracks, visible = self._finish(coords[:, :, :n], vis[:, :, :n], user[:, :n], self._scales(sizes, device, True))
         out = []

@@ -22,7 +22,6 @@ from semtrack.weights import (
     stand_in_state_dict,
 )
 
-from .memory import CHUNK_BYTES, ENCODER_CHUNK
 from .model import CoTrackerThreeOffline, time_embedding_table
 from .predictor import OfflineTracker
 
@@ -84,18 +83,14 @@ def load_tracker(
     weights: str | os.PathLike = OFFICIAL,
     device: str | torch.device | None = None,
     precision: str = "fp32",
-    encoder_chunk: int = ENCODER_CHUNK,
     interp_shape: tuple[int, int] | None = None,
-    chunk_bytes: int | None = CHUNK_BYTES,
 ) -> OfflineTracker:
     """An eval-mode `OfflineTracker` with `weights` loaded strictly (see `resolve_weights`).
 
     The tracker's `weights_id` says what was loaded. device: where to put the tracker (default CPU);
-    precision, encoder_chunk, interp_shape, chunk_bytes: see `OfflineTracker`.
+    precision, interp_shape: see `OfflineTracker`.
     """
     state, weights_id = resolve_weights(weights)
-    tracker = OfflineTracker(precision=precision, encoder_chunk=encoder_chunk, interp_shape=interp_shape,
-                             chunk_bytes=chunk_bytes)
+    tracker = OfflineTracker(precision=precision, interp_shape=interp_shape, weights_id=weights_id)
     load_strict(tracker.model, state, COTRACKER3, weights_id.split(":", 1)[-1])
-    tracker.weights_id = weights_id
     return tracker.to(device if device is not None else "cpu").eval()
