@@ -28,7 +28,8 @@ class RowPlan:
     this process's share; `pending`: the row indices of it still to do; `skipped`: done already, or
     failed earlier and not retried (`not_retried` of them, `--retry_failed`);
     `adopted`: ledger records for valid pickles found without one; `csv_rows`, `csv_keys`: the
-    CSV's row count and key digest (`semtrack.ledger.csv_keys`); `datasets`: the CSV's datasets."""
+    row count and key digest (`semtrack.ledger.csv_keys`) of the CSV, or of its first row in debug
+    mode; `datasets`: the CSV's datasets."""
 
     rows: int
     assigned: int
@@ -113,9 +114,10 @@ class Job:
         latest = {} if rerun else latest_videos(iter_records(self.layout), {(r.dataset, r.video_id) for r in mine})
         decided = DoneRule(self.layout, latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs,
                            retry_failed=cfg.retry_failed).plan(mine, rerun)
+        folder_rows = list(rows)[:1] if cfg.debug_mode else rows  # the debug folder only ever holds the first row
         return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
                        not_retried=decided.not_retried,
-                       csv_rows=len(rows), csv_keys=csv_keys(rows), adopted=decided.adopted,
+                       csv_rows=len(folder_rows), csv_keys=csv_keys(folder_rows), adopted=decided.adopted,
                        datasets=tuple(sorted({r.dataset for r in rows})))
 
     def settle(self, rows: Sequence, rank: int, world_size: int, local_world_size: int) -> None:

@@ -272,3 +272,10 @@ def test_progress_is_a_line_in_a_log_and_a_bar_on_a_terminal_with_every_ranks_co
     quiet.on_predict_start(SimpleNamespace(is_global_zero=False), None)  # other ranks show nothing
     quiet.final()
     assert quiet.stream.getvalue() == ""
+
+
+def test_debug_mode_counts_only_the_first_row_in_its_folder(tmp_path):
+    """The debug folder only ever holds the CSV's first row: its report must not call the rest pending."""
+    plan = make_run(tmp_path, rows=14, debug_mode=True).job.plan
+    assert (plan.rows, plan.csv_rows, plan.pending) == (1, 1, [0])
+    assert make_run(tmp_path, rows=14).job.plan.csv_rows == 14
