@@ -10,27 +10,14 @@ import math
 from typing import Iterable, Iterator
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from datamodules.video import VideoCSVDataset
+from datamodules.video import PendingRows, VideoCSVDataset
 from semtrack.config import ExtractConfig
 from semtrack.job import Job, RowPlan
 from semtrack.records import Clip
 
 BUCKET_MAX_BYTES = 2e9  # decoded frames held for length bucketing, at most (unless one batch needs more)
-
-
-class PendingRows(Dataset):
-    """The clips of the CSV rows `rows` (indices into `dataset`)."""
-
-    def __init__(self, dataset: VideoCSVDataset, rows: list[int]):
-        self.dataset, self.rows = dataset, list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Clip:
-        return self.dataset[self.rows[i]]
 
 
 def _frame_bytes(clip: Clip) -> int:

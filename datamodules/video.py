@@ -118,6 +118,20 @@ class VideoCSVDataset(Dataset):
         )
 
 
+class PendingRows(Dataset):
+    """The clips of the CSV rows `rows` (indices into `dataset`): what the extraction job's DataLoader
+    workers unpickle, so it lives beside the Dataset, in a module without Lightning."""
+
+    def __init__(self, dataset: VideoCSVDataset, rows: list[int]):
+        self.dataset, self.rows = dataset, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Clip:
+        return self.dataset[self.rows[i]]
+
+
 def collate_videos(items: Sequence[Clip]) -> list[Clip]:
     """Pass-through collate: clips differ in size, failed ones (frames None) are kept."""
     return list(items)
