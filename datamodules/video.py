@@ -25,6 +25,7 @@ from semtrack.config import (
     NUM_FRAMES_CLUSTERING,
 )
 from semtrack.records import Clip
+from semtrack.stopping import detach_worker
 from semtrack.video import FramePlan, VideoRow, cluster_frame_indices, decode_video, read_video_csv
 
 
@@ -110,6 +111,10 @@ class VideoCSVDataset(Dataset):
         clip = Clip(row.index, row.video_id, row.dataset, row.video_path, decoder=decoder, error=error, fps=plan.fps)
         if decoded is None:
             return clip
+        if len(decoded.frames) < MIN_FRAMES:  # per row: a row's own fps can leave a clip one frame
+            rate = "the native rate" if plan.fps is None else f"fps {plan.fps:g}"
+            return dataclasses.replace(clip, error=f"{len(decoded.frames)} frame(s) at {rate}; a track needs at "
+                                                   f"least {MIN_FRAMES} (give this row a higher fps)")
         frames = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2)  # a zero-copy view of (T, H, W, 3)
         return dataclasses.replace(
             clip, frames=frames, frame_times=torch.from_numpy(decoded.times), source_fps=float(decoded.source_fps),
@@ -130,6 +135,12 @@ class PendingRows(Dataset):
 
     def __getitem__(self, i: int) -> Clip:
         return self.dataset[self.rows[i]]
+
+
+def worker_start(parent: int, worker_id: int) -> None:
+    """A DataLoader worker's start (`worker_init_fn`, with `parent` bound): `semtrack.stopping.detach_worker`.
+    Here, beside `PendingRows`, so a spawned worker imports no Lightning for it."""
+    detach_worker(parent)
 
 
 def collate_videos(items: Sequence[Clip]) -> list[Clip]:

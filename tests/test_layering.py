@@ -89,10 +89,14 @@ class Probe(Dataset):
 
 
 if __name__ == "__main__":
-    from datamodules.video import PendingRows, VideoCSVDataset
+    import functools
+    import os
+
+    from datamodules.video import PendingRows, VideoCSVDataset, worker_start
 
     rows = PendingRows(VideoCSVDataset(sys.argv[1], max_frames=4), [0])
-    loader = DataLoader(Probe(rows), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    loader = DataLoader(Probe(rows), batch_size=None, num_workers=1, multiprocessing_context="spawn",
+                        worker_init_fn=functools.partial(worker_start, os.getpid()))
     (frames, modules), = list(loader)
     print(json.dumps({"frames": frames, "modules": modules}))
 '''
