@@ -12,33 +12,14 @@ import os
 from typing import Iterable, Iterator
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from datamodules.video import VideoCSVDataset
+from datamodules.video import PendingRows, VideoCSVDataset, worker_start
 from semtrack.config import ExtractConfig
 from semtrack.job import Job, RowPlan
 from semtrack.records import Clip
-from semtrack.stopping import detach_worker
 
 BUCKET_MAX_BYTES = 2e9  # decoded frames held for length bucketing, at most (unless one batch needs more)
-
-
-def _detach(parent: int, worker_id: int) -> None:
-    """A DataLoader worker's start (`worker_init_fn`): `semtrack.stopping.detach_worker`."""
-    detach_worker(parent)
-
-
-class PendingRows(Dataset):
-    """The clips of the CSV rows `rows` (indices into `dataset`)."""
-
-    def __init__(self, dataset: VideoCSVDataset, rows: list[int]):
-        self.dataset, self.rows = dataset, list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Clip:
-        return self.dataset[self.rows[i]]
 
 
 def _frame_bytes(clip: Clip) -> int:
@@ -206,5 +187,5 @@ class ExtractionDataModule(L.LightningDataModule):
         # the batch in hand while the main process stops at the next boundary (`semtrack.stopping`).
         loader = DataLoader(PendingRows(self.dataset, job.plan.pending), batch_size=None, shuffle=False,
                             num_workers=job.num_workers, pin_memory=accelerated,
-                            worker_init_fn=functools.partial(_detach, os.getpid()))
+                            worker_init_fn=functools.partial(worker_start, os.getpid()))
         return ClipBatches(loader, cfg.batch_size, cfg.batch_size * cfg.bucket_batches, BUCKET_MAX_BYTES)

@@ -25,6 +25,7 @@ from semtrack.config import (
     NUM_FRAMES_CLUSTERING,
 )
 from semtrack.records import Clip
+from semtrack.stopping import detach_worker
 from semtrack.video import (
     FramePlan,
     VideoRow,
@@ -135,6 +136,26 @@ class VideoCSVDataset(Dataset):
             fps=decoded.fps, cluster_frames=torch.from_numpy(cluster_frame_indices(len(frames),
                                                                                    self.num_frames_clustering)),
         )
+
+
+class PendingRows(Dataset):
+    """The clips of the CSV rows `rows` (indices into `dataset`): what the extraction job's DataLoader
+    workers unpickle, so it lives beside the Dataset, in a module without Lightning."""
+
+    def __init__(self, dataset: VideoCSVDataset, rows: list[int]):
+        self.dataset, self.rows = dataset, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Clip:
+        return self.dataset[self.rows[i]]
+
+
+def worker_start(parent: int, worker_id: int) -> None:
+    """A DataLoader worker's start (`worker_init_fn`, with `parent` bound): `semtrack.stopping.detach_worker`.
+    Here, beside `PendingRows`, so a spawned worker imports no Lightning for it."""
+    detach_worker(parent)
 
 
 def collate_videos(items: Sequence[Clip]) -> list[Clip]:
