@@ -94,9 +94,8 @@ def build_report(layout: OutputLayout, records: list[dict], run_id: str | None =
     run that started last). `counts.rows` is the latest run's CSV row count; `pending` is None when
     runs read different CSVs (it cannot be told then)."""
     by_run: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        if not r.get("restated"):  # a done record repeated with its statistics: no part of any run
-            by_run[r["run"]].append(r)
+    for r in (r for r in records if not r.get("restated")):  # a record repeated with its statistics: no run's
+        by_run[r["run"]].append(r)
     starts = sorted((r for r in records if r["kind"] == "start"), key=lambda r: r["time"])
     runs = sorted(by_run, key=lambda run: min(r["time"] for r in by_run[run]))
     if run_id is None and runs:

@@ -265,7 +265,7 @@ def restate(layout: OutputLayout, missing: list[dict], last_seq: int = 0) -> tup
             if recorded is not None and output_entry(data)["sha256"] != recorded:
                 raise TrackFileError("the pickle differs from the one its record lists (SHA-256)")
             stats = file_stats(loads_tracks(data, record["video_id"]))
-        except (OSError, KeyError, TypeError, ValueError) as exc:  # ValueError: TrackFileError, an unsafe file
+        except (OSError, KeyError, TypeError, ValueError) as exc:  # ValueError: TrackFileError, UnsafeFile
             problems.append(f"{record['dataset']}/{record['video_id']}: {one_line(exc)}")
             continue
         records.append({**record, "stats": stats, "restated": True, "run": run_id, "rank": 0, "time": time.time(),
