@@ -20,15 +20,18 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from semtrack.config import ExtractConfig
 from semtrack.ledger import new_run_id
 from semtrack.run import Run
+from semtrack.safeio import shown
 from semtrack.shards import FolderBusy
 from semtrack.stopping import Stopped, StopRequest
 from semtrack.util import one_line
+
+MAX_NOTES = 5  # start-up warnings shown (skipped ledger lines, pickles not adopted), at most
 
 
 def say(trainer, text: str) -> None:
     """One line on stderr from global rank 0: what the run is doing while the bar has nothing to show."""
     if trainer.is_global_zero:
-        print(f"semtrack: {text}", file=sys.stderr, flush=True)
+        print(f"semtrack: {shown(text)}", file=sys.stderr, flush=True)  # names' control characters escaped
 
 
 class TrackWriter(BasePredictionWriter):
@@ -75,6 +78,10 @@ class TrackWriter(BasePredictionWriter):
         where = "" if job.shard.count == 1 else f"{job.shard.describe()}: "
         say(trainer, f"{where}{plan.rows} rows, {pending} to do, {skipped} done already; {job.num_workers} decoding "
                      f"worker(s) per device ({job.workers_note}); loading models")
+        for note in plan.notes[:MAX_NOTES]:
+            say(trainer, f"warning: {note}")
+        if len(plan.notes) > MAX_NOTES:
+            say(trainer, f"warning: ... and {len(plan.notes) - MAX_NOTES} more")
 
     def on_predict_start(self, trainer, pl_module) -> None:
         run_id = trainer.strategy.broadcast(new_run_id() if trainer.is_global_zero else None, src=0)
