@@ -28,6 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import semtrack  # noqa: E402
 from semtrack.layout import OutputLayout  # noqa: E402
 from semtrack.ledger import LedgerPart, done_record, failed_record  # noqa: E402
 from semtrack.trackstats import STATS, track_stats  # noqa: E402
@@ -89,7 +90,7 @@ def build_folder(root: Path, records: int) -> OutputLayout:
         for rank in range(RANKS):
             parts[rank].append({"kind": "start", "run": run_id, "rank": rank, "time": run * 1e5, "world_size": RANKS,
                                 "shard": [0, 1], "rows": per_run, "csv_rows": records, "skipped": 0,
-                                "csv_keys": "k"})
+                                "csv_keys": "k", "semtrack_version": semtrack.__version__})
         for i in range(run * per_run, (run + 1) * per_run):
             rank = i % RANKS
             vid = f"{i:06d}"
