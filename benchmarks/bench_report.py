@@ -4,7 +4,8 @@
    N = 300 points in 12 entities, 240 x 427 px, 80 % visible), the call the writer thread makes per
    video: process CPU time per call (median of `--repeats` batches of 100 calls), one torch thread.
 2. A folder whose ledger holds `--records` synthetic video records (2 % failed, the rest done with
-   plausible statistics, 8 rank files of 2 runs; no pickles or GIFs on disk, so the gallery shows
+   plausible statistics and a Lamport `seq` as runs write them, 8 rank files of 2 runs; no pickles
+   or GIFs on disk, so the gallery shows
    "no preview"): `semtrack-report OUT --html`, `--json` and `--where` run as the installed command
    would (a child process): its CPU time (user + system), wall time, peak RSS and the page's size.
 
@@ -100,7 +101,7 @@ def build_folder(root: Path, records: int) -> OutputLayout:
                 stats = synthetic_stats(rng)
                 outputs = {"pickle": {"bytes": 40000 + stats["points"] * 500, "sha256": sha}, "gif": {"bytes": 250000}}
                 record = done_record(i, DATASET, vid, stats["frames"], stats["points"], outputs, stats=stats)
-            parts[rank].append({**record, "run": run_id, "rank": rank, "time": run * 1e5 + i * 0.01})
+            parts[rank].append({**record, "run": run_id, "rank": rank, "time": run * 1e5 + i * 0.01, "seq": i + 1})
         for rank in range(RANKS):
             parts[rank].append({"kind": "end", "run": run_id, "rank": rank, "time": run * 1e5 + 9e4,
                                 "status": "complete", "wall_s": 3600.0, "done": 0, "failed": 0,
