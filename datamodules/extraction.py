@@ -157,7 +157,8 @@ class ExtractionDataModule(L.LightningDataModule):
 
     A row is skipped (counted in `job.plan.skipped`) when the ledger records it done and its outputs
     are on disk (`semtrack.ledger.DoneRule`; a pickle without a record is validated and adopted),
-    unless `config.rerun`; failed rows are retried. Debug mode runs the first CSV row, done or not.
+    unless `config.rerun`; failed rows are retried as `config.retry_failed` says (`DoneRule`).
+    Debug mode runs the first CSV row, done or not.
     `job` (`semtrack.job.Job`, made from the config unless given) gets this process's plan and its
     number of decoding processes in `setup`.
     """
@@ -175,7 +176,8 @@ class ExtractionDataModule(L.LightningDataModule):
             kwargs = {"native_fps_datasets": cfg.native_fps_datasets} if cfg.native_fps_datasets is not None else {}
             self.dataset = VideoCSVDataset(
                 cfg.csv_path, fps=cfg.fps, num_frames_clustering=cfg.num_frames_clustering, fps_rule=cfg.fps_rule,
-                max_frames=cfg.max_frames, decoder=cfg.decoder, video_id_rule=cfg.video_id_rule, **kwargs,
+                max_frames=cfg.max_frames, decoder=cfg.decoder, video_id_rule=cfg.video_id_rule,
+                video_path=cfg.video_path, dataset=cfg.dataset, limit=cfg.limit, **kwargs,
             )
         return self.dataset
 

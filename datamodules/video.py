@@ -25,7 +25,14 @@ from semtrack.config import (
     NUM_FRAMES_CLUSTERING,
 )
 from semtrack.records import Clip
-from semtrack.video import FramePlan, VideoRow, cluster_frame_indices, decode_video, read_video_csv
+from semtrack.video import (
+    FramePlan,
+    VideoRow,
+    cluster_frame_indices,
+    decode_video,
+    read_video_csv,
+    read_video_paths,
+)
 
 
 def _is_int(value) -> bool:
@@ -52,6 +59,9 @@ class VideoCSVDataset(Dataset):
         decoder: "auto" (decord, PyAV if decord fails), "decord" or "pyav" (that one only).
         video_id_rule: default `video_id` when the CSV has none: "stem" (`a/clip.v2.mp4` ->
             `clip.v2`) or "research" (the file name cut at its first '.': `clip`).
+        video_path, dataset: rows without a CSV (`csv_path` is then not read): a file, folder or
+            glob, and the dataset name (default: the folder's name); see `read_video_paths`.
+        limit: only the first `limit` rows (None: all).
     """
 
     def __init__(
@@ -64,6 +74,9 @@ class VideoCSVDataset(Dataset):
         max_frames: int | None = None,
         decoder: str = "auto",
         video_id_rule: str = "stem",
+        video_path: str | None = None,
+        dataset: str | None = None,
+        limit: int | None = None,
     ):
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be a positive number or None, got {fps!r}")
@@ -85,7 +98,9 @@ class VideoCSVDataset(Dataset):
         self.max_frames = None if max_frames is None else int(max_frames)
         self.decoder = decoder
         self.video_id_rule = video_id_rule
-        self.rows: list[VideoRow] = read_video_csv(csv_path, video_id_rule)
+        rows = read_video_csv(csv_path, video_id_rule) if video_path is None else read_video_paths(
+            video_path, dataset, video_id_rule)
+        self.rows: list[VideoRow] = rows[:limit]
 
     def __len__(self) -> int:
         return len(self.rows)

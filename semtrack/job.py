@@ -1,15 +1,18 @@
 """What one extraction job is, decided once: its options, output folder and shard, and, once the
-process knows its rank, the rows it runs and how many processes decode them.
+process knows its rank, the rows it runs, how many processes decode them and how many threads compute.
 
 `Job.of(config)` is made once per process (by `datamodules.extraction.ExtractionDataModule`, which
 the preflight checks of `semtrack.api` build or are given) and passed to what needs it: the
-DataModule fills in `plan` and `num_workers` in its `setup`, the writer's `Run` reads them.
+DataModule fills in `plan`, `num_workers` and `num_threads` in its `setup`; the writer applies the
+threads (`torch.set_num_threads`) and its `Run` reads the rest.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
+
+import torch
 
 from semtrack.config import ExtractConfig
 from semtrack.layout import OutputLayout
@@ -22,13 +25,14 @@ MAX_DEFAULT_WORKERS = 8  # decoding processes per device without --num_workers, 
 @dataclass
 class RowPlan:
     """What one process of a run does. `rows`: the run's rows (its shard, all ranks); `assigned`:
-    this process's share; `pending`: the row indices of it still to do; `skipped`: done already;
+    this process's share; `pending`: the row indices of it still to do; `skipped`: done already, or
+    failed earlier and not retried (`not_retried` of them, `--retry_failed`);
     `adopted`: ledger records for valid pickles found without one; `csv_rows`, `csv_keys`: the
-    CSV's row count and key digest (`semtrack.ledger.csv_keys`); `datasets`: the CSV's datasets;
-    `notes`: one line per ledger file or line skipped and per pickle not adopted, and why;
-    `row_fps`: {row index: target frame rate, None = native} of this process's rows (recorded with
-    each video); `last_seq`: the highest ledger `seq` of the folder when planned (this process's
-    records count on from it)."""
+    row count and key digest (`semtrack.ledger.csv_keys`) of the CSV, or of its first row in debug
+    mode; `datasets`: the CSV's datasets; `notes`: one line per ledger file or line skipped and per
+    pickle not adopted, and why; `row_fps`: {row index: target frame rate, None = native} of this
+    process's rows (recorded with each video); `last_seq`: the highest ledger `seq` of the folder when
+    planned (this process's records count on from it)."""
 
     rows: int
     assigned: int
@@ -41,6 +45,7 @@ class RowPlan:
     notes: list[str] = field(default_factory=list)
     row_fps: dict[int, float | None] = field(default_factory=dict)
     last_seq: int = 0
+    not_retried: int = 0
 
 
 def assigned_rows(rows: list, shard: Shard, rank: int, world_size: int, debug: bool) -> tuple[list, int]:
@@ -70,12 +75,24 @@ def default_num_workers(local_world_size: int, environ: Mapping[str, str] = os.e
     return count, f"{per_device} CPU(s) per device, one left to the main process, at most {MAX_DEFAULT_WORKERS}"
 
 
+def default_num_threads(local_world_size: int, num_workers: int, ceiling: int,
+                        environ: Mapping[str, str] = os.environ, cpus: int | None = None) -> tuple[int, str]:
+    """torch intra-op threads of the main process when `--num_threads` is not given -> (count, how it
+    was chosen): the process's CPUs (`cpus_per_device`) less one per decoding worker (each decodes
+    with one thread), at least 1 and at most `ceiling` (torch's count before the run: its default of
+    physical cores, or OMP_NUM_THREADS). So the ranks and workers of a node never run more threads
+    than it has CPUs."""
+    per_device = cpus_per_device(local_world_size, environ, cpus)
+    count = max(1, min(ceiling, per_device - num_workers))
+    return count, f"{per_device} CPU(s) per device less {num_workers} decoding worker(s)"
+
+
 @dataclass
 class Job:
     """One extraction job in one process: `config` (an `ExtractConfig`), the output `layout` it writes
     (the config's folder, or its `debug/` folder in debug mode), its `shard` of the CSV rows; `plan`
-    (this process's rows), `num_workers` (its decoding processes) and `cpus_per_device` once its rank
-    is known."""
+    (this process's rows), `num_workers` (its decoding processes), `num_threads` (its torch threads)
+    and `cpus_per_device` once its rank is known."""
 
     config: ExtractConfig
     layout: OutputLayout
@@ -84,6 +101,8 @@ class Job:
     num_workers: int | None = None
     workers_note: str = ""  # how num_workers was chosen, for the start-up line
     cpus_per_device: int | None = None  # `cpus_per_device` of this node (sizes the GIF workers)
+    num_threads: int | None = None  # torch intra-op threads of the main process
+    threads_note: str = ""  # how num_threads was chosen, for the start-up line
 
     @classmethod
     def of(cls, config: ExtractConfig) -> Job:
@@ -107,17 +126,21 @@ class Job:
                                {(r.dataset, r.video_id) for r in mine})
         row_fps = {r.index: fps_of(r) for r in mine} if fps_of is not None else None
         rule = DoneRule(self.layout, {} if rerun else latest, want_gif=cfg.make_vis, verify=cfg.verify_outputs,
-                        options=cfg.output_options(), row_fps=row_fps, check_fps=cfg.max_frames is None)
+                        options=cfg.output_options(), row_fps=row_fps, check_fps=cfg.max_frames is None,
+                        retry_failed=cfg.retry_failed)
         decided = rule.plan(mine, rerun)
+        folder_rows = list(rows)[:1] if cfg.debug_mode else rows  # the debug folder only ever holds the first row
         return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
-                       csv_rows=len(rows), csv_keys=csv_keys(rows), adopted=decided.adopted,
+                       not_retried=decided.not_retried,
+                       csv_rows=len(folder_rows), csv_keys=csv_keys(folder_rows), adopted=decided.adopted,
                        datasets=tuple(sorted({r.dataset for r in rows})), notes=notes + rule.refused,
                        row_fps=row_fps or {}, last_seq=sequence.last)
 
     def settle(self, rows: Sequence, rank: int, world_size: int, local_world_size: int,
                fps_of: Callable[[object], float | None] | None = None) -> None:
-        """Fill in `plan` and `num_workers` for global `rank` of `world_size` processes, `local_world_size`
-        of them on this node (once; later calls keep the first plan). `fps_of`: see `plan_rows`."""
+        """Fill in `plan`, `num_workers` and `num_threads` for global `rank` of `world_size` processes,
+        `local_world_size` of them on this node (once; later calls keep the first plan). `fps_of`: see
+        `plan_rows`."""
         if self.plan is not None:
             return
         self.plan = self.plan_rows(rows, rank, world_size, fps_of)
@@ -126,3 +149,8 @@ class Job:
             self.num_workers, self.workers_note = self.config.num_workers, "--num_workers"
         else:
             self.num_workers, self.workers_note = default_num_workers(local_world_size)
+        if self.config.num_threads is not None:
+            self.num_threads, self.threads_note = self.config.num_threads, "--num_threads"
+        else:
+            self.num_threads, self.threads_note = default_num_threads(
+                local_world_size, self.num_workers, torch.get_num_threads())

@@ -179,6 +179,26 @@ def iter_records(layout: OutputLayout, problems: list[str] | None = None) -> Ite
             problems.append(f"{bad} unreadable ledger line{'s' if bad > 1 else ''} in {shown(path)}")
 
 
+class LedgerTail:
+    """Reads the records appended to one ledger file since the last `read` (whole lines that parse as
+    records, `parse_record`; a file not there yet, or not a regular file, reads as empty)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def read(self) -> list[dict]:
+        try:
+            with os.fdopen(open_regular(self.path, LEDGER_FILE_MAX), "rb") as f:
+                f.seek(self.offset)
+                data = f.read(LEDGER_FILE_MAX - self.offset)
+        except (OSError, ValueError):  # ValueError: UnsafeFile
+            return []
+        whole = data[:data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        records = (parse_record(line) for line in whole.splitlines() if len(line) <= LEDGER_LINE_MAX)
+        return [r for r in records if r is not None]
+
+
 def read_records(layout: OutputLayout, problems: list[str] | None = None) -> list[dict]:
     """`iter_records` as a list."""
     return list(iter_records(layout, problems))
@@ -282,13 +302,29 @@ def read_slice(path: Path, offset: int, size: int) -> bytes:
 
 @dataclass
 class ResumePlan:
-    """One process's share of a run: `pending` row indices to process, `skipped` rows already done,
-    `adopted` records to append to the ledger: for valid pickles found without a record, and (when
-    verifying) done records without statistics repeated with those of their pickles (`restated`)."""
+    """One process's share of a run: `pending` row indices to process, `skipped` rows already done or
+    failed without a retry (`not_retried` of them), `adopted` records to append to the ledger: for
+    valid pickles found without a record, and (when verifying) done records without statistics
+    repeated with those of their pickles (`restated`)."""
 
     pending: list[int] = field(default_factory=list)
     skipped: int = 0
     adopted: list[dict] = field(default_factory=list)
+    not_retried: int = 0  # of `skipped`: rows whose latest record is a failure the rule does not retry
+
+
+def is_permanent(record: dict) -> bool:
+    """Whether a `failed` record's failure would recur: the file failed to decode (not a video, empty,
+    truncated, undecodable) and is unchanged since (its mtime and ctime before the record's time).
+    Failures of the model stages, of writing, of a decoder that broke unexpectedly, or of a file that
+    is gone or changed are transient (worth a retry)."""
+    if record.get("stage") != "decode" or str(record.get("reason", "")).startswith("unexpected"):
+        return False
+    try:
+        info = os.stat(record.get("video_path") or "")
+    except (OSError, ValueError):
+        return False
+    return max(info.st_mtime, info.st_ctime) < record.get("time", 0.0)
 
 
 class DoneRule:
@@ -296,12 +332,16 @@ class DoneRule:
     tar shard); `verify` re-reads and validates each pickle; `want_gif`: --make_vis asks for GIFs.
     `options`: the folder's output options (`ExtractConfig.output_options`), which an adopted pickle's
     metadata must hold; `row_fps`: {row index: its target frame rate (None = native)}, which a done
-    record (and an adopted pickle's metadata, where `check_fps`) must match; None: not checked."""
+    record (and an adopted pickle's metadata, where `check_fps`) must match; None: not checked.
+    `retry_failed` says which failed rows are redone: "always", "never", or "transient" (not those
+    whose failure `is_permanent`)."""
 
     def __init__(self, layout: OutputLayout, latest: dict[tuple[str, str], dict], want_gif: bool, verify: bool,
-                 options: dict | None = None, row_fps: dict[int, float | None] | None = None, check_fps: bool = True):
+                 options: dict | None = None, row_fps: dict[int, float | None] | None = None, check_fps: bool = True,
+                 retry_failed: str = "always"):
         self.layout, self.latest, self.want_gif, self.verify = layout, latest, want_gif, verify
         self.options, self.row_fps, self.check_fps = options, row_fps, check_fps
+        self.retry_failed = retry_failed
         self._sizes: dict[Path, int | None] = {}
         self.refused: list[str] = []  # one line per pickle found without a record and not adopted, why
         self.restated: list[dict] = []  # verified done records that had no statistics, with them
@@ -314,6 +354,10 @@ class DoneRule:
                 plan.pending.append(row.index)
                 continue
             record = self.latest.get((row.dataset, row.video_id))
+            if record is not None and record.get("status") == FAILED and not self.retries(record):
+                plan.skipped += 1
+                plan.not_retried += 1
+                continue
             if record is not None:
                 done = self.is_done(record) and self._same_fps(record, row)
             else:
@@ -345,6 +389,10 @@ class DoneRule:
         if self.check_fps and self.row_fps is not None and "fps" in meta and meta["fps"] != self.row_fps.get(row.index):
             return f"it was made at fps {meta['fps']}, the row asks for {self.row_fps.get(row.index)}"
         return None
+
+    def retries(self, record: dict) -> bool:
+        """Whether the failed `record`'s row is redone."""
+        return self.retry_failed == "always" or (self.retry_failed == "transient" and not is_permanent(record))
 
     def is_done(self, record: dict) -> bool:
         if record.get("status") != DONE:

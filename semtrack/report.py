@@ -9,9 +9,10 @@ and `videos_per_s` (done videos only; `attempts_per_s` counts failures too). `ru
 
     semtrack-report OUT_DIR            (also: python -m semtrack.report OUT_DIR)
 
-merges every ledger file of OUT_DIR, rewrites those files and prints the report. Exit status: 0 no
-video of the folder failed, 1 some did (or the files could not be written), 2 not a semtrack output
-folder (neither a semtrack sidecar nor a ledger with a `start` record of its schema: nothing written).
+merges every ledger file of OUT_DIR, rewrites those files and prints the report (OUT_DIR a base folder:
+every job folder in it, in turn). Exit status: 0 no video of the folder failed, 1 some did (or the
+files could not be written), 2 not a semtrack output folder nor a base folder holding one (neither a
+semtrack sidecar nor a ledger with a `start` record of its schema: nothing written).
 The track statistics (`semtrack.survey`): `--json` prints them, `--where EXPR` prints the videos
 matching a filter (both on stdout, the report on stderr, exit status 0 unless they cannot be
 made), `--html [PATH]` writes the page (`semtrack.report_html`), `--verify_outputs` first computes
@@ -81,6 +82,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
         "counts": {"rows": rows, "done": done, "failed": failed, "skipped": skipped,
                    "pending": max(0, rows - done - failed - skipped)},
         "failures": _sorted_failures(r for r in videos if r["status"] == FAILED),
+        "not_retried": sum(r.get("not_retried", 0) for r in starts),  # of skipped: failed earlier, not redone
         "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in STAGES if totals[s][1]},
         "data_wait_s": sum(e.get("data_wait_s", 0.0) for e in ends),
         "points_dropped": sum(e.get("points_dropped", 0) for e in ends),
@@ -195,6 +197,9 @@ def format_report(report: dict) -> str:
         lines.append(f"  this run{where}: {rc['rows']} rows: {rc['done']} done, {rc['failed']} failed, "
                      f"{rc['skipped']} skipped, {rc['pending']} not reached in {run['wall_s']:.1f} s "
                      f"({_rate(run)}){status}")
+        if run.get("not_retried"):
+            lines.append(f"  {run['not_retried']} rows failed earlier and were not retried (--retry_failed always "
+                         "redoes them)")
         if run["stage_mean_s"]:
             lines.append("  mean s/video: " + ", ".join(f"{k} {v:.3f}" for k, v in run["stage_mean_s"].items()))
     failures = report["failures"]
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     folder's ledger, rewrite its report files, print the report (or its statistics as JSON, or the
     videos matching a filter) and write the HTML page."""
     parser = argparse.ArgumentParser(prog="semtrack-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>)")
+    parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>), or a base folder")
     parser.add_argument("--json", action="store_true", help="print the folder's numbers and statistics as JSON")
     parser.add_argument("--where", metavar="EXPR", help='print "dataset,video_id" of the done videos matching EXPR, '
                                                         'e.g. "visible<0.1 and points>=8" or a rule name')
@@ -236,8 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layout = OutputLayout(args.out_dir)
     if not is_output_folder(layout):
+        jobs = sorted(p for p in Path(args.out_dir).glob("*")
+                      if p.is_dir() and not p.is_symlink() and is_output_folder(OutputLayout(p)))
+        if jobs:  # a base folder (--base_feat_path): each job folder in it, with the same options
+            rest = list(sys.argv[1:] if argv is None else argv)
+            rest.remove(args.out_dir)
+            return max(main([str(job), *rest]) for job in jobs)
         print(f"error: {shown(layout.root)} holds neither a semtrack config sidecar ({layout.sidecar.name}) nor a "
-              f"semtrack ledger ({LEDGER_DIR}/*.jsonl): not a semtrack output folder; nothing written", file=sys.stderr)
+              f"semtrack ledger ({LEDGER_DIR}/*.jsonl), and no job folder in it does: not a semtrack output "
+              "folder; nothing written", file=sys.stderr)
         return 2
     problems: list[str] = []
     records = read_records(layout, problems)

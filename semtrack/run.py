@@ -44,7 +44,7 @@ import semtrack
 from semtrack.gif import save_cluster_overlay
 from semtrack.hygiene import is_folder_error, sweep
 from semtrack.job import Job
-from semtrack.ledger import DONE, FAILED, LedgerPart, done_record, failed_record, fallback_path
+from semtrack.ledger import DONE, FAILED, LedgerPart, LedgerTail, done_record, failed_record, fallback_path
 from semtrack.records import VideoResult
 from semtrack.renders import GifRenderer, gif_processes
 from semtrack.report import format_report, rebuild
@@ -93,6 +93,8 @@ class Run:
         self._options: dict = {}
         self._weights: dict = {}
         self._seq = 0  # the last ledger `seq` this process wrote
+        self._tails: list[LedgerTail] | None = None  # the other ranks' ledger files (`all_ranks_counts`)
+        self._others = [0, 0]  # done, failed read from them
 
     @property
     def elapsed(self) -> float:
@@ -124,10 +126,11 @@ class Run:
         output_format = "pickle" if cfg.debug_mode else cfg.output_format
         self._sink = open_sink(layout, output_format, run_id, self.rank, cfg.videos_per_tar)
         start = {"kind": "start", "world_size": self.world_size, "shard": [self.job.shard.index, self.job.shard.count],
-                 "host": socket.gethostname(), "pid": os.getpid(), "csv_path": os.path.abspath(cfg.csv_path),
+                 "host": socket.gethostname(), "pid": os.getpid(), "csv_path": cfg.source,
                  "output_format": self._sink.format, "make_vis": cfg.make_vis, "debug": cfg.debug_mode,
                  "semtrack_version": semtrack.__version__, "csv_rows": plan.csv_rows, "csv_keys": plan.csv_keys,
-                 "rows": plan.rows, "assigned": plan.assigned, "skipped": plan.skipped}
+                 "rows": plan.rows, "assigned": plan.assigned, "skipped": plan.skipped,
+                 "not_retried": plan.not_retried}
         try:
             self._ledger.append([self._stamp(start), *(self._stamp(r) for r in plan.adopted)])
         except OSError as exc:
@@ -139,6 +142,20 @@ class Run:
         self._thread.start()
         self._begun = time.perf_counter()
         self.started = self.stop.started = True
+
+    def all_ranks_counts(self) -> tuple[int, int]:
+        """(done, failed) of every rank of this run so far: this process's counts and what the other
+        ranks' ledger files hold (read incrementally; they lag by at most a batch)."""
+        if self._tails is None:
+            layout = self.job.layout
+            self._tails = [LedgerTail(layout.ledger_part(self.run_id, r)) for r in range(self.world_size)
+                           if r != self.rank]
+        for tail in self._tails:
+            for record in tail.read():
+                if record.get("kind") == "video" and not record.get("adopted"):
+                    self._others[0] += record.get("status") == DONE
+                    self._others[1] += record.get("status") == FAILED
+        return self.done + self._others[0], self.failed + self._others[1]
 
     def _stamp(self, record: dict) -> dict:
         """`record` with the run, rank, time and the next Lamport `seq` (`semtrack.ledger`); a video
@@ -317,7 +334,7 @@ class Run:
         report = rebuild(self.job.layout, self.run_id, self.errors)
         if report["last_run"] is not None:
             self.errors = report["last_run"]["errors"]
-        print("\n" + format_report(report), file=sys.stderr, flush=True)  # after the bar line
+        print(format_report(report), file=sys.stderr, flush=True)
         for line in self.errors:
             print(f"error: {shown(line)}", file=sys.stderr, flush=True)
         self.report = report

@@ -37,6 +37,7 @@ RANDOM = "random"
 URL_SCHEMES = ("http://", "https://", "file://")
 _MAX_KEYS_NAMED = 3  # keys a key-mismatch message names before counting the rest
 REASON_CHARS = 90  # the underlying error's line inside a how-to-provide message
+HUB_PROBE_S = 10.0  # s: the hub's answer to one metadata request before a download is tried
 
 
 class WeightsError(RuntimeError):
@@ -121,17 +122,45 @@ def locate(source: str | os.PathLike, model: ModelWeights) -> tuple[Path, str]:
 
 
 def hub_file(model: ModelWeights) -> Path:
-    """The official file from the Hugging Face cache, downloaded into it first when allowed."""
-    from huggingface_hub import constants, hf_hub_download
+    """The official file from the Hugging Face cache, downloaded into it first when allowed.
+
+    Fails fast when it cannot come: the cache is read first; with nothing cached, an offline hub
+    (HF_HUB_OFFLINE=1) or one that does not answer one metadata request within `HUB_PROBE_S` fails
+    at once, without huggingface_hub's retries."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
     hub = model.hub
+    where = f"{hub.repo} {hub.filename} @{(hub.revision or 'main')[:7]}"
+    cached = try_to_load_from_cache(hub.repo, hub.filename, revision=hub.revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if constants.HF_HUB_OFFLINE:
+        raise model.error(f"no {model.label} weights: {where} is not in the Hugging Face cache and the hub is off "
+                          "(HF_HUB_OFFLINE=1)")
     try:
+        get_hf_file_metadata(hf_hub_url(hub.repo, hub.filename, revision=hub.revision), timeout=HUB_PROBE_S)
         return Path(hf_hub_download(hub.repo, hub.filename, revision=hub.revision))
-    except Exception as err:  # offline, not cached, unreachable, gated, missing: all mean "no weights here"
-        state = "is off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "did not provide it"
-        where = f"{hub.repo} {hub.filename} @{(hub.revision or 'main')[:7]}"
+    except Exception as err:  # unreachable, gated, missing, interrupted: all mean "no weights here"
         raise model.error(f"no {model.label} weights: {where} is not in the Hugging Face cache and the hub "
-                          f"{state} ({one_line(err, REASON_CHARS)})") from err
+                          f"did not provide it ({one_line(err, REASON_CHARS)})") from err
+
+
+def check_sources(sources: Iterable[tuple[str | os.PathLike, ModelWeights]]) -> None:
+    """Make sure every (source, model) pair's weights are on disk (`locate`; random stand-ins need
+    none), fetching official or URL files that can be fetched. One WeightsError naming every model
+    whose weights are missing, in one line."""
+    errors = []
+    for source, model in sources:
+        if is_random(source):
+            continue
+        try:
+            locate(source, model)
+        except WeightsError as err:
+            errors.append(str(err))
+    if len(errors) == 1:
+        raise WeightsError(errors[0])
+    if errors:
+        raise WeightsError(f"{len(errors)} models have no weights: " + " || ".join(errors))
 
 
 def download(url: str, model: ModelWeights) -> Path:

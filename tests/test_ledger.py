@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from _shared import REPO_ROOT
 from semtrack.hygiene import is_folder_error, stale_temporaries
 from semtrack.layout import OutputLayout
-from semtrack.ledger import DoneRule, LedgerPart, latest_videos, read_records
+from semtrack.ledger import DoneRule, LedgerPart, failed_record, latest_videos, read_records
 from semtrack.safeio import TEMPORARY_NAME, TMP_SUFFIX_MAX, temporary_path
 from semtrack.shards import FolderBusy, FolderLock, Shard, resolve_shard
 from semtrack.stopping import Stopped, StopRequest
@@ -230,3 +231,28 @@ def test_a_signal_interrupts_before_start_and_stops_at_the_boundary_after():
     finally:
         started.restore()
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_retry_failed_redoes_transient_failures_and_decode_failures_only_when_asked(tmp_path, videos_dir):
+    """A decode failure of an unchanged file is permanent; a model stage's failure, a decoder that broke
+    unexpectedly, a missing file, or a file changed after the failure are transient."""
+    layout = OutputLayout(tmp_path / "out")
+    changed = tmp_path / "changed.mp4"
+    changed.write_bytes((videos_dir / "not_a_video.mp4").read_bytes())
+    cases = [("not_a_video", "decode", "cannot decode: ...", videos_dir / "not_a_video.mp4", 0),  # permanent
+             ("truncated", "decode", "cannot decode: ...", videos_dir / "corrupt_truncated.mp4", 0),  # permanent
+             ("oom", "tracking", "CUDA out of memory", videos_dir / "cat.mp4", 0),
+             ("odd", "decode", "unexpected KeyError: 'x'", videos_dir / "cat.mp4", 0),
+             ("gone", "decode", "no such file", tmp_path / "gone.mp4", 0),
+             ("changed", "decode", "cannot decode: ...", changed, -3600)]  # failed an hour before it changed
+    latest, rows = {}, []
+    for i, (video_id, stage, reason, path, age) in enumerate(cases):
+        record = failed_record(i, "d", video_id, stage, reason, str(path))
+        latest[("d", video_id)] = {**record, "time": time.time() + age}
+        rows.append(row(i, video_id))
+    plans = {mode: DoneRule(layout, latest, want_gif=False, verify=False, retry_failed=mode).plan(rows)
+             for mode in ("transient", "always", "never")}
+    transient = plans["transient"]
+    assert (transient.pending, transient.skipped, transient.not_retried) == ([2, 3, 4, 5], 2, 2)
+    assert (plans["always"].pending, plans["always"].not_retried) == ([0, 1, 2, 3, 4, 5], 0)
+    assert (plans["never"].pending, plans["never"].skipped, plans["never"].not_retried) == ([], 6, 6)
