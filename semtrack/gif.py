@@ -358,9 +358,9 @@ def render_indexed(
 
     # A stamp reaches `reach` px from its point, so points farther than that outside the frame are
     # not drawn, and the others are stamped into the frame padded by `pad` > 2 * reach with no bounds
-    # check; a point not drawn in a frame is stamped into the padding's corner (centre (reach, reach)),
-    # which no drawn stamp reaches and which is cut off. One scatter per frame, point after point (a
-    # later point's dot and id cover an earlier one's).
+    # check; a point not drawn in a frame is stamped around (reach, reach), wholly inside the padding
+    # (rows and columns < pad), which is cut off. One scatter per frame, point after point (a later
+    # point's dot and id cover an earlier one's).
     dy, dx, values, owner = _point_stamps(obj_ids)
     reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
     pad = 2 * reach + 1

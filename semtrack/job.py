@@ -50,18 +50,22 @@ def assigned_rows(rows: list, shard: Shard, rank: int, world_size: int, debug: b
     return run_rows[rank::world_size], len(run_rows)
 
 
-def default_num_workers(local_world_size: int, environ: Mapping[str, str] = os.environ,
-                        cpus: int | None = None) -> tuple[int, str]:
-    """Decoding processes per device when `--num_workers` is not given -> (count, how it was chosen).
-
-    The CPUs this process may run on (`os.sched_getaffinity`), shared by the `local_world_size`
-    processes of this node, unless SLURM bound each task to its own (`SLURM_CPUS_PER_TASK` equals that
-    count); one of them is left to the main process; at least 1, at most `MAX_DEFAULT_WORKERS`.
-    """
+def cpus_per_device(local_world_size: int, environ: Mapping[str, str] = os.environ, cpus: int | None = None) -> int:
+    """The CPUs one device's process may count on: those this process may run on
+    (`os.sched_getaffinity`), shared by the `local_world_size` processes of this node, unless SLURM
+    bound each task to its own (`SLURM_CPUS_PER_TASK` equals that count); at least 1."""
     cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
     per_task = environ.get("SLURM_CPUS_PER_TASK", "")
     own = per_task.isdigit() and int(per_task) == cpus
-    per_device = cpus if own or local_world_size <= 1 else max(1, cpus // local_world_size)
+    return cpus if own or local_world_size <= 1 else max(1, cpus // local_world_size)
+
+
+def default_num_workers(local_world_size: int, environ: Mapping[str, str] = os.environ,
+                        cpus: int | None = None) -> tuple[int, str]:
+    """Decoding processes per device when `--num_workers` is not given -> (count, how it was chosen):
+    the CPUs per device (`cpus_per_device`) but one, left to the main process; at least 1, at most
+    `MAX_DEFAULT_WORKERS`."""
+    per_device = cpus_per_device(local_world_size, environ, cpus)
     count = min(MAX_DEFAULT_WORKERS, max(1, per_device - 1))
     return count, f"{per_device} CPU(s) per device, one left to the main process, at most {MAX_DEFAULT_WORKERS}"
 
@@ -70,7 +74,8 @@ def default_num_workers(local_world_size: int, environ: Mapping[str, str] = os.e
 class Job:
     """One extraction job in one process: `config` (an `ExtractConfig`), the output `layout` it writes
     (the config's folder, or its `debug/` folder in debug mode), its `shard` of the CSV rows; `plan`
-    (this process's rows) and `num_workers` (its decoding processes) once its rank is known."""
+    (this process's rows), `num_workers` (its decoding processes) and `cpus_per_device` once its rank
+    is known."""
 
     config: ExtractConfig
     layout: OutputLayout
@@ -78,6 +83,7 @@ class Job:
     plan: RowPlan | None = None
     num_workers: int | None = None
     workers_note: str = ""  # how num_workers was chosen, for the start-up line
+    cpus_per_device: int | None = None  # `cpus_per_device` of this node (sizes the GIF workers)
 
     @classmethod
     def of(cls, config: ExtractConfig) -> Job:
@@ -115,6 +121,7 @@ class Job:
         if self.plan is not None:
             return
         self.plan = self.plan_rows(rows, rank, world_size, fps_of)
+        self.cpus_per_device = cpus_per_device(local_world_size)
         if self.config.num_workers is not None:
             self.num_workers, self.workers_note = self.config.num_workers, "--num_workers"
         else:

@@ -14,8 +14,8 @@ line, which readers skip. Records (`kind`):
   points N, outputs {"pickle": {bytes, sha256}, "gif": {bytes}} (tar shards: also shard, member,
   offset, shard_bytes), stats {name: number or None} (`semtrack.trackstats`); failed: stage, reason,
   video_path. `adopted: true` marks a pickle found valid on disk without a record (written by an older
-  semtrack); `restated: true` a done record repeated with the `stats` that `semtrack-report
-  --verify_outputs` computed from its pickle (not counted in any run's figures).
+  semtrack); `restated: true` a done record repeated with the `stats` that `--verify_outputs`
+  (`semtrack-report`, or a resumed run) computed from its pickle (no part of any run's figures).
 * `end`: run, rank, time, status (`complete` | `stopped` | `failed`), reason, done, failed,
   stage_totals {stage: [seconds, videos]}, wall_s, data_wait_s, points_dropped, startup_s.
 

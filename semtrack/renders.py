@@ -19,7 +19,16 @@ from concurrent.futures.process import BrokenProcessPool
 from semtrack.gif import gif_bytes
 from semtrack.stopping import detach_worker
 
-GIF_PROCESSES = 2  # worker processes drawing GIFs (a 30-frame GIF costs tens of ms of CPU)
+GIF_PROCESSES = 2  # worker processes drawing GIFs, at least (a 30-frame GIF costs 50-100 ms of CPU)
+CPUS_PER_GIF_PROCESS = 4  # one GIF worker per this many CPUs per device, beyond that
+MAX_GIF_PROCESSES = 8  # at most (memory: each is a fork of the main process)
+
+
+def gif_processes(cpus_per_device: int | None) -> int:
+    """GIF workers for a device with `cpus_per_device` CPUs (None: unknown): one per
+    `CPUS_PER_GIF_PROCESS`, at least `GIF_PROCESSES`, at most `MAX_GIF_PROCESSES` (at 25 videos/s and
+    ≈ 90 ms of CPU per GIF a device keeps 2.3 workers busy: 4 on a 16-CPU share)."""
+    return min(MAX_GIF_PROCESSES, max(GIF_PROCESSES, (cpus_per_device or 0) // CPUS_PER_GIF_PROCESS))
 
 
 def gif_arrays(result) -> tuple:

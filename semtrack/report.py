@@ -99,7 +99,8 @@ def build_report(layout: OutputLayout, records: list[dict], run_id: str | None =
     records = unique_records(records)
     by_run: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_run[r["run"]].append(r)
+        if not r.get("restated"):  # a done record repeated with its statistics: no part of any run
+            by_run[r["run"]].append(r)
     starts = sorted((r for r in records if r["kind"] == "start"), key=order)
     runs = sorted(by_run, key=lambda run: min(order(r) for r in by_run[run]))
     if run_id is None and runs:
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     table = StatsTable.of(latest)
     if args.verify_outputs and table.missing:
         try:
-            restated, problems = restate(layout, table.missing)
+            restated, problems = restate(layout, table.missing, max((r.get("seq", 0) for r in records), default=0))
         except OSError as exc:
             print(f"error: cannot write the ledger of {layout.root}: {one_line(exc)}", file=sys.stderr)
             return 1

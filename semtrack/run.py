@@ -46,7 +46,7 @@ from semtrack.hygiene import is_folder_error, sweep
 from semtrack.job import Job
 from semtrack.ledger import DONE, FAILED, LedgerPart, done_record, failed_record, fallback_path
 from semtrack.records import VideoResult
-from semtrack.renders import GifRenderer
+from semtrack.renders import GifRenderer, gif_processes
 from semtrack.report import format_report, rebuild
 from semtrack.safeio import real_folder, shown
 from semtrack.shards import FolderLock
@@ -133,7 +133,8 @@ class Run:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot write the ledger {self._ledger.path}: {one_line(exc)}") from None
         if cfg.make_vis or cfg.debug_mode:
-            self._gifs = GifRenderer()  # forks its workers before this run starts a thread of its own
+            # forks its workers before this run starts a thread of its own
+            self._gifs = GifRenderer(gif_processes(self.job.cpus_per_device))
         self._thread = threading.Thread(target=self._write_batches, name="semtrack-writer", daemon=True)
         self._thread.start()
         self._begun = time.perf_counter()
