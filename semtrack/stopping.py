@@ -105,12 +105,17 @@ class StopRequest:
             raise Stopped(signum)
 
     def install(self) -> None:
-        """Handle SIGTERM and SIGINT in this process (main thread only; elsewhere a no-op). Idempotent."""
+        """Handle `SIGNALS` in this process (main thread only; elsewhere a no-op). Idempotent. A signal
+        the process was started ignoring stays ignored (`nohup` ignores SIGHUP, a shell's background
+        job SIGINT)."""
         if self._pid == os.getpid() or threading.current_thread() is not threading.main_thread():
             return
         self._pid = os.getpid()
         for signum in SIGNALS:
-            self._previous[signum] = signal.getsignal(signum)
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN:
+                continue
+            self._previous[signum] = previous
             signal.signal(signum, self._handle)
 
     def restore(self) -> None:

@@ -97,3 +97,17 @@ def test_a_group_sigterm_with_two_workers_records_no_failure_and_a_resume_comple
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads((out / "run_report.json").read_text())
     assert report["counts"] == {"rows": ROWS, "done": ROWS, "failed": 0, "pending": 0}
+
+
+def test_a_signal_the_run_was_started_ignoring_stays_ignored():
+    worker = subprocess.run(["nohup", sys.executable, "-c", textwrap.dedent("""
+        import os, signal, time
+        from semtrack.stopping import StopRequest
+        request = StopRequest()
+        request.install()
+        request.started = True
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.1)
+        print("ignored" if request.signum is None else "stopped", signal.getsignal(signal.SIGTERM) is not None)
+        """)], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert worker.stdout == "ignored True\n", worker.stderr
