@@ -6,7 +6,9 @@ takes every `world_size`-th from the r-th; of those, the ones not done yet by th
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Iterable, Iterator
 
 import lightning as L
@@ -16,8 +18,14 @@ from datamodules.video import VideoCSVDataset
 from semtrack.config import ExtractConfig
 from semtrack.job import Job, RowPlan
 from semtrack.records import Clip
+from semtrack.stopping import detach_worker
 
 BUCKET_MAX_BYTES = 2e9  # decoded frames held for length bucketing, at most (unless one batch needs more)
+
+
+def _detach(parent: int, worker_id: int) -> None:
+    """A DataLoader worker's start (`worker_init_fn`): `semtrack.stopping.detach_worker`."""
+    detach_worker(parent)
 
 
 class PendingRows(Dataset):
@@ -61,20 +69,35 @@ def _cheapest_batch(window: list[Clip], size: int) -> list[int]:
 def _least_padding_partition(clips: list[Clip], batch_size: int) -> list[list[int]]:
     """Positions in `clips` split into ceil(len / batch_size) batches of at most `batch_size` clips with
     the fewest padded frames in all: runs of consecutive clips in frame-count order, chosen by dynamic
-    programming over where each run ends. Each batch is in `clips`' order."""
-    order = sorted(range(len(clips)), key=lambda i: (clips[i].num_frames, i))
-    count = math.ceil(len(order) / batch_size)
+    programming over where each run ends. Each batch is in `clips`' order.
 
-    def padding(start: int, end: int) -> int:  # run order[start:end]
-        return _padded_frames(clips[i] for i in order[start:end])
+    With n clips, b = `batch_size`, g = ceil(n / b) runs and slack s = g b - n < b, every run holds
+    b - s to b clips, so the first k runs end between k b - s and k b: at most (s + 1)^2 choices per
+    run, each priced in O(1) from prefix sums; O(n b) in all after the sort."""
+    order = sorted(range(len(clips)), key=lambda i: (clips[i].num_frames, i))
+    n = len(order)
+    count = math.ceil(n / batch_size)
+    slack = count * batch_size - n
+    tracked, frames = [0], [0]  # prefix sums over `order`: clips tracked (decoded), their frames
+    for i in order:
+        ok = clips[i].frames is not None
+        tracked.append(tracked[-1] + ok)
+        frames.append(frames[-1] + (clips[i].num_frames if ok else 0))
+
+    def padding(start: int, end: int) -> int:  # run order[start:end]: padded to its last (longest) clip
+        return clips[order[end - 1]].num_frames * (tracked[end] - tracked[start]) - (frames[end] - frames[start])
+
+    def ends(g: int) -> range:  # where the g-th run can end
+        return range(max(0, g * batch_size - slack), min(g * batch_size, n) + 1)
 
     # cost[g][j]: least padding of the first j clips in g runs; cut[g][j]: where the last run starts
-    cost = [[math.inf] * (len(order) + 1) for _ in range(count + 1)]
-    cut = [[0] * (len(order) + 1) for _ in range(count + 1)]
+    cost = [dict.fromkeys(ends(g), math.inf) for g in range(count + 1)]
+    cut = [dict.fromkeys(ends(g), 0) for g in range(count + 1)]
     cost[0][0] = 0
     for g in range(1, count + 1):
-        for j in range(1, len(order) + 1):
-            for i in range(max(0, j - batch_size), j):
+        before = ends(g - 1)
+        for j in cost[g]:
+            for i in range(max(j - batch_size, before.start), min(j, before.stop)):
                 value = cost[g - 1][i] + padding(i, j)
                 if value < cost[g][j]:
                     cost[g][j], cut[g][j] = value, i
@@ -160,12 +183,13 @@ class ExtractionDataModule(L.LightningDataModule):
 
     def row_plan(self, dataset: VideoCSVDataset, rank: int = 0, world_size: int = 1) -> RowPlan:
         """This process's rows and which of them are still to do (reads the ledger, stats the outputs)."""
-        return self.job.plan_rows(dataset.rows, rank, world_size)
+        return self.job.plan_rows(dataset.rows, rank, world_size, dataset.target_fps)
 
     def setup(self, stage: str | None = None) -> None:
         trainer = self.trainer
         where = (trainer.global_rank, trainer.world_size, trainer.num_devices) if trainer is not None else (0, 1, 1)
-        self.job.settle(self.make_dataset().rows, *where)
+        dataset = self.make_dataset()
+        self.job.settle(dataset.rows, *where, fps_of=dataset.target_fps)
 
     def transfer_batch_to_device(self, batch: list[Clip], device, dataloader_idx: int) -> list[Clip]:
         """Clips stay on the CPU (pinned on CUDA): the pipeline moves what each stage needs, and the
@@ -178,6 +202,9 @@ class ExtractionDataModule(L.LightningDataModule):
         self.setup("predict")
         cfg, trainer, job = self.config, self.trainer, self.job
         accelerated = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        # Workers ignore SIGTERM / SIGINT / SIGHUP: a signal to the whole process group lets them finish
+        # the batch in hand while the main process stops at the next boundary (`semtrack.stopping`).
         loader = DataLoader(PendingRows(self.dataset, job.plan.pending), batch_size=None, shuffle=False,
-                            num_workers=job.num_workers, pin_memory=accelerated)
+                            num_workers=job.num_workers, pin_memory=accelerated,
+                            worker_init_fn=functools.partial(_detach, os.getpid()))
         return ClipBatches(loader, cfg.batch_size, cfg.batch_size * cfg.bucket_batches, BUCKET_MAX_BYTES)

@@ -125,6 +125,10 @@ class VideoCSVDataset(Dataset):
         clip = Clip(row.index, row.video_id, row.dataset, row.video_path, decoder=decoder, error=error, fps=plan.fps)
         if decoded is None:
             return clip
+        if len(decoded.frames) < MIN_FRAMES:  # per row: a row's own fps can leave a clip one frame
+            rate = "the native rate" if plan.fps is None else f"fps {plan.fps:g}"
+            return dataclasses.replace(clip, error=f"{len(decoded.frames)} frame(s) at {rate}; a track needs at "
+                                                   f"least {MIN_FRAMES} (give this row a higher fps)")
         frames = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2)  # a zero-copy view of (T, H, W, 3)
         return dataclasses.replace(
             clip, frames=frames, frame_times=torch.from_numpy(decoded.times), source_fps=float(decoded.source_fps),

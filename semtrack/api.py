@@ -30,6 +30,7 @@ from semtrack.hygiene import check_writable
 from semtrack.ledger import read_records
 from semtrack.module import SemanticTracker
 from semtrack.report import build_report
+from semtrack.safeio import shown
 from semtrack.sidecar import check_sidecar
 from semtrack.stopping import Stopped
 from semtrack.util import one_line
@@ -126,7 +127,8 @@ def preflight(config: ExtractConfig, precision: str, datamodule: ExtractionDataM
     check_weights(config)
     check_writable(layout)
     if rank_zero_only.rank == 0:  # the rank Lightning reads from the launcher's environment
-        print(f"semtrack: {len(rows)} rows in {config.source}; checking which are done in {layout.root}",
+        print(f"semtrack: {len(rows)} rows in {shown(config.source)}; checking which are done in "
+              f"{shown(layout.root)}",
               file=sys.stderr, flush=True)
     return datamodule
 

@@ -14,7 +14,7 @@ Exit status: 0 when every video of this run was done or skipped; 1 when one fail
 stopped after processing had started (a folder that cannot be written, an error in the loop), or
 its report could not be written; 2 when the job could not start (bad CSV, names, option, weights,
 sidecar, an unwritable folder, another run holding the folder or shard), reported in one line;
-130 / 143 when stopped by SIGINT / SIGTERM (at a video boundary, the report written).
+129 / 130 / 143 when stopped by SIGHUP / SIGINT / SIGTERM (at a video boundary, the report written).
 """
 from __future__ import annotations
 
@@ -299,7 +299,7 @@ def _reason(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the program on `argv` (default `sys.argv[1:]`); returns the exit status."""
     from semtrack.api import RunFailed, RunInterrupted
-    from semtrack.stopping import Stopped
+    from semtrack.stopping import Stopped, resume_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # a bare command: how to use it, not an error about the default CSV
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             report = run(config, **trainer_options)
     except (RunInterrupted, Stopped, KeyboardInterrupt) as exc:
         signum = getattr(exc, "signum", None) or signal.SIGINT
-        print(f"semtrack: stopped by {signal.Signals(signum).name}; run the same command again to resume",
+        print(f"semtrack: stopped by {signal.Signals(signum).name}; to resume, run: {resume_command(argv)}",
               file=sys.stderr)
         return 128 + signum
     except RunFailed as exc:

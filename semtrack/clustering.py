@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from semtrack.defaults import CLUSTERING_METHODS, MERGE_RATIO, N_CLUSTERS, NUM_ITERS, merge_schedule
+from semtrack.transfer import upload
 from semtrack.util import stable_seed
 
 KMEANS_INITS = ("random", "kmeans++")
@@ -180,7 +181,7 @@ def _check_batch(tokens: torch.Tensor, num_frames) -> list[int]:
 
 def _upload(values: Sequence[int], device: torch.device) -> torch.Tensor:
     """Host ints -> (len,) int64 on `device`, copied without waiting for the device."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    return upload(torch.tensor(values, dtype=torch.long), device)
 
 
 def _bipartite_batch(tokens: torch.Tensor, lengths: Sequence[int], merge_ratio: float, num_iters: int,

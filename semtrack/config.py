@@ -27,6 +27,8 @@ DECODERS = ("auto", "decord", "pyav")
 VIDEO_ID_RULES = ("stem", "research")
 NUM_FRAMES_CLUSTERING = 32  # research default
 MIN_FRAMES = 2  # the smallest `max_frames`: a track needs two frames
+MAX_NUM_ITERS = defaults.TOKENS_PER_FRAME  # merge iterations, at most: one per token of a clustering frame
+MAX_POINTS_PER_ENTITY = 4096  # points per entity, at most (a 64 x 64 pixel patch each)
 
 GROUPS = ("input/output", "research compatibility", "frames", "features", "clustering", "points", "tracker", "job")
 # What --research_compat sets, unless the option is given too: every behaviour of the research script
@@ -167,6 +169,12 @@ class ExtractConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         defaults.merge_schedule(defaults.TOKENS_PER_FRAME, self.merge_ratio, self.num_iters)  # ValueError naming it
+        for name, most in (("num_iters", MAX_NUM_ITERS), ("num_points_per_entity", MAX_POINTS_PER_ENTITY)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)!r}")
+        if self.sampler == "fast" and self.num_points_per_entity > defaults.FAST_SAMPLES:
+            raise ValueError(f"num_points_per_entity must be at most {defaults.FAST_SAMPLES} with sampler 'fast' "
+                             f"(its samples per entity), got {self.num_points_per_entity}; sampler 'exact' takes more")
         if self.vis_max_width is not None and (isinstance(self.vis_max_width, bool) or self.vis_max_width < 1):
             raise ValueError(f"vis_max_width must be a positive number of pixels or None, got {self.vis_max_width!r}")
         for name in ("num_threads", "limit"):

@@ -42,13 +42,14 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from semtrack.transfer import upload
 from semtrack.util import one_line
 from semtrack.weights import (
     OFFICIAL,
@@ -68,6 +69,7 @@ SOURCE_GRID = 37  # DINOv2 checkpoints hold the 518 px (37x37) position table
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS = ("pil", "tensor")
+GPU_BATCH_FRAMES = 256  # frames per network call on a GPU: a batch of 8 clips x 32 clustering frames, ~2.5 GB for ViT-B
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,7 @@ def _fixed_point_round(acc: torch.Tensor) -> torch.Tensor:
 def _resample_rows(x: torch.Tensor, n_out: int) -> torch.Tensor:
     """One Pillow filter pass of integer pixels (..., H, W) along the rows (dim -2) -> int32 (..., n_out, W)."""
     index, weight = pil_taps(x.shape[-2], n_out)
-    index, weight = torch.from_numpy(index).to(x.device), torch.from_numpy(weight).to(x.device, torch.int32)
+    index, weight = upload(torch.from_numpy(index), x.device), upload(torch.from_numpy(weight).int(), x.device)
     acc = None
     for k in range(index.shape[1]):  # products < 2**30, sums < 2**31: exact in int32
         term = x.index_select(-2, index[:, k]).to(torch.int32) * weight[:, k, None]
@@ -489,4 +491,37 @@ class DinoV2Extractor(torch.nn.Module):
             for start in range(0, frames.shape[0], self.batch_size):
                 chunk = frames[start:start + self.batch_size]
                 out[start:start + chunk.shape[0]] = self.tokens(self.preprocess_frames(chunk)).float()
+        return out
+
+    def forward_clips(self, clips: Sequence[torch.Tensor], batch_size: int | None = None) -> torch.Tensor:
+        """uint8 RGB frames of several clips, (K_i, 3, H_i, W_i) each, on the module's device -> float32
+        tokens (sum K_i, 16, 16, D), clip after clip: `forward` of each clip, concatenated.
+
+        The frames of all clips of one size are preprocessed together, then the network takes every
+        frame of every clip in calls of `batch_size` frames (default `self.batch_size`). Tokens are per
+        image: a clip's tokens are its `forward` tokens whatever the other clips, up to the order in
+        which the matmuls sum for another batch size (bit-equal on the development CPU). Preprocessing
+        holds all the frames at the input size at once (0.6 MB per frame, float32).
+        """
+        if len(clips) == 0:
+            raise ValueError("forward_clips needs at least one clip")
+        for frames in clips:
+            if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
+                raise ValueError(f"frames must be uint8 (T, 3, H, W), got {frames.dtype} {tuple(frames.shape)}")
+        batch_size = batch_size or self.batch_size
+        starts = np.cumsum([0] + [len(f) for f in clips]).tolist()
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, frames in enumerate(clips):
+            by_size.setdefault(tuple(frames.shape[-2:]), []).append(i)
+        pixels, rows = [], []  # normalised inputs per size group, and the output row of each input frame
+        for members in by_size.values():
+            pixels.append(self.preprocess_frames(torch.cat([clips[i] for i in members])))
+            rows += [r for i in members for r in range(starts[i], starts[i + 1])]
+        x = torch.cat(pixels)
+        if rows != list(range(len(rows))):  # back to clip order
+            x = x[upload(torch.from_numpy(np.argsort(rows, kind="stable")), x.device)]
+        out = torch.empty(len(rows), GRID, GRID, self.embed_dim, device=self.device)  # (sum K_i, 16, 16, D)
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                out[start:start + batch_size] = self.tokens(x[start:start + batch_size]).float()
         return out

@@ -1,14 +1,19 @@
 """The extraction stages for a batch of clips, without Lightning.
 
-    tokens  = features(frames[cluster_frames])         DINOv2, per clip      (K, 16, 16, D)
-    labels  = cluster(tokens)                          all clips at once     (K, 16, 16)
-    points  = select_query_points(labels, ...)         per clip              (N, 3) (t, x, y)
-    tracks  = tracker.track_many(frames, points)       clips of any shape    (T, N, 2), (T, N)
+    tokens  = features.forward_clips(frames[cluster_frames])  all clips at once   (V, K, 16, 16, D)
+    labels  = cluster_batch(tokens)                           all clips at once   (V, K, 16, 16)
+    points  = select_query_points_batch(labels, ...)          all clips at once   (V, N, 3) (t, x, y)
+    tracks  = tracker.track_many(frames, points)              clips of any shape  (T, N, 2), (T, N)
 
 Grid mode skips the first three. Each stage is `StageRunner.run`: a failing call is retried clip by
 clip and a failure is pinned on its clip. The tracker takes the batch in as few calls as fit the
 memory budget (clips in order of length, so a call pads little), each call with the chunk sizes
-`semtrack.tracking_memory` gives it. Results leave the device once, at the end.
+`semtrack.tracking_memory` gives it.
+
+On a GPU the host waits for the device twice per batch, whatever the number of clips, frames or
+points: once to read every clip's point count before tracking (`_query_points`), once for the
+results' copy back (`transfer.download`). Uploads are pinned and non-blocking, the stages read no
+value back (`tests/test_step_syncs.py` counts it).
 """
 from __future__ import annotations
 
@@ -17,13 +22,18 @@ from typing import Sequence
 
 import torch
 
-from semtrack.clustering import cluster
+from semtrack.batched import Labels, Row, Tokens, groups, rows
+from semtrack.clustering import cluster_batch
 from semtrack.config import ExtractConfig
-from semtrack.points import QueryPoints, grid_query_points, select_query_points
+from semtrack.features import GPU_BATCH_FRAMES
+from semtrack.points import QueryPoints, grid_query_points, select_query_points_batch
 from semtrack.records import Clip, ClusterView, Failure, Tracks, VideoResult
 from semtrack.runner import StageRunner
 from semtrack.tracking_memory import TrackingMemory
+from semtrack.transfer import download, upload
+from semtrack.util import one_line
 
+NO_POINTS = "no query points: every entity vanished at this clip size"
 # The Trainer's precision -> the tracker's.
 TRACKER_PRECISION = {"32-true": "fp32", "32": "fp32", "16-mixed": "fp32", "bf16-mixed": "bf16"}
 
@@ -104,60 +114,113 @@ class Pipeline:
             if clip.frames is None:
                 run.fail(clip, "decode", clip.error or "no frames decoded")
         live = run.alive(clips)
-        frames = {c.row: c.frames.to(self.device, non_blocking=True) for c in live}  # (T, 3, H, W) uint8
+        frames = {c.row: upload(c.frames, self.device) for c in live}  # (T, 3, H, W) uint8
         points, labels, self._calls = {}, {}, []
         if cfg.use_grid:
             budget = self.memory.guard({c.row: cfg.cotracker_grid_size**2 for c in live})
             tracks = run.run("tracking", live, self._grid_tracking, frames, calls=budget.calls_by_length)
         else:
-            cluster_frames = {c.row: c.cluster_frames.to(self.device, non_blocking=True) for c in live}
-            tokens = run.run("features", live, self._features, frames, cluster_frames)
+            tokens = run.run("features", live, self._features, frames)
             labels = run.run("clustering", live, self._clustering, tokens)
-            points = run.run("points", live, self._points, labels, cluster_frames)
+            points = self._query_points(run, live, run.run("points", live, self._points, labels))
             budget = self.memory.guard({row: len(qp) for row, qp in points.items()})
             tracks = run.run("tracking", live, self._tracking, frames, points, calls=budget.calls_by_length)
-        results = [self._result(clip, tracks, points, labels, run.failures.get(clip.row)) for clip in clips]
-        if run.clock.cuda:
-            torch.cuda.current_stream().synchronize()  # the stage clocks' events are complete
+        copied = self._download(clips, tracks, points, labels)
+        results = [self._result(clip, copied.get(clip.row), points.get(clip.row), run.failures.get(clip.row))
+                   for clip in clips]
+        if run.clock.cuda and not copied:
+            torch.cuda.current_stream().synchronize()  # the stage clocks' events are complete (else the copy did it)
         return BatchResult(results, run.clock.totals(), self._calls)
 
-    def _result(self, clip: Clip, tracks: dict, points: dict, labels: dict, failure: Failure | None) -> VideoResult:
-        """The clip's result, its tensors copied to the CPU (the one device -> host copy)."""
+    def _download(self, clips: Sequence[Clip], tracks: dict, points: dict, labels: dict) -> dict[int, tuple]:
+        """{row: (tracks, visibility, obj_ids, query_frames, probabilities or None, debug labels or None,
+        debug source frames or None)} on the CPU, for the clips tracked: one device -> host copy."""
+        tensors, done = [], [c.row for c in clips if c.row in tracks]
+        for row in done:
+            view = (None, None)
+            if self.config.debug_mode and row in points:
+                view = (labels[row].batch.clip_labels(labels[row].index), points[row].source_frames)
+            tensors += [*tracks[row], *view]
+        host = download(tensors, self.device)
+        return {row: tuple(host[7 * i: 7 * i + 7]) for i, row in enumerate(done)}
+
+    def _result(self, clip: Clip, host: tuple | None, qp: QueryPoints | None, failure: Failure | None) -> VideoResult:
+        """The clip's result from its tensors on the CPU (`_download`)."""
         if failure is not None:
             return VideoResult(clip, failure=failure)
-        tr, vis, obj_ids, query_frames, probs = (None if t is None else t.cpu() for t in tracks[clip.row])
-        qp = points.get(clip.row)
-        view = None
-        if self.config.debug_mode and qp is not None:
-            view = ClusterView(labels[clip.row].cpu(), qp.source_frames.cpu())
+        tr, vis, obj_ids, query_frames, probs, view_labels, view_frames = host
+        view = None if view_labels is None else ClusterView(view_labels, view_frames)
         dropped = qp.num_dropped if qp else 0
         return VideoResult(clip, Tracks(tr, vis, obj_ids, query_frames, dropped, probs), clusters=view)
 
     # ------------------------------------------------------------------ stages
-    def _features(self, clips, frames, cluster_frames) -> list[torch.Tensor]:
-        """-> tokens (K, 16, 16, D) float32 per clip (DINOv2 per clip: batch-independent tokens), in
-        `features_precision` whatever autocast the Trainer's precision set."""
+    def _features(self, clips, frames) -> list[Row]:
+        """-> per clip its `Row` of one `Tokens` batch: DINOv2 on every clustering frame of the call at
+        once (tokens are per image), in `features_precision` whatever autocast the Trainer's precision
+        set; on a GPU `GPU_BATCH_FRAMES` frames per network call."""
         bf16 = self.config.features_precision == "bf16"
+        lengths = [len(c.cluster_frames) for c in clips]
+        picks = [f.index_select(0, upload(c.cluster_frames, self.device)) for c, f in zip(clips, frames)]
+        batch_size = GPU_BATCH_FRAMES if self.device.type == "cuda" else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return [self.features(f[k]) for f, k in zip(frames, cluster_frames)]
+            flat = self.features.forward_clips(picks, batch_size)  # (sum K_v, 16, 16, D)
+        k, starts = max(lengths), [sum(lengths[:v]) for v in range(len(lengths))]
+        index = torch.tensor([[s + min(j, n - 1) for j in range(k)] for s, n in zip(starts, lengths)])  # (V, K)
+        cluster_frames = torch.zeros(len(clips), k, dtype=torch.long)
+        for v, c in enumerate(clips):
+            cluster_frames[v, : lengths[v]] = c.cluster_frames
+        tokens = flat[upload(index, self.device)]  # (V, K, 16, 16, D): padded with each clip's last frame
+        return rows(Tokens(tokens, lengths, upload(cluster_frames, self.device)), len(clips))
 
-    def _clustering(self, clips, tokens) -> list[torch.Tensor]:
-        cfg = self.config
-        return cluster(tokens, [c.video_id for c in clips], cfg.clustering_method, cfg.n_clusters, cfg.merge_ratio,
-                       cfg.num_iters, cfg.kmeans_init)
+    def _clustering(self, clips, tokens: list[Row]) -> list[Row]:
+        """-> per clip its `Row` of a `Labels` batch: `cluster_batch` once for the call."""
+        cfg, out = self.config, [None] * len(clips)
+        for batch, members in groups(tokens):
+            result = cluster_batch(batch.tokens, batch.lengths, [clips[m].video_id for m in members],
+                                   cfg.clustering_method, cfg.n_clusters, cfg.merge_ratio, cfg.num_iters,
+                                   cfg.kmeans_init, sync_free=self.device.type != "cpu")
+            labels = Labels(result.labels, result.num_labels, batch.lengths, batch.cluster_frames)
+            for m, row in zip(members, rows(labels, len(members))):
+                out[m] = row
+        return out
 
-    def _points(self, clips, labels, cluster_frames) -> list[QueryPoints]:
-        cfg, out = self.config, []
-        for clip, lab, k in zip(clips, labels, cluster_frames):
-            qp = select_query_points(
-                lab, k, clip.size, num_points_per_entity=cfg.num_points_per_entity, sampler=cfg.sampler,
+    def _points(self, clips, labels: list[Row]) -> list[Row]:
+        """-> per clip its `Row` of a `QueryPointsBatch`: `select_query_points_batch` once for the call
+        (the exact sampler runs clip by clip inside it)."""
+        cfg, out = self.config, [None] * len(clips)
+        for batch, members in groups(labels):
+            qp = select_query_points_batch(
+                batch.labels, batch.cluster_frames, [clips[m].size for m in members], batch.num_labels,
+                num_points_per_entity=cfg.num_points_per_entity, sampler=cfg.sampler,
                 use_connected_components=cfg.use_connected_components,
                 legacy_query_frames=cfg.legacy_query_frames, min_point_distance=cfg.min_point_distance,
-                n_init=cfg.sklearn_n_init,
+                n_init=cfg.sklearn_n_init, sync_free=self.device.type != "cpu",
             )
-            if len(qp) == 0:
-                raise ValueError("no query points: every entity vanished at this clip size")
-            out.append(qp)
+            for m, row in zip(members, rows(qp, len(members))):
+                out[m] = row
+        return out
+
+    def _query_points(self, run: StageRunner, clips: Sequence[Clip], selected: dict[int, Row]
+                      ) -> dict[int, QueryPoints]:
+        """Every clip's `QueryPoints` from the points stage's batches, reading all point and drop counts
+        in one device -> host copy (the step's one read before tracking); a clip without points fails
+        its points stage."""
+        batches = list({id(r.batch): r.batch for r in selected.values()}.values())
+        if not batches:
+            return {}
+        counts = torch.cat([torch.stack([b.counts, b.num_dropped]) for b in batches], dim=1).tolist()
+        offset = {id(b): sum(len(x.counts) for x in batches[:i]) for i, b in enumerate(batches)}
+        out = {}
+        for clip in clips:
+            if clip.row not in selected:
+                continue
+            b, i = selected[clip.row].batch, selected[clip.row].index
+            n, dropped = counts[0][offset[id(b)] + i], counts[1][offset[id(b)] + i]
+            if n == 0:
+                run.fail(clip, "points", one_line(ValueError(NO_POINTS)))
+                continue
+            out[clip.row] = QueryPoints(b.queries[i, :n], b.obj_ids[i, :n], b.source_frames[i, :n],
+                                        b.clusters[i, :n], b.components[i, :n], dropped)
         return out
 
     def _tracking(self, clips, frames, points) -> list[tuple]:

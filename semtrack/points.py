@@ -42,11 +42,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from semtrack.defaults import NUM_POINTS_PER_ENTITY
+from semtrack.defaults import FAST_SAMPLES, NUM_POINTS_PER_ENTITY
+from semtrack.transfer import upload
 
 SAMPLERS = ("fast", "exact")
 TIE_RULES = ("first", "research")  # exact sampler ties: first pixel in row-major order, or the research rule
-FAST_SAMPLES = 256  # weighted samples per entity (fast sampler): coverage within ~2 % of exact; 1024: ~1 %, 4x slower
 FAST_MAX_ITER = 20  # weighted Lloyd iterations at most (coverage within 0.1 % of converged)
 FAST_TOL = 1e-2  # px: a video's Lloyd centres are final once none moved by this much in an iteration
 
@@ -155,7 +155,7 @@ def peak_frames(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _to(obj, device: torch.device):
     """A dataclass with its tensor fields moved to `device` (host -> device without waiting)."""
-    moved = {f.name: getattr(obj, f.name).to(device, non_blocking=True) for f in fields(obj)
+    moved = {f.name: upload(getattr(obj, f.name), device) for f in fields(obj)
              if isinstance(getattr(obj, f.name), torch.Tensor)}
     return replace(obj, **moved)
 
@@ -638,11 +638,11 @@ def select_query_points_batch(
     small = area <= n if use_connected_components else area < n  # take all pixels (REFERENCE.md 8.2 / 9)
     if sampler == "exact":
         pts, ok = _sample_exact(ent, geo, n, small, n_init, tie_rule)
-        pts, ok = pts.to(device, non_blocking=True), ok.to(device, non_blocking=True)
+        pts, ok = upload(pts, device), upload(ok, device)
     else:
         if on_host:
             ent, geo = _to(ent, device), _to(geo, device)
-            small, area = small.to(device, non_blocking=True), area.to(device, non_blocking=True)
+            small, area = upload(small, device), upload(area, device)
         pts, ok = _sample_fast(ent, geo, n, small, area, fast_samples, sync_free)
     if on_host and sampler == "exact":
         ent = _to(ent, device)

@@ -46,8 +46,9 @@ from semtrack.hygiene import is_folder_error, sweep
 from semtrack.job import Job
 from semtrack.ledger import DONE, FAILED, LedgerPart, LedgerTail, done_record, failed_record, fallback_path
 from semtrack.records import VideoResult
-from semtrack.renders import GifRenderer
+from semtrack.renders import GifRenderer, gif_processes
 from semtrack.report import format_report, rebuild
+from semtrack.safeio import real_folder, shown
 from semtrack.shards import FolderLock
 from semtrack.sidecar import run_options, write_sidecar
 from semtrack.sinks import OutputSink, open_sink
@@ -93,6 +94,7 @@ class Run:
         self._weights: dict = {}
         self._tails: list[LedgerTail] | None = None  # the other ranks' ledger files (`all_ranks_counts`)
         self._others = [0, 0]  # done, failed read from them
+        self._seq = 0  # the last ledger `seq` this process wrote
 
     @property
     def elapsed(self) -> float:
@@ -113,8 +115,10 @@ class Run:
         the models loaded (each pickle's metadata). Raises OSError if the ledger cannot be written."""
         cfg, plan, layout = self.job.config, self.job.plan, self.job.layout
         self.run_id, self._weights = run_id, dict(weights)
+        self._seq = plan.last_seq
         self._options = run_options(cfg, precision)
         self._ledger = LedgerPart(layout.ledger_part(run_id, self.rank))
+        real_folder(layout.root, layout.ledger_dir)  # UnsafeFile if a link was planted there
         if sidecar and not cfg.debug_mode:
             write_sidecar(cfg, precision)
         if sweep_folder:
@@ -132,7 +136,8 @@ class Run:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot write the ledger {self._ledger.path}: {one_line(exc)}") from None
         if cfg.make_vis or cfg.debug_mode:
-            self._gifs = GifRenderer()  # forks its workers before this run starts a thread of its own
+            # forks its workers before this run starts a thread of its own
+            self._gifs = GifRenderer(gif_processes(self.job.cpus_per_device))
         self._thread = threading.Thread(target=self._write_batches, name="semtrack-writer", daemon=True)
         self._thread.start()
         self._begun = time.perf_counter()
@@ -153,7 +158,13 @@ class Run:
         return self.done + self._others[0], self.failed + self._others[1]
 
     def _stamp(self, record: dict) -> dict:
-        return {**record, "run": self.run_id, "rank": self.rank, "time": time.time()}
+        """`record` with the run, rank, time and the next Lamport `seq` (`semtrack.ledger`); a video
+        record also with its row's target frame rate `fps`, when the plan knows it."""
+        self._seq += 1
+        stamped = {**record, "run": self.run_id, "rank": self.rank, "time": time.time(), "seq": self._seq}
+        if record.get("kind") == "video" and record["row"] in self.job.plan.row_fps:
+            stamped.setdefault("fps", self.job.plan.row_fps[record["row"]])
+        return stamped
 
     # ------------------------------------------------------------------ batches (main thread)
     def check(self) -> None:
@@ -249,6 +260,7 @@ class Run:
         clip, tr, view = result.clip, result.tracks, result.clusters
         frames = clip.frames.permute(0, 2, 3, 1).numpy()  # (T, H, W, 3) uint8
         cluster_frames = clip.cluster_frames.tolist()
+        real_folder(self.job.layout.root, self.job.layout.debug_png(clip.dataset, clip.video_id, 0).parent)
         for k in sorted(set(view.source_frames.tolist())):
             idx = (view.source_frames == k).nonzero()[:, 0]
             points = tr.tracks[tr.query_frames[idx], idx]  # (M, 2) the query pixels (x, y)
@@ -324,7 +336,7 @@ class Run:
             self.errors = report["last_run"]["errors"]
         print(format_report(report), file=sys.stderr, flush=True)
         for line in self.errors:
-            print(f"error: {line}", file=sys.stderr, flush=True)
+            print(f"error: {shown(line)}", file=sys.stderr, flush=True)
         self.report = report
         return report
 

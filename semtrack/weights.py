@@ -113,6 +113,9 @@ def locate(source: str | os.PathLike, model: ModelWeights) -> tuple[Path, str]:
     if name.startswith(URL_SCHEMES):
         return download(name, model), f"url:{name}"
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise model.error(f"{model.label} weights {path} is a folder, not a weights file (give the "
+                          ".safetensors or .pth file inside it)")
     if not path.is_file():
         raise model.error(f"{model.label} weights file not found: {path}")
     return path, f"file:{path}"
@@ -214,10 +217,26 @@ def _named(items: list[str]) -> str:
     return ", ".join(items[:_MAX_KEYS_NAMED]) + more
 
 
+def _value_problems(state: Mapping, expected: Mapping) -> list[str]:
+    """Tensors of `state` whose dtype cannot stand for the model's (an integer or boolean tensor where a
+    floating-point one belongs) or that hold NaN or infinite values: one line per kind, or none."""
+    wrong, bad = [], []
+    for k, v in expected.items():
+        given = torch.as_tensor(state[k])
+        if v.is_floating_point() and not given.is_floating_point():
+            wrong.append(f"{k} {str(given.dtype).removeprefix('torch.')} (model "
+                         f"{str(v.dtype).removeprefix('torch.')})")
+        elif given.is_floating_point() and not bool(torch.isfinite(given).all()):
+            bad.append(k)
+    return ([f"wrong dtypes {_named(wrong)}"] if wrong else []) + ([f"NaN or infinite values in {_named(bad)}"]
+                                                                   if bad else [])
+
+
 def load_strict(module: torch.nn.Module, state: Mapping, model: ModelWeights, source: str,
                 assign: bool = False) -> None:
-    """`module.load_state_dict(state, strict=True)`; missing or unexpected keys and wrong shapes raise
-    WeightsError naming the first of them."""
+    """`module.load_state_dict(state, strict=True)`; missing or unexpected keys, wrong shapes, integer
+    tensors where the model holds floating-point ones, and NaN or infinite values raise WeightsError
+    naming the first of them."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -226,6 +245,8 @@ def load_strict(module: torch.nn.Module, state: Mapping, model: ModelWeights, so
         wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
                  if tuple(state[k].shape) != tuple(v.shape)]
         parts = [f"wrong shapes {_named(wrong)}"] if wrong else []
+    if not parts:
+        parts = _value_problems(state, expected)
     if parts:
         raise model.error(f"{source} does not fit {model.label}: {'; '.join(parts)}")
     module.load_state_dict(state, strict=True, assign=assign)

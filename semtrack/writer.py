@@ -22,17 +22,19 @@ from tqdm import tqdm
 from semtrack.config import ExtractConfig
 from semtrack.ledger import new_run_id
 from semtrack.run import Run
+from semtrack.safeio import shown
 from semtrack.shards import FolderBusy
 from semtrack.stopping import Stopped, StopRequest
 from semtrack.util import one_line
 
 LINE_INTERVAL_S = 30.0  # s between progress lines when stderr is not a terminal
+MAX_NOTES = 5  # start-up warnings shown (skipped ledger lines, pickles not adopted), at most
 
 
 def say(trainer, text: str) -> None:
     """One line on stderr from global rank 0: what the run is doing while the bar has nothing to show."""
     if trainer.is_global_zero:
-        print(f"semtrack: {text}", file=sys.stderr, flush=True)
+        print(f"semtrack: {shown(text)}", file=sys.stderr, flush=True)  # names' control characters escaped
 
 
 class TrackWriter(BasePredictionWriter):
@@ -86,9 +88,12 @@ class TrackWriter(BasePredictionWriter):
         where = "" if job.shard.count == 1 else f"{job.shard.describe()}: "
         earlier = f", {not_retried} failed earlier (not retried)" if not_retried else ""
         say(trainer, f"{where}{plan.rows} rows, {pending} to do, {skipped - not_retried} done already{earlier}; "
-                     f"{job.num_workers} decoding "
-                     f"worker(s) per device ({job.workers_note}), {job.num_threads} torch thread(s) per process "
-                     f"({job.threads_note}); loading models")
+                     f"{job.num_workers} decoding worker(s) per device ({job.workers_note}), {job.num_threads} torch "
+                     f"thread(s) per process ({job.threads_note}); loading models")
+        for note in plan.notes[:MAX_NOTES]:
+            say(trainer, f"warning: {note}")
+        if len(plan.notes) > MAX_NOTES:
+            say(trainer, f"warning: ... and {len(plan.notes) - MAX_NOTES} more")
 
     def on_predict_start(self, trainer, pl_module) -> None:
         run_id = trainer.strategy.broadcast(new_run_id() if trainer.is_global_zero else None, src=0)

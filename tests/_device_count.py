@@ -30,8 +30,15 @@ device before the host can go on:
                       `x.new_tensor(data)`, or a host tensor (not a 0-d scalar) given to an op on
                       device tensors (`x[[0, 2]]`, `x[host_index]`), which CUDA uploads first
 
+    stream            a stream synchronisation (`torch.cuda.current_stream().synchronize()`,
+                      `Event.synchronize()`), seen under `cuda_code_paths`
+
 Each sync is attributed to the innermost frame of the project (`semtrack/`, `datamodules/`) that
 called it, as "path:line". Counts are kept per stage (`with counter.stage("features"): ...`).
+
+`cuda_code_paths(counter)` runs the job's `Pipeline` as it runs on CUDA: stand-ins for the
+`torch.cuda` calls it makes (events, the stream), the branches that ask a tensor's own device
+(which stays the CPU here) taken as on CUDA, and every stage of `StageRunner` counted as its stage.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_DIRS = tuple(str(REPO_ROOT / name) + "/" for name in ("semtrack", "datamodules"))
-SYNC_KINDS = ("item", "nonzero", "masked_select", "unique", "repeat_interleave", "bincount", "d2h", "h2d")
+SYNC_KINDS = ("item", "nonzero", "masked_select", "unique", "repeat_interleave", "bincount", "d2h", "h2d", "stream")
 
 aten = torch.ops.aten
 _ITEM = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
@@ -271,3 +278,70 @@ class DeviceCounter:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
         self._modes = []
+
+
+class _Event:
+    """`torch.cuda.Event` stand-in: records nothing, times 0 ms; `synchronize` is a stream sync."""
+
+    def __init__(self, counter: DeviceCounter):
+        self.counter = counter
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        self.counter.sync("stream")
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+class _Stream:
+    """`torch.cuda.current_stream()` stand-in: `synchronize` is a stream sync."""
+
+    def __init__(self, counter: DeviceCounter):
+        self.counter = counter
+
+    def synchronize(self) -> None:
+        self.counter.sync("stream")
+
+
+@contextlib.contextmanager
+def cuda_code_paths(counter: DeviceCounter):
+    """Run `semtrack.pipeline.Pipeline(..., device=torch.device("cuda"))` on the CPU as on CUDA.
+
+    * `torch.cuda.Event` / `torch.cuda.current_stream` are stand-ins (`_Event`, `_Stream`);
+    * the branches that ask a tensor's device take CUDA's side: the PIL-identical resize runs its
+      device form (`fixed_point_resize`), clustering sums merged tokens with its one-hot matmul,
+      the tracker checks query frames with `torch._assert_async`;
+    * each `StageRunner` stage (its clock's span) is counted as that stage.
+    """
+    from semtrack import clustering, features, runner
+    from semtrack.tracker import predictor
+
+    clock_call = runner.StageClock.__call__
+
+    @contextlib.contextmanager
+    def staged(clock, stage: str, videos: int):
+        with counter.stage(stage), clock_call(clock, stage, videos):
+            yield
+
+    def check_on_device(frames: torch.Tensor, length: int, what: str) -> None:
+        torch._assert_async(((frames >= 0) & (frames < length)).all(), f"{what}: query frame outside the video")
+
+    patches = [
+        (torch.cuda, "Event", lambda *a, **k: _Event(counter)),
+        (torch.cuda, "current_stream", lambda *a, **k: _Stream(counter)),
+        (features, "resize_pil_identical", features.fixed_point_resize),
+        (clustering, "_onehot_sums", lambda device: True),
+        (predictor, "_check_query_frames", check_on_device),
+        (runner.StageClock, "__call__", staged),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield counter
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)

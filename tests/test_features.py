@@ -149,6 +149,16 @@ def test_pil_path_end_to_end_matches_official(extractors, fixtures):
     assert (tokens - reference_tokens(fixtures["vits14"])).abs().max().item() <= 1e-4
 
 
+def test_clips_of_several_sizes_in_one_call_give_each_clip_its_own_tokens(extractors, fixtures):
+    """`forward_clips`: clips of two sizes, one size split over two clips that are not adjacent, in
+    network calls that mix the clips -> each clip's `forward` tokens, clip after clip (bit-equal on the
+    development CPU; a BLAS may sum in another order for another batch size)."""
+    ext, frames = extractors["vits14"], frames_of(fixtures["vits14"])
+    clips = [frames, frames[:1, :, :240, :428].contiguous(), frames[1:]]
+    out = ext.forward_clips(clips, batch_size=3)
+    assert (out - torch.cat([ext(c) for c in clips])).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("model", CASES)
 def test_tensor_path_within_quality_bounds_of_research_path(model, extractors, fixtures):
     """PyTorch's kernel ("tensor") vs the research (PIL) path's tokens, which equal the fixture's."""

@@ -19,10 +19,11 @@ from _shared import REPO_ROOT
 from semtrack.hygiene import is_folder_error, stale_temporaries
 from semtrack.layout import OutputLayout
 from semtrack.ledger import DoneRule, LedgerPart, failed_record, latest_videos, read_records
+from semtrack.safeio import TEMPORARY_NAME, TMP_SUFFIX_MAX, temporary_path
 from semtrack.shards import FolderBusy, FolderLock, Shard, resolve_shard
 from semtrack.stopping import Stopped, StopRequest
 from semtrack.trackfile import dumps_tracks, loads_tracks
-from semtrack.util import TMP_SUFFIX_MAX, host_tag, temporary_path
+from semtrack.util import host_tag
 from semtrack.webdataset import TarShards, manifest_csv, read_manifest, read_member
 
 
@@ -150,7 +151,10 @@ def test_sweep_takes_only_this_hosts_dead_processes_temporaries(tmp_path):
         (tmp_path / name).write_text("x")
     (tmp_path / f"f.tmp-{host}-{dead_pid}").mkdir()  # a folder is never swept
     assert [p.name for p in stale_temporaries([tmp_path])] == [n for n, stale in names.items() if stale]
-    assert temporary_path(tmp_path / "x.pkl").name == f"x.pkl.tmp-{host}-{os.getpid()}"
+    name = temporary_path(tmp_path / "x.pkl").name
+    assert name.startswith(f"x.pkl.tmp-{host}-{os.getpid()}-r")
+    assert TEMPORARY_NAME.fullmatch(name)["pid"] == str(os.getpid())
+    assert name != temporary_path(tmp_path / "x.pkl").name  # unpredictable
     assert is_folder_error(OSError(28, "No space left on device")) and not is_folder_error(ValueError("x"))
 
 

@@ -36,6 +36,17 @@ def test_dinov2_inputs_are_the_research_inputs():
     assert torch.equal(pipeline.features.preprocess_frames(frames), torch.from_numpy(fixture["inputs"]))
 
 
+class PlantedFeatures:
+    """Stand-in DINOv2: the planted tokens (K, 16, 16, D) for the one clip's K clustering frames."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+
+    def forward_clips(self, clips, batch_size=None):
+        assert len(clips) == 1 and len(clips[0]) == len(self.tokens)
+        return self.tokens
+
+
 class EchoTracker:
     """Stand-in tracker: every point stays at its query pixel, so the tracks give the queries back."""
 
@@ -62,7 +73,7 @@ def test_pipeline_reproduces_the_research_labels_and_points(merge_ratio, num_ite
     clip = Clip(0, "v", "d", "/v.mp4", frames=torch.zeros(60, 3, h, w, dtype=torch.uint8),
                 cluster_frames=torch.from_numpy(fx["frames_id_dict"]))
     memory = TrackingMemory(None, config.tracker_resolution)
-    pipeline = Pipeline(config, lambda frames: tokens, EchoTracker(), torch.device("cpu"), memory)
+    pipeline = Pipeline(config, PlantedFeatures(tokens), EchoTracker(), torch.device("cpu"), memory)
     result = pipeline([clip]).results[0]
     assert result.ok, result.failure
     np.testing.assert_array_equal(result.clusters.labels.numpy(), labels)

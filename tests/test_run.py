@@ -18,10 +18,11 @@ import torch
 from _shared import REPO_ROOT
 from semtrack.config import ExtractConfig
 from semtrack.gif import save_trail_gif
-from semtrack.job import MAX_DEFAULT_WORKERS, Job, default_num_threads, default_num_workers
+from semtrack.job import MAX_DEFAULT_WORKERS, Job, cpus_per_device, default_num_threads, default_num_workers
 from semtrack.layout import OutputLayout
 from semtrack.ledger import LedgerPart, read_records
 from semtrack.records import Clip, Failure, Tracks, VideoResult
+from semtrack.renders import gif_processes
 from semtrack.run import QUEUE_BATCHES, Run
 from semtrack.shards import FolderBusy, FolderLock, Shard
 from semtrack.sidecar import run_options
@@ -279,3 +280,13 @@ def test_debug_mode_counts_only_the_first_row_in_its_folder(tmp_path):
     plan = make_run(tmp_path, rows=14, debug_mode=True).job.plan
     assert (plan.rows, plan.csv_rows, plan.pending) == (1, 1, [0])
     assert make_run(tmp_path, rows=14).job.plan.csv_rows == 14
+def test_gif_workers_follow_the_cpus_per_device(tmp_path):
+    assert [gif_processes(c) for c in (None, 1, 8, 16, 20, 64)] == [2, 2, 2, 4, 5, 8]
+    assert cpus_per_device(2, {}, cpus=16) == 8 and cpus_per_device(8, {"SLURM_CPUS_PER_TASK": "6"}, cpus=6) == 6
+    run = make_run(tmp_path, rows=1, make_vis=True)
+    assert run.job.cpus_per_device == cpus_per_device(1)
+    run.begin("R1", "32-true", WEIGHTS)
+    try:
+        assert run._gifs._pool._max_workers == gif_processes(cpus_per_device(1))
+    finally:
+        run.finish()

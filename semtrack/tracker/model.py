@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semtrack.transfer import upload
+
 from .encoder import BasicEncoder
 from .memory import (
     CHUNK_BYTES,
@@ -54,7 +56,7 @@ def pass_times(lengths: Sequence[int], t_max: int, reverse: bool, device) -> tor
     """(T, B) int64: the pass time of stored frame t of clip b, reversed within the clip's length
     T_b if `reverse` (padded frames keep their index). The map is its own inverse."""
     rows = [[length - 1 - t if reverse and t < length else t for length in lengths] for t in range(t_max)]
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return upload(torch.tensor(rows, dtype=torch.long), device)
 
 
 @dataclass
@@ -141,6 +143,8 @@ class CoTrackerThreeOffline(nn.Module):
         offsets = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2)  # (49, 2) (dx, dy)
         self.register_buffer("patch_offsets", offsets, persistent=False)
         self.register_buffer("motion_freqs", 2.0 ** torch.arange(10, dtype=torch.float32), persistent=False)
+        h, w = self.model_resolution  # the motion deltas' scale: the 384x512 feature size, whatever the input
+        self.register_buffer("motion_scale", torch.tensor([w / stride, h / stride]), persistent=False)
 
     # ----------------------------------------------------------------------------- features
     def _prepare(self, frames: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
@@ -201,7 +205,7 @@ class CoTrackerThreeOffline(nn.Module):
         feats = []
         for level, fmap in enumerate(pyramid.levels):
             h, w = fmap.shape[-2:]
-            limit = xy.new_tensor([w - 1, h - 1])
+            limit = upload(torch.tensor([w - 1, h - 1], dtype=xy.dtype), xy.device)
             pts = torch.minimum((xy[:, :, None, :] / 2**level + self.patch_offsets).clamp(min=0), limit)  # (B, N, P, 2)
             low = pts.floor()
             frac = pts - low
@@ -229,10 +233,9 @@ class CoTrackerThreeOffline(nn.Module):
         """scale (L, 1, 1, 1, 2) and shift (L, 1, 1, P, 2) taking level-0 feature units xy to the
         grid_sample coordinates of the level-l patch points: grid = xy * scale + shift, i.e.
         (xy / 2^l + offset) normalised to [-1, 1] with align_corners=True."""
-        sizes = torch.tensor(
-            [[max(f.shape[-1] - 1, 1), max(f.shape[-2] - 1, 1)] for f in pyramid.levels],
-            dtype=torch.float32, device=self.patch_offsets.device,
-        )[:, None, None, None, :]  # (L, 1, 1, 1, 2) (w - 1, h - 1)
+        sizes = upload(torch.tensor(
+            [[max(f.shape[-1] - 1, 1), max(f.shape[-2] - 1, 1)] for f in pyramid.levels], dtype=torch.float32,
+        ), self.patch_offsets.device)[:, None, None, None, :]  # (L, 1, 1, 1, 2) (w - 1, h - 1)
         levels = 2.0 ** torch.arange(len(pyramid.levels), dtype=torch.float32, device=sizes.device)
         return 2.0 / (levels[:, None, None, None, None] * sizes), 2.0 * self.patch_offsets / sizes - 1.0
 
@@ -267,8 +270,7 @@ class CoTrackerThreeOffline(nn.Module):
         if has_next is not None:
             fwd = torch.where(has_next, fwd, 0.0)
         bwd = torch.cat([zero, coords[:, 1:] - coords[:, :-1]], dim=1)
-        h, w = self.model_resolution
-        scale = coords.new_tensor([w / self.stride, h / self.stride])
+        scale = self.motion_scale.to(coords.dtype)
         return torch.cat([fwd / scale, bwd / scale], dim=-1)
 
     def _motion_encoding(self, r: torch.Tensor) -> torch.Tensor:
@@ -324,7 +326,7 @@ class CoTrackerThreeOffline(nn.Module):
         """
         b, t_max = pyramid.batch, pyramid.num_frames
         n, device = queries.shape[1], queries.device
-        lengths = torch.tensor(pyramid.lengths, device=device)[:, None]  # (B, 1)
+        lengths = upload(torch.tensor(pyramid.lengths), device)[:, None]  # (B, 1)
         frame = queries[..., 0].long()  # truncation, pass time
         stored = lengths - 1 - frame if reverse else frame
         xy = queries[..., 1:].float() / self.stride  # (B, N, 2) feature units

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semtrack.transfer import upload
+
 from .memory import CHUNK_BYTES, ENCODER_CHUNK
 from .model import CoTrackerThreeOffline, FeaturePyramid, pass_times
 
@@ -107,11 +109,11 @@ class OfflineTracker(nn.Module):
             factors = [[(w - 1) / (wm - 1), (h - 1) / (hm - 1)] for h, w in sizes]
         else:
             factors = [[(wm - 1) / (w - 1), (hm - 1) / (h - 1)] for h, w in sizes]
-        return torch.tensor(factors, dtype=torch.float32, device=device)[:, None]
+        return upload(torch.tensor(factors, dtype=torch.float32), device)[:, None]
 
     def _support(self, b: int, device) -> torch.Tensor:
         """The (B, 36, 3) support grid queries (t = 0) in model pixels."""
-        grid = self.grid_points(self.support_grid_size).to(device)
+        grid = upload(self.grid_points(self.support_grid_size), device)
         return torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)[None].expand(b, -1, -1)
 
     def _passes(self, pyramid: FeaturePyramid, queries: torch.Tensor, point_valid, backward: bool,
@@ -125,7 +127,7 @@ class OfflineTracker(nn.Module):
         coords, vis, _ = self.model.track(pyramid, queries, self.iters, point_valid, chunk_bytes=chunk_bytes)
         if backward:
             t = pyramid.num_frames
-            lengths = torch.tensor(pyramid.lengths, dtype=queries.dtype, device=queries.device)[:, None]
+            lengths = upload(torch.tensor(pyramid.lengths, dtype=queries.dtype), queries.device)[:, None]
             rev = queries.clone()
             rev[..., 0] = lengths - 1 - queries[..., 0]
             coords_b, vis_b, _ = self.model.track(pyramid, rev, self.iters, point_valid, reverse=True,
@@ -202,7 +204,7 @@ class OfflineTracker(nn.Module):
         elif grid_size > 0:
             if not 0 <= grid_query_frame < min(lengths):
                 raise ValueError(f"grid_query_frame={grid_query_frame} outside [0, {min(lengths) - 1}]")
-            points = self.grid_points(grid_size).to(device)
+            points = upload(self.grid_points(grid_size), device)
             user = torch.cat([torch.full_like(points[:, :1], float(grid_query_frame)), points], dim=1)
             user, point_valid = user[None].expand(len(clips), -1, -1), None
             counts = [len(points)] * len(clips)
@@ -251,7 +253,7 @@ class OfflineTracker(nn.Module):
         point_valid = None
         if any(k != n for k in counts):
             valid = [[j < k for j in range(n)] + [True] * (self.support_grid_size**2 if support else 0) for k in counts]
-            point_valid = torch.tensor(valid, dtype=torch.bool, device=device)
+            point_valid = upload(torch.tensor(valid, dtype=torch.bool), device)
         if support:
             user = torch.cat([user, self._support(len(clips), device)], dim=1)
         return user, point_valid

@@ -11,14 +11,17 @@ import csv
 import glob
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
 from semtrack.config import VIDEO_ID_RULES
+from semtrack.safeio import check_regular
 
 REQUIRED_COLUMNS = ("video_path", "dataset")
 _MAX_LISTED = 10  # culprits listed in one CSV error message
+CSV_MAX = 2**32  # bytes of an input CSV, at most (tens of millions of rows)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ogv")
 
 
@@ -90,12 +93,27 @@ def _utf8_lines(csv_path: Path, handle: IO[bytes]) -> Iterator[str]:
             ) from None
 
 
+def _open_csv(csv_path: Path) -> IO[bytes]:
+    """The CSV opened for reading; ValueError naming it when it cannot be read, is not a regular file
+    (a FIFO does not block, `/dev/zero` is refused) or holds more than `CSV_MAX` bytes."""
+    try:
+        fd = os.open(csv_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"{csv_path}: cannot read the CSV: {exc}") from exc
+    try:
+        check_regular(fd, csv_path, CSV_MAX)
+    except (OSError, ValueError) as exc:
+        os.close(fd)
+        raise ValueError(f"cannot read the CSV: {exc}") from None
+    return os.fdopen(fd, "rb")
+
+
 def _read_records(csv_path: Path) -> list[tuple[int, list[str]]]:
     """-> [(line number, fields)] of the non-blank records, header first. Raises ValueError naming the
     file for unreadable files, bad bytes and malformed quoting."""
     records: list[tuple[int, list[str]]] = []
     try:
-        with open(csv_path, "rb") as handle:
+        with _open_csv(csv_path) as handle:
             reader = csv.reader(_utf8_lines(csv_path, handle), skipinitialspace=True, strict=True)
             try:
                 for fields in reader:
@@ -116,7 +134,8 @@ def _read_table(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not records:
         raise ValueError(f"{csv_path}: the CSV is empty (expected columns {list(REQUIRED_COLUMNS)})")
     header = [name.strip() for name in records[0][1]]
-    duplicates = sorted({name for name in header if name and header.count(name) > 1})
+    counts = Counter(header)  # linear: a header of 100,000 columns is checked at once
+    duplicates = sorted(name for name, n in counts.items() if name and n > 1)
     if duplicates:
         raise ValueError(f"{csv_path}: duplicate column(s) {duplicates} in the header {header}")
     ragged = [(i, line, len(fields)) for i, (line, fields) in enumerate(records[1:]) if len(fields) != len(header)]
