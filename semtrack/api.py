@@ -127,7 +127,7 @@ def preflight(config: ExtractConfig, precision: str, datamodule: ExtractionDataM
     check_weights(config)
     check_writable(layout)
     if rank_zero_only.rank == 0:  # the rank Lightning reads from the launcher's environment
-        print(f"semtrack: {len(rows)} rows in {shown(config.source)}; checking which are done in "
+        print(f"semtrack: {len(rows)} rows in {shown(str(config.source))}; checking which are done in "
               f"{shown(layout.root)}",
               file=sys.stderr, flush=True)
     return datamodule

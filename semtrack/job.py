@@ -91,8 +91,8 @@ def default_num_threads(local_world_size: int, num_workers: int, ceiling: int,
 class Job:
     """One extraction job in one process: `config` (an `ExtractConfig`), the output `layout` it writes
     (the config's folder, or its `debug/` folder in debug mode), its `shard` of the CSV rows; `plan`
-    (this process's rows), `num_workers` (its decoding processes), `cpus_per_device` and
-    `num_threads` (its torch threads) once its rank is known."""
+    (this process's rows), `num_workers` (its decoding processes), `num_threads` (its torch threads)
+    and `cpus_per_device` once its rank is known."""
 
     config: ExtractConfig
     layout: OutputLayout

@@ -180,27 +180,23 @@ def iter_records(layout: OutputLayout, problems: list[str] | None = None) -> Ite
 
 
 class LedgerTail:
-    """Reads the records appended to one ledger file since the last `read` (whole lines only; a file
-    not there yet reads as empty)."""
+    """Reads the records appended to one ledger file since the last `read` (whole lines that parse as
+    records, `parse_record`; a file not there yet, or not a regular file, reads as empty)."""
 
     def __init__(self, path: Path):
         self.path, self.offset = path, 0
 
     def read(self) -> list[dict]:
         try:
-            with open(self.path, "rb") as f:
+            with os.fdopen(open_regular(self.path, LEDGER_FILE_MAX), "rb") as f:
                 f.seek(self.offset)
-                data = f.read()
-        except OSError:
+                data = f.read(LEDGER_FILE_MAX - self.offset)
+        except (OSError, ValueError):  # ValueError: UnsafeFile
             return []
         whole = data[:data.rfind(b"\n") + 1]
         self.offset += len(whole)
-        out = []
-        for line in whole.splitlines():
-            record = parse_record(line) if line.strip() else None
-            if record is not None:
-                out.append(record)
-        return out
+        records = (parse_record(line) for line in whole.splitlines() if len(line) <= LEDGER_LINE_MAX)
+        return [r for r in records if r is not None]
 
 
 def read_records(layout: OutputLayout, problems: list[str] | None = None) -> list[dict]:
@@ -376,9 +372,6 @@ class DoneRule:
         plan.adopted += self.restated
         return plan
 
-    def retries(self, record: dict) -> bool:
-        """Whether the failed `record`'s row is redone."""
-        return self.retry_failed == "always" or (self.retry_failed == "transient" and not is_permanent(record))
     def _same_fps(self, record: dict, row) -> bool:
         """Whether a record made at frame rate `fps` (absent in older records: not checked) fits the row."""
         return self.row_fps is None or "fps" not in record or record["fps"] == self.row_fps.get(row.index)
@@ -396,6 +389,10 @@ class DoneRule:
         if self.check_fps and self.row_fps is not None and "fps" in meta and meta["fps"] != self.row_fps.get(row.index):
             return f"it was made at fps {meta['fps']}, the row asks for {self.row_fps.get(row.index)}"
         return None
+
+    def retries(self, record: dict) -> bool:
+        """Whether the failed `record`'s row is redone."""
+        return self.retry_failed == "always" or (self.retry_failed == "transient" and not is_permanent(record))
 
     def is_done(self, record: dict) -> bool:
         if record.get("status") != DONE:

@@ -11,8 +11,8 @@ and `videos_per_s` (done videos only; `attempts_per_s` counts failures too). `ru
 
 merges every ledger file of OUT_DIR, rewrites those files and prints the report (OUT_DIR a base folder:
 every job folder in it, in turn). Exit status: 0 no video of the folder failed, 1 some did (or the
-files could not be written), 2 not a semtrack output folder (neither a semtrack sidecar nor a ledger
-with a `start` record of its schema: nothing written).
+files could not be written), 2 not a semtrack output folder nor a base folder holding one (neither a
+semtrack sidecar nor a ledger with a `start` record of its schema: nothing written).
 The track statistics (`semtrack.survey`): `--json` prints them, `--where EXPR` prints the videos
 matching a filter (both on stdout, the report on stderr, exit status 0 unless they cannot be
 made), `--html [PATH]` writes the page (`semtrack.report_html`), `--verify_outputs` first computes
@@ -241,14 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layout = OutputLayout(args.out_dir)
     if not is_output_folder(layout):
-        jobs = sorted(p for p in Path(args.out_dir).glob("*") if p.is_dir() and is_output_folder(OutputLayout(p)))
+        jobs = sorted(p for p in Path(args.out_dir).glob("*")
+                      if p.is_dir() and not p.is_symlink() and is_output_folder(OutputLayout(p)))
         if jobs:  # a base folder (--base_feat_path): each job folder in it, with the same options
             rest = list(sys.argv[1:] if argv is None else argv)
             rest.remove(args.out_dir)
             return max(main([str(job), *rest]) for job in jobs)
         print(f"error: {shown(layout.root)} holds neither a semtrack config sidecar ({layout.sidecar.name}) nor a "
-              f"semtrack ledger ({LEDGER_DIR}/*.jsonl), nor a job folder with one: not a semtrack output folder; "
-              "nothing written", file=sys.stderr)
+              f"semtrack ledger ({LEDGER_DIR}/*.jsonl), and no job folder in it does: not a semtrack output "
+              "folder; nothing written", file=sys.stderr)
         return 2
     problems: list[str] = []
     records = read_records(layout, problems)

@@ -92,9 +92,9 @@ class Run:
         self._thread: threading.Thread | None = None
         self._options: dict = {}
         self._weights: dict = {}
+        self._seq = 0  # the last ledger `seq` this process wrote
         self._tails: list[LedgerTail] | None = None  # the other ranks' ledger files (`all_ranks_counts`)
         self._others = [0, 0]  # done, failed read from them
-        self._seq = 0  # the last ledger `seq` this process wrote
 
     @property
     def elapsed(self) -> float:

@@ -27,8 +27,8 @@ from semtrack.shards import FolderBusy
 from semtrack.stopping import Stopped, StopRequest
 from semtrack.util import one_line
 
-LINE_INTERVAL_S = 30.0  # s between progress lines when stderr is not a terminal
 MAX_NOTES = 5  # start-up warnings shown (skipped ledger lines, pickles not adopted), at most
+LINE_INTERVAL_S = 30.0  # s between progress lines when stderr is not a terminal
 
 
 def say(trainer, text: str) -> None:
@@ -88,8 +88,9 @@ class TrackWriter(BasePredictionWriter):
         where = "" if job.shard.count == 1 else f"{job.shard.describe()}: "
         earlier = f", {not_retried} failed earlier (not retried)" if not_retried else ""
         say(trainer, f"{where}{plan.rows} rows, {pending} to do, {skipped - not_retried} done already{earlier}; "
-                     f"{job.num_workers} decoding worker(s) per device ({job.workers_note}), {job.num_threads} torch "
-                     f"thread(s) per process ({job.threads_note}); loading models")
+                     f"{job.num_workers} decoding "
+                     f"worker(s) per device ({job.workers_note}), {job.num_threads} torch thread(s) per process "
+                     f"({job.threads_note}); loading models")
         for note in plan.notes[:MAX_NOTES]:
             say(trainer, f"warning: {note}")
         if len(plan.notes) > MAX_NOTES:

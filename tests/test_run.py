@@ -229,6 +229,18 @@ def test_the_default_number_of_decoding_workers_follows_the_cpus_per_device(tmp_
     assert make_run(tmp_path, rows=1).job.num_workers == default_num_workers(1)[0] >= 1
 
 
+def test_gif_workers_follow_the_cpus_per_device(tmp_path):
+    assert [gif_processes(c) for c in (None, 1, 8, 16, 20, 64)] == [2, 2, 2, 4, 5, 8]
+    assert cpus_per_device(2, {}, cpus=16) == 8 and cpus_per_device(8, {"SLURM_CPUS_PER_TASK": "6"}, cpus=6) == 6
+    run = make_run(tmp_path, rows=1, make_vis=True)
+    assert run.job.cpus_per_device == cpus_per_device(1)
+    run.begin("R1", "32-true", WEIGHTS)
+    try:
+        assert run._gifs._pool._max_workers == gif_processes(cpus_per_device(1))
+    finally:
+        run.finish()
+
+
 def test_the_default_number_of_threads_leaves_the_decoding_workers_their_cpus(tmp_path):
     assert default_num_threads(1, 0, ceiling=8, environ={}, cpus=2)[0] == 2  # no workers: every CPU
     assert default_num_threads(1, 1, ceiling=8, environ={}, cpus=2)[0] == 1  # the default worker takes one
@@ -280,13 +292,3 @@ def test_debug_mode_counts_only_the_first_row_in_its_folder(tmp_path):
     plan = make_run(tmp_path, rows=14, debug_mode=True).job.plan
     assert (plan.rows, plan.csv_rows, plan.pending) == (1, 1, [0])
     assert make_run(tmp_path, rows=14).job.plan.csv_rows == 14
-def test_gif_workers_follow_the_cpus_per_device(tmp_path):
-    assert [gif_processes(c) for c in (None, 1, 8, 16, 20, 64)] == [2, 2, 2, 4, 5, 8]
-    assert cpus_per_device(2, {}, cpus=16) == 8 and cpus_per_device(8, {"SLURM_CPUS_PER_TASK": "6"}, cpus=6) == 6
-    run = make_run(tmp_path, rows=1, make_vis=True)
-    assert run.job.cpus_per_device == cpus_per_device(1)
-    run.begin("R1", "32-true", WEIGHTS)
-    try:
-        assert run._gifs._pool._max_workers == gif_processes(cpus_per_device(1))
-    finally:
-        run.finish()
