@@ -131,10 +131,9 @@ class Job:
         decided = rule.plan(mine, rerun)
         folder_rows = list(rows)[:1] if cfg.debug_mode else rows  # the debug folder only ever holds the first row
         return RowPlan(rows=run_rows, assigned=len(mine), pending=decided.pending, skipped=decided.skipped,
-                       not_retried=decided.not_retried,
                        csv_rows=len(folder_rows), csv_keys=csv_keys(folder_rows), adopted=decided.adopted,
                        datasets=tuple(sorted({r.dataset for r in rows})), notes=notes + rule.refused,
-                       row_fps=row_fps or {}, last_seq=sequence.last)
+                       row_fps=row_fps or {}, last_seq=sequence.last, not_retried=decided.not_retried)
 
     def settle(self, rows: Sequence, rank: int, world_size: int, local_world_size: int,
                fps_of: Callable[[object], float | None] | None = None) -> None:

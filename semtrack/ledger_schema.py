@@ -69,6 +69,7 @@ _COMMON = {"run": (True, _str), "time": (True, _number), "rank": (False, _int), 
 _SCHEMA = {
     "start": {"world_size": (False, lambda v: _int(v, 1)), "shard": (False, _pair), "csv_rows": (False, _int),
               "rows": (False, _int), "assigned": (False, _int), "skipped": (False, _int),
+              "not_retried": (False, _int),
               "csv_keys": (False, _optional(_str)), "csv_path": (False, _optional(_str)),
               "semtrack_version": (False, _str), "host": (False, _str), "pid": (False, _int)},
     "end": {"status": (True, _str), "reason": (False, _optional(_str)), "done": (False, _int),
