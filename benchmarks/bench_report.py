@@ -4,7 +4,8 @@
    N = 300 points in 12 entities, 240 x 427 px, 80 % visible), the call the writer thread makes per
    video: process CPU time per call (median of `--repeats` batches of 100 calls), one torch thread.
 2. A folder whose ledger holds `--records` synthetic video records (2 % failed, the rest done with
-   plausible statistics, 8 rank files of 2 runs; no pickles or GIFs on disk, so the gallery shows
+   plausible statistics and a Lamport `seq` as runs write them, 8 rank files of 2 runs; no pickles
+   or GIFs on disk, so the gallery shows
    "no preview"): `semtrack-report OUT --html`, `--json` and `--where` run as the installed command
    would (a child process): its CPU time (user + system), wall time, peak RSS and the page's size.
 
@@ -28,6 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import semtrack  # noqa: E402
 from semtrack.layout import OutputLayout  # noqa: E402
 from semtrack.ledger import LedgerPart, done_record, failed_record  # noqa: E402
 from semtrack.trackstats import STATS, track_stats  # noqa: E402
@@ -89,7 +91,7 @@ def build_folder(root: Path, records: int) -> OutputLayout:
         for rank in range(RANKS):
             parts[rank].append({"kind": "start", "run": run_id, "rank": rank, "time": run * 1e5, "world_size": RANKS,
                                 "shard": [0, 1], "rows": per_run, "csv_rows": records, "skipped": 0,
-                                "csv_keys": "k"})
+                                "csv_keys": "k", "semtrack_version": semtrack.__version__})
         for i in range(run * per_run, (run + 1) * per_run):
             rank = i % RANKS
             vid = f"{i:06d}"
@@ -99,7 +101,7 @@ def build_folder(root: Path, records: int) -> OutputLayout:
                 stats = synthetic_stats(rng)
                 outputs = {"pickle": {"bytes": 40000 + stats["points"] * 500, "sha256": sha}, "gif": {"bytes": 250000}}
                 record = done_record(i, DATASET, vid, stats["frames"], stats["points"], outputs, stats=stats)
-            parts[rank].append({**record, "run": run_id, "rank": rank, "time": run * 1e5 + i * 0.01})
+            parts[rank].append({**record, "run": run_id, "rank": rank, "time": run * 1e5 + i * 0.01, "seq": i + 1})
         for rank in range(RANKS):
             parts[rank].append({"kind": "end", "run": run_id, "rank": rank, "time": run * 1e5 + 9e4,
                                 "status": "complete", "wall_s": 3600.0, "done": 0, "failed": 0,

@@ -6,31 +6,20 @@ takes every `world_size`-th from the r-th; of those, the ones not done yet by th
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Iterable, Iterator
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from datamodules.video import VideoCSVDataset
+from datamodules.video import PendingRows, VideoCSVDataset, worker_start
 from semtrack.config import ExtractConfig
 from semtrack.job import Job, RowPlan
 from semtrack.records import Clip
 
 BUCKET_MAX_BYTES = 2e9  # decoded frames held for length bucketing, at most (unless one batch needs more)
-
-
-class PendingRows(Dataset):
-    """The clips of the CSV rows `rows` (indices into `dataset`)."""
-
-    def __init__(self, dataset: VideoCSVDataset, rows: list[int]):
-        self.dataset, self.rows = dataset, list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Clip:
-        return self.dataset[self.rows[i]]
 
 
 def _frame_bytes(clip: Clip) -> int:
@@ -61,20 +50,35 @@ def _cheapest_batch(window: list[Clip], size: int) -> list[int]:
 def _least_padding_partition(clips: list[Clip], batch_size: int) -> list[list[int]]:
     """Positions in `clips` split into ceil(len / batch_size) batches of at most `batch_size` clips with
     the fewest padded frames in all: runs of consecutive clips in frame-count order, chosen by dynamic
-    programming over where each run ends. Each batch is in `clips`' order."""
-    order = sorted(range(len(clips)), key=lambda i: (clips[i].num_frames, i))
-    count = math.ceil(len(order) / batch_size)
+    programming over where each run ends. Each batch is in `clips`' order.
 
-    def padding(start: int, end: int) -> int:  # run order[start:end]
-        return _padded_frames(clips[i] for i in order[start:end])
+    With n clips, b = `batch_size`, g = ceil(n / b) runs and slack s = g b - n < b, every run holds
+    b - s to b clips, so the first k runs end between k b - s and k b: at most (s + 1)^2 choices per
+    run, each priced in O(1) from prefix sums; O(n b) in all after the sort."""
+    order = sorted(range(len(clips)), key=lambda i: (clips[i].num_frames, i))
+    n = len(order)
+    count = math.ceil(n / batch_size)
+    slack = count * batch_size - n
+    tracked, frames = [0], [0]  # prefix sums over `order`: clips tracked (decoded), their frames
+    for i in order:
+        ok = clips[i].frames is not None
+        tracked.append(tracked[-1] + ok)
+        frames.append(frames[-1] + (clips[i].num_frames if ok else 0))
+
+    def padding(start: int, end: int) -> int:  # run order[start:end]: padded to its last (longest) clip
+        return clips[order[end - 1]].num_frames * (tracked[end] - tracked[start]) - (frames[end] - frames[start])
+
+    def ends(g: int) -> range:  # where the g-th run can end
+        return range(max(0, g * batch_size - slack), min(g * batch_size, n) + 1)
 
     # cost[g][j]: least padding of the first j clips in g runs; cut[g][j]: where the last run starts
-    cost = [[math.inf] * (len(order) + 1) for _ in range(count + 1)]
-    cut = [[0] * (len(order) + 1) for _ in range(count + 1)]
+    cost = [dict.fromkeys(ends(g), math.inf) for g in range(count + 1)]
+    cut = [dict.fromkeys(ends(g), 0) for g in range(count + 1)]
     cost[0][0] = 0
     for g in range(1, count + 1):
-        for j in range(1, len(order) + 1):
-            for i in range(max(0, j - batch_size), j):
+        before = ends(g - 1)
+        for j in cost[g]:
+            for i in range(max(j - batch_size, before.start), min(j, before.stop)):
                 value = cost[g - 1][i] + padding(i, j)
                 if value < cost[g][j]:
                     cost[g][j], cut[g][j] = value, i
@@ -134,7 +138,8 @@ class ExtractionDataModule(L.LightningDataModule):
 
     A row is skipped (counted in `job.plan.skipped`) when the ledger records it done and its outputs
     are on disk (`semtrack.ledger.DoneRule`; a pickle without a record is validated and adopted),
-    unless `config.rerun`; failed rows are retried. Debug mode runs the first CSV row, done or not.
+    unless `config.rerun`; failed rows are retried as `config.retry_failed` says (`DoneRule`).
+    Debug mode runs the first CSV row, done or not.
     `job` (`semtrack.job.Job`, made from the config unless given) gets this process's plan and its
     number of decoding processes in `setup`.
     """
@@ -152,18 +157,20 @@ class ExtractionDataModule(L.LightningDataModule):
             kwargs = {"native_fps_datasets": cfg.native_fps_datasets} if cfg.native_fps_datasets is not None else {}
             self.dataset = VideoCSVDataset(
                 cfg.csv_path, fps=cfg.fps, num_frames_clustering=cfg.num_frames_clustering, fps_rule=cfg.fps_rule,
-                max_frames=cfg.max_frames, decoder=cfg.decoder, video_id_rule=cfg.video_id_rule, **kwargs,
+                max_frames=cfg.max_frames, decoder=cfg.decoder, video_id_rule=cfg.video_id_rule,
+                video_path=cfg.video_path, dataset=cfg.dataset, limit=cfg.limit, **kwargs,
             )
         return self.dataset
 
     def row_plan(self, dataset: VideoCSVDataset, rank: int = 0, world_size: int = 1) -> RowPlan:
         """This process's rows and which of them are still to do (reads the ledger, stats the outputs)."""
-        return self.job.plan_rows(dataset.rows, rank, world_size)
+        return self.job.plan_rows(dataset.rows, rank, world_size, dataset.target_fps)
 
     def setup(self, stage: str | None = None) -> None:
         trainer = self.trainer
         where = (trainer.global_rank, trainer.world_size, trainer.num_devices) if trainer is not None else (0, 1, 1)
-        self.job.settle(self.make_dataset().rows, *where)
+        dataset = self.make_dataset()
+        self.job.settle(dataset.rows, *where, fps_of=dataset.target_fps)
 
     def transfer_batch_to_device(self, batch: list[Clip], device, dataloader_idx: int) -> list[Clip]:
         """Clips stay on the CPU (pinned on CUDA): the pipeline moves what each stage needs, and the
@@ -176,6 +183,9 @@ class ExtractionDataModule(L.LightningDataModule):
         self.setup("predict")
         cfg, trainer, job = self.config, self.trainer, self.job
         accelerated = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        # Workers ignore SIGTERM / SIGINT / SIGHUP: a signal to the whole process group lets them finish
+        # the batch in hand while the main process stops at the next boundary (`semtrack.stopping`).
         loader = DataLoader(PendingRows(self.dataset, job.plan.pending), batch_size=None, shuffle=False,
-                            num_workers=job.num_workers, pin_memory=accelerated)
+                            num_workers=job.num_workers, pin_memory=accelerated,
+                            worker_init_fn=functools.partial(worker_start, os.getpid()))
         return ClipBatches(loader, cfg.batch_size, cfg.batch_size * cfg.bucket_batches, BUCKET_MAX_BYTES)

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from datamodules.sampling import PAD, sample_points, uniform_frame_indices
 from datamodules.transforms import resize_tracks
 from semtrack.layout import OutputLayout
-from semtrack.trackfile import TrackFile, TrackFileError, load_tracks, loads_tracks
+from semtrack.trackfile import TrackFile, load_tracks, loads_tracks
 from semtrack.util import stable_seed
 from semtrack.video import TrackedFramePlan, VideoRow, decode_video, read_video_csv
 from semtrack.webdataset import read_manifest, read_member
@@ -135,7 +135,7 @@ class PointTrackDataset(Dataset):
             keep = set(row_indices)
             rows = [r for r in rows if r.index in keep]
         manifest = self.layout.manifest
-        self.members: dict[tuple[str, str], dict] = read_manifest(manifest) if manifest.is_file() else {}
+        self.members: dict[tuple[str, str], dict] = read_manifest(manifest) if os.path.lexists(manifest) else {}
         self.rows: list[VideoRow] = []
         self.skipped: list[tuple[str, str]] = []
         for row in rows:
@@ -197,7 +197,7 @@ class PointTrackDataset(Dataset):
             if member is None:
                 return load_tracks(self.layout.pickle(row.dataset, row.video_id))
             return loads_tracks(read_member(self.layout.root, member), f"{member['shard']}:{member['member']}")
-        except TrackFileError as exc:
+        except ValueError as exc:  # TrackFileError; a shard that is no regular file or too short
             raise _ItemFailure(str(exc)) from None
         except OSError as exc:
             raise _ItemFailure(f"{member['shard']}: cannot read member {member['member']} ({exc})") from None

@@ -25,7 +25,15 @@ from semtrack.config import (
     NUM_FRAMES_CLUSTERING,
 )
 from semtrack.records import Clip
-from semtrack.video import FramePlan, VideoRow, cluster_frame_indices, decode_video, read_video_csv
+from semtrack.stopping import detach_worker
+from semtrack.video import (
+    FramePlan,
+    VideoRow,
+    cluster_frame_indices,
+    decode_video,
+    read_video_csv,
+    read_video_paths,
+)
 
 
 def _is_int(value) -> bool:
@@ -52,6 +60,9 @@ class VideoCSVDataset(Dataset):
         decoder: "auto" (decord, PyAV if decord fails), "decord" or "pyav" (that one only).
         video_id_rule: default `video_id` when the CSV has none: "stem" (`a/clip.v2.mp4` ->
             `clip.v2`) or "research" (the file name cut at its first '.': `clip`).
+        video_path, dataset: rows without a CSV (`csv_path` is then not read): a file, folder or
+            glob, and the dataset name (default: the folder's name); see `read_video_paths`.
+        limit: only the first `limit` rows (None: all).
     """
 
     def __init__(
@@ -64,6 +75,9 @@ class VideoCSVDataset(Dataset):
         max_frames: int | None = None,
         decoder: str = "auto",
         video_id_rule: str = "stem",
+        video_path: str | None = None,
+        dataset: str | None = None,
+        limit: int | None = None,
     ):
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be a positive number or None, got {fps!r}")
@@ -85,7 +99,9 @@ class VideoCSVDataset(Dataset):
         self.max_frames = None if max_frames is None else int(max_frames)
         self.decoder = decoder
         self.video_id_rule = video_id_rule
-        self.rows: list[VideoRow] = read_video_csv(csv_path, video_id_rule)
+        rows = read_video_csv(csv_path, video_id_rule) if video_path is None else read_video_paths(
+            video_path, dataset, video_id_rule)
+        self.rows: list[VideoRow] = rows[:limit]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -110,12 +126,36 @@ class VideoCSVDataset(Dataset):
         clip = Clip(row.index, row.video_id, row.dataset, row.video_path, decoder=decoder, error=error, fps=plan.fps)
         if decoded is None:
             return clip
+        if len(decoded.frames) < MIN_FRAMES:  # per row: a row's own fps can leave a clip one frame
+            rate = "the native rate" if plan.fps is None else f"fps {plan.fps:g}"
+            return dataclasses.replace(clip, error=f"{len(decoded.frames)} frame(s) at {rate}; a track needs at "
+                                                   f"least {MIN_FRAMES} (give this row a higher fps)")
         frames = torch.from_numpy(decoded.frames).permute(0, 3, 1, 2)  # a zero-copy view of (T, H, W, 3)
         return dataclasses.replace(
             clip, frames=frames, frame_times=torch.from_numpy(decoded.times), source_fps=float(decoded.source_fps),
             fps=decoded.fps, cluster_frames=torch.from_numpy(cluster_frame_indices(len(frames),
                                                                                    self.num_frames_clustering)),
         )
+
+
+class PendingRows(Dataset):
+    """The clips of the CSV rows `rows` (indices into `dataset`): what the extraction job's DataLoader
+    workers unpickle, so it lives beside the Dataset, in a module without Lightning."""
+
+    def __init__(self, dataset: VideoCSVDataset, rows: list[int]):
+        self.dataset, self.rows = dataset, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Clip:
+        return self.dataset[self.rows[i]]
+
+
+def worker_start(parent: int, worker_id: int) -> None:
+    """A DataLoader worker's start (`worker_init_fn`, with `parent` bound): `semtrack.stopping.detach_worker`.
+    Here, beside `PendingRows`, so a spawned worker imports no Lightning for it."""
+    detach_worker(parent)
 
 
 def collate_videos(items: Sequence[Clip]) -> list[Clip]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import signal
 import sys
 import warnings
@@ -20,6 +21,7 @@ from typing import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from datamodules.extraction import ExtractionDataModule
@@ -28,6 +30,7 @@ from semtrack.hygiene import check_writable
 from semtrack.ledger import read_records
 from semtrack.module import SemanticTracker
 from semtrack.report import build_report
+from semtrack.safeio import shown
 from semtrack.sidecar import check_sidecar
 from semtrack.stopping import Stopped
 from semtrack.util import one_line
@@ -43,31 +46,54 @@ TRAINER_DEFAULTS = {
 }
 
 
-class _DropTips(logging.Filter):
-    """Lightning's advertising lines ("Tip: ... litlogger") are not information about the run."""
+# What Lightning logs that says nothing about this job, besides its advertising ("Tip: ... litlogger"): the
+# accelerator banner of every Trainer ("GPU available: ..."), the DDP start-up lines.
+NOISE_PREFIXES = ("GPU available", "TPU available", "HPU available", "IPU available", "LOCAL_RANK:",
+                  "Initializing distributed", "distributed_backend=", "All distributed processes registered",
+                  "-" * 20)
+NOISY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.distributed", "lightning.pytorch.accelerators.cuda")
 
+
+class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in record.getMessage()
+        message = record.getMessage()
+        return "Tip:" not in message and not message.lstrip().startswith(NOISE_PREFIXES)
 
 
 def quiet_lightning() -> None:
-    """Silence what Lightning prints that says nothing about this job: tips, its own deprecation
-    notice about torch's pytree, and the warning that a non-DataLoader (our length-bucketed batches)
-    has no batch indices (the writer does not use them)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    """Silence what Lightning prints that says nothing about this job: `NOISE_PREFIXES`, its own
+    deprecation notice about torch's pytree, LightningCLI's advice against `args` (the command line
+    hands it the translated flags), and the warning that a non-DataLoader (our length-bucketed
+    batches) has no batch indices (the writer does not use them)."""
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
 def build_trainer(config: ExtractConfig, callbacks: Sequence[Callback] = (), **trainer_options
                   ) -> tuple[L.Trainer, TrackWriter]:
     """`Trainer(**TRAINER_DEFAULTS, **trainer_options)` with the job's writer (and, unless
-    `enable_progress_bar=False`, its progress bar) ahead of `callbacks`; -> (trainer, writer)."""
+    `enable_progress_bar=False`, its progress bar) ahead of `callbacks`; -> (trainer, writer).
+    ValueError (one line) for an option the Trainer refuses (an accelerator that is not there,
+    devices it cannot use, an unknown argument)."""
     quiet_lightning()
     options = {**TRAINER_DEFAULTS, **trainer_options}
+    options["enable_progress_bar"] = options.get("enable_progress_bar") is not False  # a YAML null: the bar
     writer = TrackWriter(config)
-    job = [writer] + ([ExtractionProgressBar(writer)] if options.get("enable_progress_bar", True) else [])
-    return L.Trainer(**options, callbacks=[*job, *callbacks]), writer
+    job = [writer] + ([ExtractionProgressBar(writer)] if options["enable_progress_bar"] else [])
+    try:
+        trainer = L.Trainer(**options, callbacks=[*job, *callbacks])
+    except (MisconfigurationException, TypeError, ValueError) as exc:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        reason = f"unknown Trainer argument --trainer.{unknown[1]}" if unknown else first
+        raise ValueError(f"invalid Trainer option: {reason}") from None
+    return trainer, writer
 
 
 class RunInterrupted(Exception):
@@ -91,17 +117,34 @@ def preflight(config: ExtractConfig, precision: str, datamodule: ExtractionDataM
     """Checks before any video is read (ValueError / OSError naming the culprit): the shard is valid
     (the job, `semtrack.job.Job`, is made with the datamodule), the CSV is valid, its datasets and
     video ids fit the output folder (`OutputLayout.check_names`), the folder's config sidecar agrees
-    with this run, and the folder can be written. -> the datamodule, holding the job and the CSV."""
+    with this run, both models' weights are there (`check_weights`), and the folder can be written
+    (the first check that creates anything). -> the datamodule, holding the job and the CSV."""
     datamodule = datamodule if datamodule is not None else ExtractionDataModule(config)
     layout = datamodule.job.layout
     rows = datamodule.make_dataset().rows
     layout.check_names(rows, debug=config.debug_mode)
     check_sidecar(config, precision)
+    check_weights(config)
     check_writable(layout)
     if rank_zero_only.rank == 0:  # the rank Lightning reads from the launcher's environment
-        print(f"semtrack: {len(rows)} rows in {config.csv_path}; checking which are done in {layout.root}",
+        print(f"semtrack: {len(rows)} rows in {shown(str(config.source))}; checking which are done in "
+              f"{shown(layout.root)}",
               file=sys.stderr, flush=True)
     return datamodule
+
+
+def check_weights(config: ExtractConfig) -> None:
+    """Both models' weights on disk (official and URL files fetched when they can be), before the
+    output folder is touched: one `WeightsError` line naming every model without them."""
+    # Imported here: DataLoader workers import this module's neighbours and need neither model.
+    from semtrack.features import model_weights
+    from semtrack.tracker.weights import COTRACKER3
+    from semtrack.weights import check_sources
+
+    sources = [(config.tracker_weights, COTRACKER3)]
+    if not config.use_grid:
+        sources.append((config.dinov2_weights, model_weights(config.dinov2_model)))
+    check_sources(sources)
 
 
 def execute(trainer: L.Trainer, writer: TrackWriter, model: SemanticTracker, datamodule: ExtractionDataModule) -> None:

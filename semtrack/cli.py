@@ -14,7 +14,7 @@ Exit status: 0 when every video of this run was done or skipped; 1 when one fail
 stopped after processing had started (a folder that cannot be written, an error in the loop), or
 its report could not be written; 2 when the job could not start (bad CSV, names, option, weights,
 sidecar, an unwritable folder, another run holding the folder or shard), reported in one line;
-130 / 143 when stopped by SIGINT / SIGTERM (at a video boundary, the report written).
+129 / 130 / 143 when stopped by SIGHUP / SIGINT / SIGTERM (at a video boundary, the report written).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import typing
 
 import yaml
 
+import semtrack
 from semtrack.config import GROUPS, ExtractConfig, field_help, research_options
 
 SUBCOMMAND = "predict"
@@ -40,6 +41,7 @@ TRAINER_FLAGS = {
     "precision": "32-true (fp32), bf16-mixed (bf16 tracker), or 16-mixed (fp32 tracker)",
 }
 NONE_WORDS = ("none", "null")
+ERROR_CHARS = 300  # a LightningCLI parsing error's characters kept in its one line
 _FIELDS = {f.name: f for f in dataclasses.fields(ExtractConfig)}
 _HINTS = typing.get_type_hints(ExtractConfig)
 SWITCHES = frozenset(name for name, f in _FIELDS.items() if isinstance(f.default, bool))
@@ -119,11 +121,12 @@ def flat_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog, allow_abbrev=False,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
-        usage="%(prog)s --csv_path CSV [options]",
+        usage="%(prog)s (--csv_path CSV | --video_path FILE|DIR|GLOB) [options]",
         description="Semantic point tracks for every video of a CSV: DINOv2 entities tracked with CoTracker3, "
                     "one pickle per video.",
-        epilog=f"Any other Trainer argument: --trainer.NAME VALUE. YAML configs and every Lightning option: "
-               f"{prog or 'semtrack-extract'} {SUBCOMMAND} --help.",
+        epilog=f"Any other Trainer argument: --trainer.NAME VALUE. --print_config writes these options as a "
+               f"YAML config; run one with {prog or 'semtrack-extract'} {SUBCOMMAND} --config FILE "
+               f"({SUBCOMMAND} --help: every Lightning option).",
     )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for name, f in _FIELDS.items():
@@ -134,10 +137,25 @@ def flat_parser(prog: str | None = None) -> argparse.ArgumentParser:
         hint = _HINTS[name]
         groups[group].add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=_metavar(hint),
                                    help=f"{text} (default: {shown or _default_text(f.default)})", **_arg_spec(hint))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {semtrack.__version__}")
     trainer = parser.add_argument_group("trainer")
+    defaults = trainer_defaults()
     for name, text in TRAINER_FLAGS.items():
-        trainer.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="TEXT", help=text)
+        trainer.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="TEXT",
+                             help=f"{text} (default: {defaults[name]})")
     return parser
+
+
+def trainer_defaults() -> dict:
+    """The trainer flags' defaults: the job's (`semtrack.api.TRAINER_DEFAULTS`), else Lightning's."""
+    import inspect
+
+    import lightning as L
+
+    from semtrack.api import TRAINER_DEFAULTS
+
+    lightning = inspect.signature(L.Trainer.__init__).parameters
+    return {name: TRAINER_DEFAULTS.get(name, lightning[name].default) for name in TRAINER_FLAGS}
 
 
 def _trainer_value(text: str):
@@ -214,8 +232,10 @@ def _lightning_cli(args: list[str]):
     from lightning.pytorch.cli import LightningCLI
 
     from datamodules.extraction import ExtractionDataModule
-    from semtrack.api import TRAINER_DEFAULTS, build_trainer, execute, preflight
+    from semtrack.api import TRAINER_DEFAULTS, build_trainer, execute, preflight, quiet_lightning
     from semtrack.module import SemanticTracker
+
+    quiet_lightning()
 
     class ExtractCLI(LightningCLI):
         """One subcommand (`predict`) and the whole `ExtractConfig` under `extract`."""
@@ -246,11 +266,18 @@ def _lightning_cli(args: list[str]):
         def predict(self, model, datamodule=None, **kwargs) -> None:
             execute(self.trainer, self.writer, model, datamodule)  # predictions not collected: flat memory
 
-    return ExtractCLI(
-        SemanticTracker, ExtractionDataModule, args=args, trainer_defaults=dict(TRAINER_DEFAULTS),
-        save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=False,
-        parser_kwargs={SUBCOMMAND: {"default_env": False}, "description": __doc__.split("\n\n")[0]},
-    )
+    from jsonargparse import ArgumentError
+
+    try:
+        return ExtractCLI(
+            SemanticTracker, ExtractionDataModule, args=args, trainer_defaults=dict(TRAINER_DEFAULTS),
+            save_config_callback=None, auto_configure_optimizers=False, seed_everything_default=False,
+            parser_kwargs={SUBCOMMAND: {"default_env": False, "exit_on_error": False}, "exit_on_error": False,
+                           "description": __doc__.split("\n\n")[0]},
+        )
+    except ArgumentError as exc:  # one line, as for the flat flags
+        text = " ".join(str(exc).split()) or "bad arguments"
+        raise ValueError(f"{text[:ERROR_CHARS]}; see {SUBCOMMAND} --help") from None
 
 
 # ---------------------------------------------------------------------------- main
@@ -272,9 +299,14 @@ def _reason(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the program on `argv` (default `sys.argv[1:]`); returns the exit status."""
     from semtrack.api import RunFailed, RunInterrupted
-    from semtrack.stopping import Stopped
+    from semtrack.stopping import Stopped, resume_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare command: how to use it, not an error about the default CSV
+        parser = flat_parser()
+        print(parser.format_usage().rstrip() + f"\n{parser.prog}: give --csv_path or --video_path; --help lists "
+              "every option", file=sys.stderr)
+        return 2
     lightning_form = SUBCOMMAND in argv[:1] or any(a.split("=")[0] in ("--config", "--print_config") for a in argv)
     args = translate(argv) if lightning_form else argv
     # Lightning's DDP launcher re-runs sys.argv for the other ranks: hand it this command line.
@@ -289,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             report = run(config, **trainer_options)
     except (RunInterrupted, Stopped, KeyboardInterrupt) as exc:
         signum = getattr(exc, "signum", None) or signal.SIGINT
-        print(f"semtrack: stopped by {signal.Signals(signum).name}; run the same command again to resume",
+        print(f"semtrack: stopped by {signal.Signals(signum).name}; to resume, run: {resume_command(argv)}",
               file=sys.stderr)
         return 128 + signum
     except RunFailed as exc:

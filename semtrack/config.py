@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -26,6 +27,8 @@ DECODERS = ("auto", "decord", "pyav")
 VIDEO_ID_RULES = ("stem", "research")
 NUM_FRAMES_CLUSTERING = 32  # research default
 MIN_FRAMES = 2  # the smallest `max_frames`: a track needs two frames
+MAX_NUM_ITERS = defaults.TOKENS_PER_FRAME  # merge iterations, at most: one per token of a clustering frame
+MAX_POINTS_PER_ENTITY = 4096  # points per entity, at most (a 64 x 64 pixel patch each)
 
 GROUPS = ("input/output", "research compatibility", "frames", "features", "clustering", "points", "tracker", "job")
 # What --research_compat sets, unless the option is given too: every behaviour of the research script
@@ -51,9 +54,11 @@ def _option(default, group: str, help: str, shown: str | None = None):
 RUN_ONLY_OPTIONS = frozenset(
     {"csv_path", "base_feat_path", "batch_size", "bucket_batches", "num_workers", "make_vis", "vis_max_width",
      "debug_mode", "rerun", "max_tracking_memory_gb", "output_format", "videos_per_tar", "num_shards", "shard_index",
-     "verify_outputs"}
+     "verify_outputs", "num_threads", "retry_failed", "video_path", "dataset", "limit"}
 )
 OUTPUT_FORMATS = ("pickle", "webdataset")
+CSV_PATH = "sample.csv"  # the research script's default input
+RETRY_FAILED = ("transient", "always", "never")  # which failed rows a run redoes; the first is the default
 
 
 @dataclass
@@ -62,8 +67,13 @@ class ExtractConfig:
     (REFERENCE.md 2.1)."""
 
     csv_path: str = _option(
-        "sample.csv", "input/output", "CSV of videos: columns video_path, dataset [, video_id, fps]")
+        CSV_PATH, "input/output", "CSV of videos: columns video_path, dataset [, video_id, fps]")
     base_feat_path: str = _option("./semtrack_out", "input/output", "output root; outputs go to <base>/<dump_name>/")
+    video_path: Optional[str] = _option(
+        None, "input/output", "instead of a CSV: a video file, a folder of videos, or a glob such as 'clips/*.mp4'")
+    dataset: Optional[str] = _option(
+        None, "input/output", "dataset name of --video_path's videos", shown="the videos' folder name")
+    limit: Optional[int] = _option(None, "input/output", "only the first N rows (a quick look)", shown="all rows")
     research_compat: bool = _option(
         False, "research compatibility",
         "the research script's behaviour: " + ", ".join(f"--{k} {'none' if v is None else v}".replace(" True", "")
@@ -134,6 +144,10 @@ class ExtractConfig:
     vis_max_width: Optional[int] = _option(None, "job", "GIFs and overlays at most this wide (px)", shown="full size")
     debug_mode: bool = _option(False, "job", "first row only, even if done, into debug/, with timings, overlays")
     rerun: bool = _option(False, "job", "redo videos whose outputs exist")
+    retry_failed: Literal["transient", "always", "never"] = _option(
+        "transient", "job", "failed rows to redo: transient (not those that failed to decode), always, never")
+    num_threads: Optional[int] = _option(
+        None, "job", "torch threads per process", shown="the CPUs per device less the decoding workers")
     verify_outputs: bool = _option(False, "job", "re-read and validate done videos' pickles before skipping them")
     num_shards: Optional[int] = _option(
         None, "job", "shards of the rows, one per job", shown="$SLURM_ARRAY_TASK_COUNT")
@@ -155,8 +169,22 @@ class ExtractConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         defaults.merge_schedule(defaults.TOKENS_PER_FRAME, self.merge_ratio, self.num_iters)  # ValueError naming it
+        for name, most in (("num_iters", MAX_NUM_ITERS), ("num_points_per_entity", MAX_POINTS_PER_ENTITY)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)!r}")
+        if self.sampler == "fast" and self.num_points_per_entity > defaults.FAST_SAMPLES:
+            raise ValueError(f"num_points_per_entity must be at most {defaults.FAST_SAMPLES} with sampler 'fast' "
+                             f"(its samples per entity), got {self.num_points_per_entity}; sampler 'exact' takes more")
         if self.vis_max_width is not None and (isinstance(self.vis_max_width, bool) or self.vis_max_width < 1):
             raise ValueError(f"vis_max_width must be a positive number of pixels or None, got {self.vis_max_width!r}")
+        for name in ("num_threads", "limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.video_path is not None and self.csv_path != CSV_PATH:
+            raise ValueError("give --csv_path or --video_path, not both")
+        if self.retry_failed not in RETRY_FAILED:
+            raise ValueError(f"retry_failed must be one of {RETRY_FAILED}, got {self.retry_failed!r}")
         if (self.num_workers is not None and self.num_workers < 0) or self.min_point_distance < 0:
             raise ValueError("num_workers and min_point_distance must be >= 0")
         if self.max_frames is not None and (isinstance(self.max_frames, bool) or self.max_frames < MIN_FRAMES):
@@ -190,6 +218,11 @@ class ExtractConfig:
     def layout(self) -> OutputLayout:
         """The paths under `<base_feat_path>/<dump_name>`."""
         return OutputLayout(f"{self.base_feat_path}/{self.dump_name()}")
+
+    @property
+    def source(self) -> str:
+        """Where the rows come from, for messages and the ledger: `video_path`, else the CSV's absolute path."""
+        return self.video_path if self.video_path is not None else os.path.abspath(self.csv_path)
 
     @property
     def tracker_weights(self) -> str:

@@ -25,7 +25,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from semtrack.util import atomic_write
+from semtrack.safeio import atomic_write
 
 DEFAULT_MAX_WIDTH = 640  # px: GIFs and overlays are scaled down to at most this wide unless asked otherwise
 TRAIL_SEGMENTS = 4  # segments shown behind each point (research: alpha is 0 from 5 frames back)
@@ -358,9 +358,9 @@ def render_indexed(
 
     # A stamp reaches `reach` px from its point, so points farther than that outside the frame are
     # not drawn, and the others are stamped into the frame padded by `pad` > 2 * reach with no bounds
-    # check; a point not drawn in a frame is stamped into the padding's corner (centre (reach, reach)),
-    # which no drawn stamp reaches and which is cut off. One scatter per frame, point after point (a
-    # later point's dot and id cover an earlier one's).
+    # check; a point not drawn in a frame is stamped around (reach, reach), wholly inside the padding
+    # (rows and columns < pad), which is cut off. One scatter per frame, point after point (a later
+    # point's dot and id cover an earlier one's).
     dy, dx, values, owner = _point_stamps(obj_ids)
     reach = int(max(np.abs(dy).max(initial=0), np.abs(dx).max(initial=0)))
     pad = 2 * reach + 1
@@ -436,8 +436,8 @@ def save_trail_gif(
 ) -> None:
     """Write `gif_bytes` (same arguments) to `path`, atomically."""
     data = gif_bytes(frames, tracks, visibility, obj_ids, frame_times, max_width)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def save_cluster_overlay(
@@ -467,5 +467,5 @@ def save_cluster_overlay(
     canvas = Image.new("RGB", (2 * w, h))
     canvas.paste(original, (0, 0))
     canvas.paste(blended, (w, 0))
-    with atomic_write(path) as tmp:
-        canvas.save(tmp, format="PNG")
+    with atomic_write(path) as f:
+        canvas.save(f, format="PNG")

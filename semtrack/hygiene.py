@@ -1,9 +1,11 @@
 """Start-up checks and clean-up of an output folder: it can be written, and the temporary files
 of dead runs are gone.
 
-Temporary files are named `<name>.tmp-<host>-<pid>` (`semtrack.util.temporary_path`). `sweep` removes
-those written on this host by a process that no longer exists; it never touches another host's
-files (it cannot tell whether their writer is alive) or a live process's.
+Temporary files are named `<name>.tmp-<host>-<pid>-r<hex>` (`semtrack.safeio.temporary_path`; any
+characters in `<name>`, a newline too). `sweep` removes those written on this host by a process that
+no longer exists, and any link or other non-regular entry with a temporary name (semtrack never makes
+one: it was planted); it never touches another host's files (it cannot tell whether their writer is
+alive) or a live process's.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 from typing import Iterable
 
 from semtrack.layout import OutputLayout
-from semtrack.util import TEMPORARY_NAME, host_tag, one_line, temporary_path
+from semtrack.safeio import TEMPORARY_NAME, create_temporary, discard_temporary, shown
+from semtrack.util import host_tag, one_line
 
 # Write errors that say the folder, not one video, is the problem: later writes would fail alike.
 FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
@@ -33,21 +36,18 @@ def check_writable(layout: OutputLayout) -> None:
     """Create the output folder (and its ledger folder) and write, fsync and remove a probe file in
     each; raises OSError naming the folder and the fix when that fails."""
     for folder in (layout.root, layout.ledger_dir):
-        probe = temporary_path(folder / ".write-probe")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            file, probe = create_temporary(folder / ".write-probe")
             try:
-                os.write(fd, b"probe\n")
-                os.fsync(fd)
+                file.write(b"probe\n")
+                file.flush()
+                os.fsync(file.fileno())
             finally:
-                os.close(fd)
+                discard_temporary(file, probe)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot write the output folder {folder} ({one_line(exc)}); "
+            raise OSError(exc.errno, f"cannot write the output folder {shown(folder)} ({one_line(exc)}); "
                                      "free space, fix its permissions or choose another --base_feat_path") from None
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink()
 
 
 def _process_gone(pid: int) -> bool:
@@ -61,8 +61,8 @@ def _process_gone(pid: int) -> bool:
 
 
 def stale_temporaries(folders: Iterable[Path], host: str | None = None) -> list[Path]:
-    """Temporary files in `folders` (not recursive) written on `host` (default this one) by a
-    process that is gone."""
+    """Temporary names in `folders` (not recursive): files written on `host` (default this one) by a
+    process that is gone, and links or other non-regular entries (not folders) of any host or process."""
     host = host_tag() if host is None else host
     stale = []
     for folder in folders:
@@ -71,9 +71,11 @@ def stale_temporaries(folders: Iterable[Path], host: str | None = None) -> list[
         except OSError:
             continue
         for entry in entries:
-            match = TEMPORARY_NAME.match(entry.name)
-            if match and match["host"] == host and entry.is_file(follow_symlinks=False) \
-                    and int(match["pid"]) != os.getpid() and _process_gone(int(match["pid"])):
+            match = TEMPORARY_NAME.fullmatch(entry.name)
+            if not match or entry.is_dir(follow_symlinks=False):
+                continue
+            if not entry.is_file(follow_symlinks=False) or (
+                    match["host"] == host and int(match["pid"]) != os.getpid() and _process_gone(int(match["pid"]))):
                 stale.append(Path(entry.path))
     return stale
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from semtrack.util import TMP_SUFFIX_MAX
+from semtrack.safeio import TMP_SUFFIX_MAX
 
 SIDECAR = "semtrack_config.json"
 FAILURES = "failures.csv"

@@ -25,10 +25,11 @@ import torch
 from semtrack.batched import Labels, Row, Tokens, groups, rows
 from semtrack.clustering import cluster_batch
 from semtrack.config import ExtractConfig
-from semtrack.features import GPU_BATCH_FRAMES
+from semtrack.features import GPU_BATCH_FRAMES, DinoV2Extractor
 from semtrack.points import QueryPoints, grid_query_points, select_query_points_batch
 from semtrack.records import Clip, ClusterView, Failure, Tracks, VideoResult
 from semtrack.runner import StageRunner
+from semtrack.tracker import load_tracker
 from semtrack.tracking_memory import TrackingMemory
 from semtrack.transfer import download, upload
 from semtrack.util import one_line
@@ -60,10 +61,6 @@ def build_models(config: ExtractConfig, device: torch.device, precision: str) ->
     "bf16"), each from its weights source by the one rule of `semtrack.weights` (`config.dinov2_weights`,
     `config.tracker_weights`: "official", "random", a path or a URL); a bad source raises `WeightsError`.
     Each model's `weights_id` says what it loaded."""
-    # Imported here: `import semtrack.pipeline` stays free of timm until a job builds its models.
-    from semtrack.features import DinoV2Extractor
-    from semtrack.tracker import load_tracker
-
     features = None
     if not config.use_grid:
         features = DinoV2Extractor(config.dinov2_model, checkpoint=config.dinov2_weights,

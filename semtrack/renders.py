@@ -3,36 +3,32 @@
 `GifRenderer(processes)` starts its processes at once (forked on Linux, from the thread that makes
 it: the run makes it before any other thread of its own); `submit(result, max_width)` returns a
 future of the GIF's bytes (`semtrack.gif.gif_bytes`, drawn in memory: the output sink writes them).
-Workers ignore SIGINT and SIGTERM: a stop request is the main process's to handle, and it waits for
-the GIFs it asked for. On Linux they are killed when the main process ends, however it ends (they
-share its open files, the folder lock's among them). Should a worker die (e.g. killed for memory),
-the pool is broken and later GIFs are drawn in the calling thread instead.
+Workers ignore SIGINT, SIGTERM and SIGHUP (`semtrack.stopping.detach_worker`): a stop request is the
+main process's to handle, and it waits for the GIFs it asked for. On Linux they are killed when the
+main process ends, however it ends (they share its open files, the folder lock's among them). Should
+a worker die (e.g. killed for memory), the pool is broken and later GIFs are drawn in the calling
+thread instead.
 """
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
-import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from semtrack.gif import gif_bytes
+from semtrack.stopping import detach_worker
 
-GIF_PROCESSES = 2  # worker processes drawing GIFs (a 30-frame GIF costs tens of ms of CPU)
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+GIF_PROCESSES = 2  # worker processes drawing GIFs, at least (a 30-frame GIF costs 50-100 ms of CPU)
+CPUS_PER_GIF_PROCESS = 4  # one GIF worker per this many CPUs per device, beyond that
+MAX_GIF_PROCESSES = 8  # at most (memory: each is a fork of the main process)
 
 
-def _start_worker(parent: int) -> None:
-    """Ignore stop signals, and end with the parent process: a forked worker shares the parent's open
-    files, the folder lock's among them, and must not keep it after a `kill -9` of the run."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+def gif_processes(cpus_per_device: int | None) -> int:
+    """GIF workers for a device with `cpus_per_device` CPUs (None: unknown): one per
+    `CPUS_PER_GIF_PROCESS`, at least `GIF_PROCESSES`, at most `MAX_GIF_PROCESSES` (at 25 videos/s and
+    ≈ 90 ms of CPU per GIF a device keeps 2.3 workers busy: 4 on a 16-CPU share)."""
+    return min(MAX_GIF_PROCESSES, max(GIF_PROCESSES, (cpus_per_device or 0) // CPUS_PER_GIF_PROCESS))
 
 
 def gif_arrays(result) -> tuple:
@@ -49,7 +45,7 @@ class GifRenderer:
     def __init__(self, processes: int = GIF_PROCESSES):
         fork = "fork" in multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if fork else None)
-        self._pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+        self._pool = ProcessPoolExecutor(processes, mp_context=context, initializer=detach_worker,
                                          initargs=(os.getpid(),))
         self._pool.submit(int).result()  # forks every worker now, from this thread
         self._broken = False

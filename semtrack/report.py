@@ -9,8 +9,10 @@ and `videos_per_s` (done videos only; `attempts_per_s` counts failures too). `ru
 
     semtrack-report OUT_DIR            (also: python -m semtrack.report OUT_DIR)
 
-merges every ledger file of OUT_DIR, rewrites those files and prints the report. Exit status: 0 no
-video of the folder failed, 1 some did (or the files could not be written), 2 no ledger there.
+merges every ledger file of OUT_DIR, rewrites those files and prints the report (OUT_DIR a base folder:
+every job folder in it, in turn). Exit status: 0 no video of the folder failed, 1 some did (or the
+files could not be written), 2 not a semtrack output folder nor a base folder holding one (neither a
+semtrack sidecar nor a ledger with a `start` record of its schema: nothing written).
 The track statistics (`semtrack.survey`): `--json` prints them, `--where EXPR` prints the videos
 matching a filter (both on stdout, the report on stderr, exit status 0 unless they cannot be
 made), `--html [PATH]` writes the page (`semtrack.report_html`), `--verify_outputs` first computes
@@ -27,12 +29,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import semtrack
-from semtrack.layout import REPORT_HTML, OutputLayout
-from semtrack.ledger import DONE, FAILED, latest_videos, read_records
+from semtrack.layout import LEDGER_DIR, REPORT_HTML, OutputLayout
+from semtrack.ledger import DONE, FAILED, iter_records, latest_videos, order, read_records, unique_records
 from semtrack.records import STAGES
 from semtrack.report_html import render_html
+from semtrack.safeio import SIDECAR_MAX, read_text, shown, write_text_atomic
 from semtrack.survey import MISSING_NOTE, FilterError, StatsTable, build_survey, restate
-from semtrack.util import one_line, write_text_atomic
+from semtrack.util import one_line
 from semtrack.webdataset import manifest_csv
 
 FAILURE_COLUMNS = ("row", "video_id", "dataset", "video_path", "stage", "reason")
@@ -56,7 +59,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
     videos = [r for r in records if r["kind"] == "video" and not r.get("adopted") and not r.get("restated")]
     done = sum(r["status"] == DONE for r in videos)
     failed = sum(r["status"] == FAILED for r in videos)
-    first = min(starts, key=lambda r: r["time"]) if starts else {}
+    first = min(starts, key=order) if starts else {}
     rows = first.get("rows", done + failed)
     skipped = sum(r.get("skipped", 0) for r in starts)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -79,6 +82,7 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
         "counts": {"rows": rows, "done": done, "failed": failed, "skipped": skipped,
                    "pending": max(0, rows - done - failed - skipped)},
         "failures": _sorted_failures(r for r in videos if r["status"] == FAILED),
+        "not_retried": sum(r.get("not_retried", 0) for r in starts),  # of skipped: failed earlier, not redone
         "stage_mean_s": {s: totals[s][0] / totals[s][1] for s in STAGES if totals[s][1]},
         "data_wait_s": sum(e.get("data_wait_s", 0.0) for e in ends),
         "points_dropped": sum(e.get("points_dropped", 0) for e in ends),
@@ -92,12 +96,15 @@ def run_summary(run_id: str, records: list[dict]) -> dict:
 def build_report(layout: OutputLayout, records: list[dict], run_id: str | None = None) -> dict:
     """The folder's report from all its ledger `records`; `last_run` is run `run_id` (default: the
     run that started last). `counts.rows` is the latest run's CSV row count; `pending` is None when
-    runs read different CSVs (it cannot be told then)."""
+    runs read different CSVs (it cannot be told then). A record read twice (a copied ledger file)
+    counts once."""
+    records = unique_records(records)
     by_run: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_run[r["run"]].append(r)
-    starts = sorted((r for r in records if r["kind"] == "start"), key=lambda r: r["time"])
-    runs = sorted(by_run, key=lambda run: min(r["time"] for r in by_run[run]))
+        if not r.get("restated"):  # a done record repeated with its statistics: no part of any run
+            by_run[r["run"]].append(r)
+    starts = sorted((r for r in records if r["kind"] == "start"), key=order)
+    runs = sorted(by_run, key=lambda run: min(order(r) for r in by_run[run]))
     if run_id is None and runs:
         run_id = runs[-1]
     latest = latest_videos(records)
@@ -139,12 +146,16 @@ def write_report_files(layout: OutputLayout, report: dict, records: list[dict]) 
 
 
 def rebuild(layout: OutputLayout, run_id: str | None = None, errors: list[str] | None = None,
-            records: list[dict] | None = None) -> dict:
-    """Read the ledger (unless its `records` are given), build the report and write its files -> the
-    report. `errors` (one line each: what the run could not write) go into `last_run.errors`; a report
-    file that cannot be written adds its line there too (in the returned report only)."""
-    records = read_records(layout) if records is None else records
+            records: list[dict] | None = None, problems: list[str] | None = None) -> dict:
+    """Read the ledger (unless its `records` are given, with the `problems` met reading them), build the
+    report and write its files -> the report. `errors` (one line each: what the run could not write) go
+    into `last_run.errors`; a report file that cannot be written adds its line there too (in the
+    returned report only). `ledger_problems`: one line per ledger file or lines skipped."""
+    if records is None:
+        problems = []
+        records = read_records(layout, problems)
     report = build_report(layout, records, run_id)
+    report["ledger_problems"] = list(problems or ())
     if report["last_run"] is not None:
         report["last_run"]["errors"] = list(errors or ())
     try:
@@ -186,15 +197,32 @@ def format_report(report: dict) -> str:
         lines.append(f"  this run{where}: {rc['rows']} rows: {rc['done']} done, {rc['failed']} failed, "
                      f"{rc['skipped']} skipped, {rc['pending']} not reached in {run['wall_s']:.1f} s "
                      f"({_rate(run)}){status}")
+        if run.get("not_retried"):
+            lines.append(f"  {run['not_retried']} rows failed earlier and were not retried (--retry_failed always "
+                         "redoes them)")
         if run["stage_mean_s"]:
             lines.append("  mean s/video: " + ", ".join(f"{k} {v:.3f}" for k, v in run["stage_mean_s"].items()))
     failures = report["failures"]
-    lines += [f"  FAILED row {f['row']} {f['video_id']} [{f['stage']}]: {f['reason']}"
+    lines += [f"  FAILED row {f['row']} {shown(f['video_id'])} [{shown(f['stage'])}]: {shown(f['reason'])}"
               for f in failures[:MAX_PRINTED_FAILURES]]
     if len(failures) > MAX_PRINTED_FAILURES:
         lines.append(f"  ... and {len(failures) - MAX_PRINTED_FAILURES} more failures in failures.csv")
-    lines.append(f"  outputs: {report['output_dir']}")
+    lines += [f"  warning: {line}" for line in report.get("ledger_problems", ())[:MAX_PRINTED_FAILURES]]
+    lines.append(f"  outputs: {shown(report['output_dir'])}")
     return "\n".join(lines)
+
+
+def is_output_folder(layout: OutputLayout) -> bool:
+    """Whether `layout.root` is a semtrack output folder: its sidecar is one semtrack wrote, or one of its
+    ledger files holds a `start` record of semtrack's schema (`semtrack.ledger_schema`)."""
+    try:
+        sidecar = json.loads(read_text(layout.sidecar, SIDECAR_MAX))
+        if isinstance(sidecar, dict) and isinstance(sidecar.get("semtrack_version"), str) \
+                and isinstance(sidecar.get("options"), dict):
+            return True
+    except (OSError, ValueError, RecursionError):
+        pass
+    return any(r["kind"] == "start" for r in iter_records(layout))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     folder's ledger, rewrite its report files, print the report (or its statistics as JSON, or the
     videos matching a filter) and write the HTML page."""
     parser = argparse.ArgumentParser(prog="semtrack-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>)")
+    parser.add_argument("out_dir", help="an output folder (<base_feat_path>/<dump_name>), or a base folder")
     parser.add_argument("--json", action="store_true", help="print the folder's numbers and statistics as JSON")
     parser.add_argument("--where", metavar="EXPR", help='print "dataset,video_id" of the done videos matching EXPR, '
                                                         'e.g. "visible<0.1 and points>=8" or a rule name')
@@ -212,16 +240,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute the statistics of done videos recorded without them, from their pickles")
     args = parser.parse_args(argv)
     layout = OutputLayout(args.out_dir)
-    if not layout.ledger_dir.is_dir() or not any(Path(layout.ledger_dir).glob("*.jsonl")):
-        print(f"error: {layout.root} has no ledger ({layout.ledger_dir}/*.jsonl): not a semtrack output folder",
-              file=sys.stderr)
+    if not is_output_folder(layout):
+        jobs = sorted(p for p in Path(args.out_dir).glob("*")
+                      if p.is_dir() and not p.is_symlink() and is_output_folder(OutputLayout(p)))
+        if jobs:  # a base folder (--base_feat_path): each job folder in it, with the same options
+            rest = list(sys.argv[1:] if argv is None else argv)
+            rest.remove(args.out_dir)
+            return max(main([str(job), *rest]) for job in jobs)
+        print(f"error: {shown(layout.root)} holds neither a semtrack config sidecar ({layout.sidecar.name}) nor a "
+              f"semtrack ledger ({LEDGER_DIR}/*.jsonl), and no job folder in it does: not a semtrack output "
+              "folder; nothing written", file=sys.stderr)
         return 2
-    records = read_records(layout)
+    problems: list[str] = []
+    records = read_records(layout, problems)
     latest = latest_videos(records)
     table = StatsTable.of(latest)
     if args.verify_outputs and table.missing:
         try:
-            restated, problems = restate(layout, table.missing)
+            restated, problems = restate(layout, table.missing, max((r.get("seq", 0) for r in records), default=0))
         except OSError as exc:
             print(f"error: cannot write the ledger of {layout.root}: {one_line(exc)}", file=sys.stderr)
             return 1
@@ -236,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     except FilterError as exc:
         print(f"error: --where: {exc}", file=sys.stderr)
         return 2
-    report = rebuild(layout, records=records)
+    report = rebuild(layout, records=records, problems=problems)
     quiet = args.json or selected is not None  # stdout is for the JSON or the ids
     print(format_report(report), file=sys.stderr if quiet else sys.stdout)
     if table.missing:
@@ -245,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr if quiet else sys.stdout)
     errors = report["last_run"]["errors"] if report["last_run"] else []
     for line in errors:
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {shown(line)}", file=sys.stderr)
     survey = build_survey(report, latest, table) if args.json or args.html is not None else None
     if args.html is not None:
         page = Path(args.html) if args.html else layout.root / REPORT_HTML

@@ -132,7 +132,8 @@ class _Links:
         out = []
         for kind in ("pickle", "gif"):
             path = self.file(key, kind)
-            out.append(f'<a href="{_e(self.href(path))}">{kind}</a>' if path else "")
+            text = kind if path is None or path.suffix != ".tar" else f"{kind} in {path.name}"
+            out.append(f'<a href="{_e(self.href(path))}">{_e(text)}</a>' if path else "")
         return "".join(f"<td>{c}</td>" for c in out)
 
 

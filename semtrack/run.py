@@ -44,10 +44,11 @@ import semtrack
 from semtrack.gif import save_cluster_overlay
 from semtrack.hygiene import is_folder_error, sweep
 from semtrack.job import Job
-from semtrack.ledger import DONE, FAILED, LedgerPart, done_record, failed_record, fallback_path
+from semtrack.ledger import DONE, FAILED, LedgerPart, LedgerTail, done_record, failed_record, fallback_path
 from semtrack.records import VideoResult
-from semtrack.renders import GifRenderer
+from semtrack.renders import GifRenderer, gif_processes
 from semtrack.report import format_report, rebuild
+from semtrack.safeio import real_folder, shown
 from semtrack.shards import FolderLock
 from semtrack.sidecar import run_options, write_sidecar
 from semtrack.sinks import OutputSink, open_sink
@@ -91,6 +92,9 @@ class Run:
         self._thread: threading.Thread | None = None
         self._options: dict = {}
         self._weights: dict = {}
+        self._seq = 0  # the last ledger `seq` this process wrote
+        self._tails: list[LedgerTail] | None = None  # the other ranks' ledger files (`all_ranks_counts`)
+        self._others = [0, 0]  # done, failed read from them
 
     @property
     def elapsed(self) -> float:
@@ -111,8 +115,10 @@ class Run:
         the models loaded (each pickle's metadata). Raises OSError if the ledger cannot be written."""
         cfg, plan, layout = self.job.config, self.job.plan, self.job.layout
         self.run_id, self._weights = run_id, dict(weights)
+        self._seq = plan.last_seq
         self._options = run_options(cfg, precision)
         self._ledger = LedgerPart(layout.ledger_part(run_id, self.rank))
+        real_folder(layout.root, layout.ledger_dir)  # UnsafeFile if a link was planted there
         if sidecar and not cfg.debug_mode:
             write_sidecar(cfg, precision)
         if sweep_folder:
@@ -120,23 +126,45 @@ class Run:
         output_format = "pickle" if cfg.debug_mode else cfg.output_format
         self._sink = open_sink(layout, output_format, run_id, self.rank, cfg.videos_per_tar)
         start = {"kind": "start", "world_size": self.world_size, "shard": [self.job.shard.index, self.job.shard.count],
-                 "host": socket.gethostname(), "pid": os.getpid(), "csv_path": os.path.abspath(cfg.csv_path),
+                 "host": socket.gethostname(), "pid": os.getpid(), "csv_path": cfg.source,
                  "output_format": self._sink.format, "make_vis": cfg.make_vis, "debug": cfg.debug_mode,
                  "semtrack_version": semtrack.__version__, "csv_rows": plan.csv_rows, "csv_keys": plan.csv_keys,
-                 "rows": plan.rows, "assigned": plan.assigned, "skipped": plan.skipped}
+                 "rows": plan.rows, "assigned": plan.assigned, "skipped": plan.skipped,
+                 "not_retried": plan.not_retried}
         try:
             self._ledger.append([self._stamp(start), *(self._stamp(r) for r in plan.adopted)])
         except OSError as exc:
             raise OSError(exc.errno, f"cannot write the ledger {self._ledger.path}: {one_line(exc)}") from None
         if cfg.make_vis or cfg.debug_mode:
-            self._gifs = GifRenderer()  # forks its workers before this run starts a thread of its own
+            # forks its workers before this run starts a thread of its own
+            self._gifs = GifRenderer(gif_processes(self.job.cpus_per_device))
         self._thread = threading.Thread(target=self._write_batches, name="semtrack-writer", daemon=True)
         self._thread.start()
         self._begun = time.perf_counter()
         self.started = self.stop.started = True
 
+    def all_ranks_counts(self) -> tuple[int, int]:
+        """(done, failed) of every rank of this run so far: this process's counts and what the other
+        ranks' ledger files hold (read incrementally; they lag by at most a batch)."""
+        if self._tails is None:
+            layout = self.job.layout
+            self._tails = [LedgerTail(layout.ledger_part(self.run_id, r)) for r in range(self.world_size)
+                           if r != self.rank]
+        for tail in self._tails:
+            for record in tail.read():
+                if record.get("kind") == "video" and not record.get("adopted"):
+                    self._others[0] += record.get("status") == DONE
+                    self._others[1] += record.get("status") == FAILED
+        return self.done + self._others[0], self.failed + self._others[1]
+
     def _stamp(self, record: dict) -> dict:
-        return {**record, "run": self.run_id, "rank": self.rank, "time": time.time()}
+        """`record` with the run, rank, time and the next Lamport `seq` (`semtrack.ledger`); a video
+        record also with its row's target frame rate `fps`, when the plan knows it."""
+        self._seq += 1
+        stamped = {**record, "run": self.run_id, "rank": self.rank, "time": time.time(), "seq": self._seq}
+        if record.get("kind") == "video" and record["row"] in self.job.plan.row_fps:
+            stamped.setdefault("fps", self.job.plan.row_fps[record["row"]])
+        return stamped
 
     # ------------------------------------------------------------------ batches (main thread)
     def check(self) -> None:
@@ -232,6 +260,7 @@ class Run:
         clip, tr, view = result.clip, result.tracks, result.clusters
         frames = clip.frames.permute(0, 2, 3, 1).numpy()  # (T, H, W, 3) uint8
         cluster_frames = clip.cluster_frames.tolist()
+        real_folder(self.job.layout.root, self.job.layout.debug_png(clip.dataset, clip.video_id, 0).parent)
         for k in sorted(set(view.source_frames.tolist())):
             idx = (view.source_frames == k).nonzero()[:, 0]
             points = tr.tracks[tr.query_frames[idx], idx]  # (M, 2) the query pixels (x, y)
@@ -305,9 +334,9 @@ class Run:
         report = rebuild(self.job.layout, self.run_id, self.errors)
         if report["last_run"] is not None:
             self.errors = report["last_run"]["errors"]
-        print("\n" + format_report(report), file=sys.stderr, flush=True)  # after the bar line
+        print(format_report(report), file=sys.stderr, flush=True)
         for line in self.errors:
-            print(f"error: {line}", file=sys.stderr, flush=True)
+            print(f"error: {shown(line)}", file=sys.stderr, flush=True)
         self.report = report
         return report
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from semtrack.layout import OutputLayout
+from semtrack.safeio import UnsafeFile, open_regular, real_folder, shown
 
 SLURM_COUNT, SLURM_ID = "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID"
 SLURM_MIN, SLURM_STEP = "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"
@@ -89,6 +90,24 @@ def _owner_line() -> str:
     return f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 
+def _write_owner(path, locked: int) -> None:
+    """Write `_owner_line` into the lock file `path` held through descriptor `locked`, through a second
+    descriptor opened without following links and checked to be the same file."""
+    try:
+        fd = open_regular(path, None, os.O_WRONLY)
+    except (OSError, UnsafeFile):
+        return  # replaced since it was locked: the holder stays unnamed
+    try:
+        mine, theirs = os.fstat(fd), os.fstat(locked)
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            os.ftruncate(fd, 0)
+            os.write(fd, (_owner_line() + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class FolderLock:
     """The advisory locks of one run (see the module docstring); `acquire` raises `FolderBusy`.
     On a filesystem without `flock` (some Lustre mounts) the run goes on unlocked, with a warning."""
@@ -113,8 +132,15 @@ class FolderLock:
 
     def _take(self, name: str, mode: int, message) -> None:
         path = self.layout.lock_file(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # read-only: a held lock keeps no file open for writing
+        try:
+            real_folder(self.layout.root, path.parent)
+        except UnsafeFile as exc:
+            raise FolderBusy(f"cannot lock {self.layout.root}: {exc}") from None
+        # Read-only (a held lock keeps no file open for writing); never a link, a FIFO or a device.
+        try:
+            fd = open_regular(path, None, os.O_CREAT)
+        except UnsafeFile as exc:
+            raise FolderBusy(f"cannot lock {self.layout.root}: {exc}") from None
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -131,7 +157,7 @@ class FolderLock:
             return
         self._fds.append(fd)
         if mode == fcntl.LOCK_EX:
-            path.write_text(_owner_line() + "\n", encoding="utf-8")
+            _write_owner(path, fd)
 
     @staticmethod
     def _holder(fd: int, wanted: int) -> str:
@@ -146,7 +172,7 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 return "shard runs hold it"
         with contextlib.suppress(OSError):
-            text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            text = shown(os.pread(fd, 200, 0).decode("utf-8", "replace").strip())
             if text:
                 return text
         return "holder unknown"

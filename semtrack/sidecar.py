@@ -8,14 +8,14 @@ rather than obeyed.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 
 import semtrack
 from semtrack.config import ExtractConfig
-from semtrack.util import one_line, temporary_path
+from semtrack.safeio import SIDECAR_MAX, UnsafeFile, create_temporary, discard_temporary, read_text, shown
+from semtrack.util import one_line
 
 DEFAULT_FORMAT = "pickle"  # what a sidecar without an output_format key describes
 
@@ -33,14 +33,23 @@ def run_options(config: ExtractConfig, precision: str) -> dict:
 
 
 def _read(path: Path) -> dict:
+    """The sidecar at `path`, read as `semtrack.safeio` reads (no link, FIFO or device, at most
+    `SIDECAR_MAX` bytes); ValueError naming the file for anything that is not a semtrack sidecar."""
     try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        recorded["options"].items()
+        recorded = json.loads(read_text(path, SIDECAR_MAX))
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("options"), dict):
+            raise ValueError("not a JSON object with an 'options' object")
+        if not isinstance(recorded.get("output_format", DEFAULT_FORMAT), str):
+            raise ValueError("'output_format' is not a string")
         return recorded
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(
-            f"{path}: unreadable config sidecar ({one_line(exc)}); remove it or use another --base_feat_path"
-        ) from None
+    except UnsafeFile as exc:
+        raise ValueError(f"{exc}; remove it or use another --base_feat_path") from None
+    except RecursionError:
+        reason = "JSON nested too deeply"
+    except (OSError, ValueError) as exc:
+        reason = one_line(exc)
+    raise ValueError(f"{shown(path)}: unreadable config sidecar ({reason}); remove it or use another "
+                     "--base_feat_path")
 
 
 def has_outputs(config: ExtractConfig) -> bool:
@@ -64,7 +73,7 @@ def check_sidecar(config: ExtractConfig, precision: str) -> Path:
     """Refuse (ValueError naming each differing option) a run whose output options differ from the
     sidecar of a folder that holds outputs. Writes nothing. Returns the sidecar path."""
     path = config.layout.sidecar
-    if not path.is_file():
+    if not os.path.lexists(path):
         return path
     differing = _differences(_read(path), run_options(config, precision), config.output_format)
     if differing and has_outputs(config):
@@ -86,17 +95,18 @@ def write_sidecar(config: ExtractConfig, precision: str) -> Path:
     options = run_options(config, precision)
     sidecar = {"semtrack_version": semtrack.__version__, "dump_name": config.dump_name(),
                "output_format": config.output_format, "options": options}
-    if path.is_file():
+    if os.path.lexists(path):
         if not _differences(_read(path), options, config.output_format):
             return path
         check_sidecar(config, precision)  # raises if the folder has outputs
         path.unlink(missing_ok=True)
-    tmp = temporary_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    file, tmp = create_temporary(path)
     try:
-        tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        file.write((json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
         try:
             os.link(tmp, path)
         except FileExistsError:  # another run created it first: it must agree
@@ -107,6 +117,5 @@ def write_sidecar(config: ExtractConfig, precision: str) -> Path:
         except OSError:
             os.replace(tmp, path)  # a filesystem without hard links
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        discard_temporary(file, tmp)
     return path

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from semtrack.layout import OutputLayout
 from semtrack.ledger import output_entry
-from semtrack.util import atomic_write
+from semtrack.safeio import real_folder, write_atomic
 from semtrack.webdataset import TarShards
 
 
@@ -37,7 +37,7 @@ class OutputSink(Protocol):
 
 
 class PickleFiles:
-    """One file per member, written atomically (`semtrack.util.atomic_write`). A video whose members
+    """One file per member, written atomically (`semtrack.safeio.write_atomic`). A video whose members
     could not all be written keeps none of them (nor an older run's files of the same names)."""
 
     format = "pickle"
@@ -51,10 +51,11 @@ class PickleFiles:
 
     def add(self, record: dict, members: dict[str, bytes]) -> list[dict]:
         outputs = {}
+        for kind in members:  # before anything is written or removed: no planted link on the way
+            real_folder(self.layout.root, self._path(kind, record).parent)
         try:
             for kind, data in members.items():
-                with atomic_write(self._path(kind, record)) as tmp:
-                    tmp.write_bytes(data)
+                write_atomic(self._path(kind, record), data)
                 outputs[kind] = output_entry(data) if kind == "pickle" else {"bytes": len(data)}
         except BaseException:
             for kind in members:

@@ -247,13 +247,16 @@ def build_survey(report: dict, latest: dict[tuple[str, str], dict], table: Stats
     }
 
 
-def restate(layout: OutputLayout, missing: list[dict]) -> tuple[list[dict], list[str]]:
+def restate(layout: OutputLayout, missing: list[dict], last_seq: int = 0) -> tuple[list[dict], list[str]]:
     """Compute the statistics of done videos whose records have none (`missing`) from their pickles
     (read and validated; the SHA-256 must match the record's) and append each record again with them
-    (`restated: true`, a new time) to a ledger file of its own, RESTATE_BATCH at a time (an
-    interrupted pass keeps what it appended). -> (the new records, one line per video that could not
-    be read). Raises OSError when the ledger cannot be written."""
-    part = LedgerPart(layout.ledger_part(f"restated-{new_run_id()}", 0))
+    (`restated: true`) to a ledger file of this pass's own, RESTATE_BATCH at a time (an interrupted
+    pass keeps what it appended). Each new record is this pass's (`run`: a new run id, rank 0, a new
+    time, `seq` counting up from `last_seq`, the highest in the folder), so it is the video's latest
+    and no copy of the old one; the report counts no run for it. -> (the new records, one line per
+    video that could not be read). Raises OSError when the ledger cannot be written."""
+    run_id = new_run_id()
+    part = LedgerPart(layout.ledger_part(run_id, 0))
     records, problems, appended = [], [], 0
     for record in missing:
         try:
@@ -262,10 +265,11 @@ def restate(layout: OutputLayout, missing: list[dict]) -> tuple[list[dict], list
             if recorded is not None and output_entry(data)["sha256"] != recorded:
                 raise TrackFileError("the pickle differs from the one its record lists (SHA-256)")
             stats = file_stats(loads_tracks(data, record["video_id"]))
-        except (OSError, KeyError, TypeError, TrackFileError) as exc:
+        except (OSError, KeyError, TypeError, ValueError) as exc:  # ValueError: TrackFileError, UnsafeFile
             problems.append(f"{record['dataset']}/{record['video_id']}: {one_line(exc)}")
             continue
-        records.append({**record, "stats": stats, "restated": True, "time": time.time()})
+        records.append({**record, "stats": stats, "restated": True, "run": run_id, "rank": 0, "time": time.time(),
+                        "seq": last_seq + len(records) + 1})
         if len(records) - appended >= RESTATE_BATCH:
             part.append(records[appended:])
             appended = len(records)

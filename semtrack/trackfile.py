@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 import semtrack
+from semtrack.safeio import UnsafeFile, atomic_write, check_regular
 from semtrack.safepickle import MAX_DEPTH, MAX_ELEMENTS, MAX_VALUES
 from semtrack.safepickle import torch_save_kind as _torch_save_kind
 from semtrack.safepickle import unpickle as _unpickle
-from semtrack.util import atomic_write
 
 REQUIRED_KEYS = ("pred_tracks", "pred_visibility", "obj_ids", "point_queries")
 META_KEY = "semtrack"
@@ -392,7 +392,7 @@ def dumps_tracks(tracks: dict) -> bytes:
 def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
     """Write `dumps_tracks(tracks)` atomically to `path`.
 
-    Through `semtrack.util.atomic_write`: a crash leaves either the old file, the complete new one,
+    Through `semtrack.safeio.atomic_write`: a crash leaves either the old file, the complete new one,
     or no file, never a partial one. Raises ValueError (naming `path`) for a dict that does not match
     the schema, before anything is written.
     """
@@ -401,8 +401,8 @@ def save_tracks(path: str | os.PathLike, tracks: dict) -> None:
         data = dumps_tracks(tracks)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,18 +464,21 @@ def _read_at_most(f, limit: int, first: int) -> bytes:
 
 
 def load_tracks(path: str | os.PathLike) -> TrackFile:
-    """`loads_tracks` of the file at `path`; its errors name `path`. A missing or unreadable file, or one
-    larger than `MAX_FILE_BYTES`, is a `TrackFileError` too, the latter refused before it is read (for
-    pipes and devices, which report no size, after `MAX_FILE_BYTES` + 1 bytes)."""
+    """`loads_tracks` of the file at `path`; its errors name `path`. A missing or unreadable file, one
+    that is not a regular file (a FIFO does not block: it is refused, as are devices) or one larger than
+    `MAX_FILE_BYTES` is a `TrackFileError` too, refused before it is read."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            size = check_regular(fd, path, None).st_size
             if size > MAX_FILE_BYTES:
                 raise TrackFileError(f"{path}: {size} bytes, more than a track file holds ({MAX_FILE_BYTES})")
             data = _read_at_most(f, MAX_FILE_BYTES + 1, first=max(size + 1, 2**20))
     except TrackFileError:
         raise
+    except UnsafeFile as exc:
+        raise TrackFileError(str(exc)) from None
     except OSError as exc:
         raise TrackFileError(f"{path}: cannot read track file ({exc.strerror or exc})") from None
     except Exception as exc:

@@ -8,7 +8,7 @@ name up to the first dot; video ids may hold dots). `.pkl` holds exactly the byt
 pickle (`semtrack.trackfile.dumps_tracks`), `.json` its dataset, video_id, row, frames T and points N,
 `.gif` the trail GIF (--make_vis).
 
-Crash safety: a shard is written under a temporary name (`semtrack.util.temporary_path`) and renamed
+Crash safety: a shard is written under a temporary name (`semtrack.safeio.create_temporary`) and renamed
 when closed, after `videos_per_tar` videos or at the end of the run; only then are its videos'
 ledger records written. A process killed mid-shard leaves a temporary file (swept by a later run)
 and no record, so those videos are redone. A member whose write fails is cut off again.
@@ -26,8 +26,19 @@ from pathlib import Path
 from typing import Iterable
 
 from semtrack.layout import OutputLayout
-from semtrack.ledger import output_entry
-from semtrack.util import _fsync_dir, temporary_path
+from semtrack.ledger import output_entry, read_slice
+from semtrack.ledger_schema import MAX_INT as MAX_OFFSET
+from semtrack.ledger_schema import SHARD_PATH as _SHARD_PATH
+from semtrack.safeio import (
+    MANIFEST_MAX,
+    commit_temporary,
+    create_temporary,
+    discard_temporary,
+    read_text,
+    real_folder,
+    shown,
+)
+from semtrack.trackfile import MAX_FILE_BYTES
 
 MEMBER_ORDER = ("pickle", "json", "gif")  # a sample's members, in the order they are written
 MANIFEST_COLUMNS = ("video_id", "dataset", "shard", "member", "offset", "bytes", "T", "N", "status")
@@ -57,6 +68,7 @@ class TarShards:
         self._seq = 0
         self._file = None
         self._final: Path | None = None
+        self._tmp: Path | None = None
         self._held: list[dict] = []
 
     @property
@@ -65,8 +77,8 @@ class TarShards:
 
     def _open(self) -> None:
         self._final = self.layout.shards_dir / f"{self.run_id}.r{self.rank}.{self._seq:05d}.tar"
-        self._final.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(temporary_path(self._final), "wb", buffering=0)
+        real_folder(self.layout.root, self._final.parent)
+        self._file, self._tmp = create_temporary(self._final)
         self._seq += 1
 
     def add(self, record: dict, members: dict[str, bytes]) -> list[dict]:
@@ -103,17 +115,14 @@ class TarShards:
         """Finish the open shard (end-of-archive blocks, fsync, rename) -> its videos' records."""
         if self._file is None:
             return []
-        file, final, held = self._file, self._final, self._held
+        file, tmp, final, held = self._file, self._tmp, self._final, self._held
         self._file, self._held = None, []
         try:
             _write_all(file, _END_OF_ARCHIVE)
-            os.fsync(file.fileno())
-            file.close()
-            os.replace(temporary_path(final), final)
+            commit_temporary(file, tmp, final)
         except OSError:
-            self._discard(file, final)
+            discard_temporary(file, tmp)
             raise
-        _fsync_dir(final.parent)
         size = final.stat().st_size
         for record in held:
             for entry in record["outputs"].values():
@@ -124,17 +133,9 @@ class TarShards:
         """Drop the open shard (after a failed `close`, or to give up) -> the records it held."""
         held, self._held = self._held, []
         if self._file is not None:
-            self._discard(self._file, self._final)
+            discard_temporary(self._file, self._tmp)
             self._file = None
         return held
-
-    @staticmethod
-    def _discard(file, final: Path) -> None:
-        try:
-            file.close()
-        except OSError:
-            pass
-        temporary_path(final).unlink(missing_ok=True)
 
 
 def sample_json(record: dict) -> bytes:
@@ -164,28 +165,44 @@ def manifest_csv(latest: Iterable[dict]) -> str:
     return out.getvalue()
 
 
+def _manifest_int(text: str, high: int, path, line: int, column: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = -1
+    if not 0 <= value <= high:
+        raise ValueError(f"{shown(path)}: line {line}: {column} {shown(str(text))[:40]!r} is not an integer "
+                         f"in 0..{high}")
+    return value
+
+
 def read_manifest(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
     """{(dataset, video_id): manifest row} of the done videos of a `manifest.csv` (offset and bytes as
-    ints). Raises ValueError naming the file for missing columns."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    ints), read as `semtrack.safeio` reads (no link, FIFO or device; at most `MANIFEST_MAX` bytes).
+    Raises ValueError naming the file (and line) for missing columns, malformed CSV, a shard outside
+    `shards/`, an offset or size out of bounds (a member holds at most a track file's bytes)."""
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path, MANIFEST_MAX), newline=""))
         missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: not a semtrack manifest (missing columns {sorted(missing)})")
+            raise ValueError(f"{shown(path)}: not a semtrack manifest (missing columns {sorted(missing)})")
         rows = {}
         for row in reader:
+            if None in row or any(row.get(c) is None for c in MANIFEST_COLUMNS):
+                raise ValueError(f"{shown(path)}: line {reader.line_num}: not {len(MANIFEST_COLUMNS)} fields")
             if row["status"] == "done" and row["shard"]:
-                row["offset"], row["bytes"] = int(row["offset"]), int(row["bytes"])
+                if not _SHARD_PATH.fullmatch(row["shard"]):
+                    raise ValueError(f"{shown(path)}: line {reader.line_num}: shard {shown(row['shard'])[:80]!r} "
+                                     "is not a tar file under shards/")
+                row["offset"] = _manifest_int(row["offset"], MAX_OFFSET, path, reader.line_num, "offset")
+                row["bytes"] = _manifest_int(row["bytes"], MAX_FILE_BYTES, path, reader.line_num, "bytes")
                 rows[(row["dataset"], row["video_id"])] = row
+    except csv.Error as exc:
+        raise ValueError(f"{shown(path)}: malformed CSV: {exc}") from None
     return rows
 
 
 def read_member(root: str | os.PathLike, entry: dict) -> bytes:
-    """The bytes of a manifest row's member (`root`: the folder the manifest's shard paths start from)."""
-    with open(Path(root) / entry["shard"], "rb") as f:
-        f.seek(entry["offset"])
-        data = f.read(entry["bytes"])
-    if len(data) != entry["bytes"]:
-        raise OSError(f"{entry['shard']}: member {entry['member']} is cut short "
-                      f"({len(data)} of {entry['bytes']} bytes)")
-    return data
+    """The bytes of a manifest row's member (`root`: the folder the manifest's shard paths start from);
+    `semtrack.ledger.read_slice` (ValueError when the shard is no regular file or too short)."""
+    return read_slice(Path(root) / entry["shard"], entry["offset"], entry["bytes"])

@@ -37,6 +37,7 @@ RANDOM = "random"
 URL_SCHEMES = ("http://", "https://", "file://")
 _MAX_KEYS_NAMED = 3  # keys a key-mismatch message names before counting the rest
 REASON_CHARS = 90  # the underlying error's line inside a how-to-provide message
+HUB_PROBE_S = 10.0  # s: the hub's answer to one metadata request before a download is tried
 
 
 class WeightsError(RuntimeError):
@@ -112,23 +113,54 @@ def locate(source: str | os.PathLike, model: ModelWeights) -> tuple[Path, str]:
     if name.startswith(URL_SCHEMES):
         return download(name, model), f"url:{name}"
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise model.error(f"{model.label} weights {path} is a folder, not a weights file (give the "
+                          ".safetensors or .pth file inside it)")
     if not path.is_file():
         raise model.error(f"{model.label} weights file not found: {path}")
     return path, f"file:{path}"
 
 
 def hub_file(model: ModelWeights) -> Path:
-    """The official file from the Hugging Face cache, downloaded into it first when allowed."""
-    from huggingface_hub import constants, hf_hub_download
+    """The official file from the Hugging Face cache, downloaded into it first when allowed.
+
+    Fails fast when it cannot come: the cache is read first; with nothing cached, an offline hub
+    (HF_HUB_OFFLINE=1) or one that does not answer one metadata request within `HUB_PROBE_S` fails
+    at once, without huggingface_hub's retries."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
     hub = model.hub
+    where = f"{hub.repo} {hub.filename} @{(hub.revision or 'main')[:7]}"
+    cached = try_to_load_from_cache(hub.repo, hub.filename, revision=hub.revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if constants.HF_HUB_OFFLINE:
+        raise model.error(f"no {model.label} weights: {where} is not in the Hugging Face cache and the hub is off "
+                          "(HF_HUB_OFFLINE=1)")
     try:
+        get_hf_file_metadata(hf_hub_url(hub.repo, hub.filename, revision=hub.revision), timeout=HUB_PROBE_S)
         return Path(hf_hub_download(hub.repo, hub.filename, revision=hub.revision))
-    except Exception as err:  # offline, not cached, unreachable, gated, missing: all mean "no weights here"
-        state = "is off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "did not provide it"
-        where = f"{hub.repo} {hub.filename} @{(hub.revision or 'main')[:7]}"
+    except Exception as err:  # unreachable, gated, missing, interrupted: all mean "no weights here"
         raise model.error(f"no {model.label} weights: {where} is not in the Hugging Face cache and the hub "
-                          f"{state} ({one_line(err, REASON_CHARS)})") from err
+                          f"did not provide it ({one_line(err, REASON_CHARS)})") from err
+
+
+def check_sources(sources: Iterable[tuple[str | os.PathLike, ModelWeights]]) -> None:
+    """Make sure every (source, model) pair's weights are on disk (`locate`; random stand-ins need
+    none), fetching official or URL files that can be fetched. One WeightsError naming every model
+    whose weights are missing, in one line."""
+    errors = []
+    for source, model in sources:
+        if is_random(source):
+            continue
+        try:
+            locate(source, model)
+        except WeightsError as err:
+            errors.append(str(err))
+    if len(errors) == 1:
+        raise WeightsError(errors[0])
+    if errors:
+        raise WeightsError(f"{len(errors)} models have no weights: " + " || ".join(errors))
 
 
 def download(url: str, model: ModelWeights) -> Path:
@@ -185,10 +217,26 @@ def _named(items: list[str]) -> str:
     return ", ".join(items[:_MAX_KEYS_NAMED]) + more
 
 
+def _value_problems(state: Mapping, expected: Mapping) -> list[str]:
+    """Tensors of `state` whose dtype cannot stand for the model's (an integer or boolean tensor where a
+    floating-point one belongs) or that hold NaN or infinite values: one line per kind, or none."""
+    wrong, bad = [], []
+    for k, v in expected.items():
+        given = torch.as_tensor(state[k])
+        if v.is_floating_point() and not given.is_floating_point():
+            wrong.append(f"{k} {str(given.dtype).removeprefix('torch.')} (model "
+                         f"{str(v.dtype).removeprefix('torch.')})")
+        elif given.is_floating_point() and not bool(torch.isfinite(given).all()):
+            bad.append(k)
+    return ([f"wrong dtypes {_named(wrong)}"] if wrong else []) + ([f"NaN or infinite values in {_named(bad)}"]
+                                                                   if bad else [])
+
+
 def load_strict(module: torch.nn.Module, state: Mapping, model: ModelWeights, source: str,
                 assign: bool = False) -> None:
-    """`module.load_state_dict(state, strict=True)`; missing or unexpected keys and wrong shapes raise
-    WeightsError naming the first of them."""
+    """`module.load_state_dict(state, strict=True)`; missing or unexpected keys, wrong shapes, integer
+    tensors where the model holds floating-point ones, and NaN or infinite values raise WeightsError
+    naming the first of them."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -197,6 +245,8 @@ def load_strict(module: torch.nn.Module, state: Mapping, model: ModelWeights, so
         wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
                  if tuple(state[k].shape) != tuple(v.shape)]
         parts = [f"wrong shapes {_named(wrong)}"] if wrong else []
+    if not parts:
+        parts = _value_problems(state, expected)
     if parts:
         raise model.error(f"{source} does not fit {model.label}: {'; '.join(parts)}")
     module.load_state_dict(state, strict=True, assign=assign)

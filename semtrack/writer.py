@@ -1,13 +1,13 @@
 """The job's Lightning side: `TrackWriter` turns the predict loop's hooks into calls on the run
 (`semtrack.run.Run`, which does the bookkeeping and the writing), adds the DDP broadcasts and the
-barrier, and `ExtractionProgressBar` shows the run's counts.
+barrier, and `ExtractionProgressBar` shows the counts of every rank on stderr.
 
-Order of a run, per process: `setup` (signal handlers, the folder lock on global rank 0, the plan
-line, "loading models"), the models load, `on_predict_start` (the run id from rank 0, `Run.begin`,
-"decoding the first videos"), each batch (`Run.submit` hands the results to the background writer;
-a stop request is honoured at each batch boundary), then `on_predict_end` (`Run.finish`, a barrier,
-rank 0 rebuilds the report and broadcasts it) or, when the run stops or fails, `on_exception` (the
-same, without waiting for the other ranks).
+Order of a run, per process: `setup` (signal handlers, the folder lock on global rank 0, torch's
+thread count from the job, the plan line, "loading models"), the models load, `on_predict_start`
+(the run id from rank 0, `Run.begin`, "decoding the first videos"), each batch (`Run.submit`
+hands the results to the background writer; a stop request is honoured at each batch boundary),
+then `on_predict_end` (`Run.finish`, a barrier, rank 0 rebuilds the report and broadcasts it) or,
+when the run stops or fails, `on_exception` (the same, without waiting for the other ranks).
 """
 from __future__ import annotations
 
@@ -15,20 +15,26 @@ import sys
 import time
 
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks.progress import ProgressBar
+from tqdm import tqdm
 
 from semtrack.config import ExtractConfig
 from semtrack.ledger import new_run_id
 from semtrack.run import Run
+from semtrack.safeio import shown
 from semtrack.shards import FolderBusy
 from semtrack.stopping import Stopped, StopRequest
 from semtrack.util import one_line
+
+MAX_NOTES = 5  # start-up warnings shown (skipped ledger lines, pickles not adopted), at most
+LINE_INTERVAL_S = 30.0  # s between progress lines when stderr is not a terminal
 
 
 def say(trainer, text: str) -> None:
     """One line on stderr from global rank 0: what the run is doing while the bar has nothing to show."""
     if trainer.is_global_zero:
-        print(f"semtrack: {text}", file=sys.stderr, flush=True)
+        print(f"semtrack: {shown(text)}", file=sys.stderr, flush=True)  # names' control characters escaped
 
 
 class TrackWriter(BasePredictionWriter):
@@ -48,6 +54,9 @@ class TrackWriter(BasePredictionWriter):
         self.report: dict | None = None
         self.last_write_s = 0.0
         self._setup_time = self._batch_start = self._batch_end = self._wait = 0.0
+        self._threads_before: int | None = None
+        self.progress: ExtractionProgressBar | None = None  # the bar, which registers itself
+        self.pending_total = self.skipped_total = 0  # over every rank, from `setup`
 
     @property
     def started(self) -> bool:
@@ -70,11 +79,22 @@ class TrackWriter(BasePredictionWriter):
         if refusal:
             raise FolderBusy(refusal)
         job, plan = self.run.job, self.run.job.plan
-        counts = torch.tensor([len(plan.pending), plan.skipped], device=trainer.strategy.root_device)
-        pending, skipped = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
+        self._threads_before = torch.get_num_threads()
+        torch.set_num_threads(job.num_threads)  # the models load and run with it
+        counts = torch.tensor([len(plan.pending), plan.skipped, plan.not_retried],
+                              device=trainer.strategy.root_device)
+        pending, skipped, not_retried = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
+        self.pending_total, self.skipped_total = pending, skipped
         where = "" if job.shard.count == 1 else f"{job.shard.describe()}: "
-        say(trainer, f"{where}{plan.rows} rows, {pending} to do, {skipped} done already; {job.num_workers} decoding "
-                     f"worker(s) per device ({job.workers_note}); loading models")
+        earlier = f", {not_retried} failed earlier (not retried)" if not_retried else ""
+        say(trainer, f"{where}{plan.rows} rows, {pending} to do, {skipped - not_retried} done already{earlier}; "
+                     f"{job.num_workers} decoding "
+                     f"worker(s) per device ({job.workers_note}), {job.num_threads} torch thread(s) per process "
+                     f"({job.threads_note}); loading models")
+        for note in plan.notes[:MAX_NOTES]:
+            say(trainer, f"warning: {note}")
+        if len(plan.notes) > MAX_NOTES:
+            say(trainer, f"warning: ... and {len(plan.notes) - MAX_NOTES} more")
 
     def on_predict_start(self, trainer, pl_module) -> None:
         run_id = trainer.strategy.broadcast(new_run_id() if trainer.is_global_zero else None, src=0)
@@ -102,6 +122,8 @@ class TrackWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module) -> None:
         self.run.finish()
         trainer.strategy.barrier("semtrack_report")
+        if self.progress is not None:
+            self.progress.final()
         report = self.run.rebuild() if trainer.is_global_zero else None
         self.report = trainer.strategy.broadcast(report, src=0)
 
@@ -115,8 +137,12 @@ class TrackWriter(BasePredictionWriter):
             self.report = self.run.rebuild()
 
     def release(self) -> None:
-        """Drop the signal handlers, the writer thread and the folder lock (after the run, whatever its outcome)."""
+        """Drop the signal handlers, the writer thread and the folder lock and restore torch's thread
+        count (after the run, whatever its outcome)."""
         self.stop.restore()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         if self.run is not None:
             self.run.release()
 
@@ -124,24 +150,64 @@ class TrackWriter(BasePredictionWriter):
         self.release()
 
 
-class ExtractionProgressBar(TQDMProgressBar):
-    """TQDM bar over batches with the run's done / failed counts, skipped rows and done videos per second."""
+class ExtractionProgressBar(ProgressBar):
+    """The run's progress on stderr, shown by global rank 0 for every rank: videos handled of those
+    to do, done, failed, skipped, done videos per second. On a terminal a tqdm bar; otherwise (a log
+    file, a pipe) one line at most every `LINE_INTERVAL_S` and one when the last video is written."""
 
-    def __init__(self, writer: TrackWriter):
+    def __init__(self, writer: TrackWriter, stream=None):
         super().__init__()
-        self.writer = writer
+        self.writer, self.stream = writer, stream  # stream None: sys.stderr at the time of the run
+        self._enabled, self._active = True, False
+        self._bar = None
+        self._last_line = 0.0
+        writer.progress = self
 
-    def _show_counts(self) -> None:
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._active = self._enabled and trainer.is_global_zero
+        if not self._active:
+            return
+        stream = self.stream or sys.stderr
+        if stream.isatty():
+            self._bar = tqdm(total=self.writer.pending_total, desc="semtrack", unit="video", file=stream,
+                             dynamic_ncols=True)
+        self._last_line = time.perf_counter()
+
+    def _show(self, final: bool = False) -> None:
         run = self.writer.run
-        if self.predict_progress_bar is not None and run is not None:
-            self.predict_progress_bar.set_postfix(
-                {"done": run.done, "failed": run.failed, "skipped": run.job.plan.skipped,
-                 "done/s": f"{run.done / max(run.elapsed, 1e-9):.2f}"}, refresh=False)  # done videos only
+        done, failed = run.all_ranks_counts()
+        rate = f"{done / max(run.elapsed, 1e-9):.2f}"  # done videos only
+        skipped = self.writer.skipped_total
+        if self._bar is not None:
+            self._bar.n = done + failed
+            self._bar.set_postfix({"done": done, "failed": failed, "skipped": skipped, "done/s": rate}, refresh=False)
+            self._bar.refresh()
+            if final:
+                self._bar.close()
+                self._bar = None
+        elif final or time.perf_counter() - self._last_line >= LINE_INTERVAL_S:
+            self._last_line = time.perf_counter()
+            print(f"semtrack: {done + failed}/{self.writer.pending_total} videos: {done} done, {failed} failed, "
+                  f"{skipped} skipped, {rate} done/s, {run.elapsed:.0f} s", file=self.stream or sys.stderr,
+                  flush=True)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._show_counts()
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if self._active:
+            self._show()
 
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._show_counts()  # the writer has written every batch by now
-        super().on_predict_end(trainer, pl_module)
+    def final(self) -> None:
+        """The counts once every rank has written its videos (called by the writer before its report)."""
+        if self._active:
+            self._show(final=True)
+            self._active = False
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -133,6 +133,8 @@ def test_two_shards_and_semtrack_report_equal_one_run(single, clips, monkeypatch
     assert report_main([str(out)]) == 1
     printed = capsys.readouterr().out
     assert "3 rows: 2 done, 1 failed, 0 pending" in printed and "FAILED row 1 broken [decode]" in printed
+    assert report_main([str(base)]) == 1  # the base folder: each job folder in it
+    assert capsys.readouterr().out == printed
     merged, reference = report_of(out), report_of(single)
     assert merged["counts"] == reference["counts"] == {"rows": 3, "done": 2, "failed": 1, "pending": 0}
     assert failures_of(merged) == failures_of(reference) == [(1, "broken", "decode")]
@@ -187,7 +189,7 @@ def test_webdataset_output_reads_like_the_pickles(single, clips):
     for a, b in zip(map(ours.__getitem__, range(2)), map(theirs.__getitem__, range(2))):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
-    assert main([*args, "--make_vis"]) == 1  # resumes from the ledger: both done, the broken row retried
+    assert main([*args, "--make_vis", "--retry_failed", "always"]) == 1  # both done, the broken row retried
     assert report_of(out)["last_run"]["counts"] == {"rows": 3, "done": 0, "failed": 1, "skipped": 2, "pending": 0}
     assert main(plain) == 2  # a pickle run into a WebDataset folder is refused
     assert main(["--csv_path", str(clips), "--base_feat_path", str(single.parent), *GRID, *QUIET,
@@ -288,7 +290,7 @@ def test_a_full_disk_keeps_every_record_and_exits_1(tmp_path, clips, capsys):
         failed = (full[0]["dataset"], full[0]["video_id"])
         assert not (out / failed[0] / "feat_dump" / f"{failed[1]}.pkl").exists()  # no half-done row
         filler.unlink()
-        assert main(args) == 1  # the broken file still fails; everything else is done now
+        assert main([*args, "--retry_failed", "always"]) == 1  # the broken file still fails; the rest is done now
         final = report_of(out)
         assert final["counts"] == {"rows": 3, "done": 2, "failed": 1, "pending": 0}
         assert len(list(out.glob("*/gif_dump/*.gif"))) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import pickle
 import sys
 import tempfile
@@ -462,19 +463,17 @@ def test_failed_writes_leave_no_partial_file(tmp_path, monkeypatch):
     gif, png = tmp_path / "a.gif", tmp_path / "a.png"
     gif.write_bytes(b"previous")
 
-    def failing_write(self, data):
-        with open(self, "wb") as f:
-            f.write(data[:10])
+    def failing_fsync(fd):  # the data is written, the disk fails before it is durable
         raise OSError("disk full")
 
     def failing_save(self, fp, *args, **kwargs):
-        with open(fp, "wb") as f:
-            f.write(b"half a file")
+        fp.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(Path, "write_bytes", failing_write)
-    with pytest.raises(OSError, match="disk full"):
-        save_trail_gif(gif, frames, tracks, np.ones((3, 1), bool), np.zeros(1, np.int64), np.arange(3) / 10)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(OSError, match="disk full"):
+            save_trail_gif(gif, frames, tracks, np.ones((3, 1), bool), np.zeros(1, np.int64), np.arange(3) / 10)
     monkeypatch.setattr(Image.Image, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_cluster_overlay(png, frames[0], np.zeros((2, 2), np.int64), np.zeros((0, 2)), np.zeros(0, np.int64))

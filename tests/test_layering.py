@@ -84,24 +84,28 @@ class Probe(Dataset):
 
     def __getitem__(self, i):
         clip = self.inner[i]
-        return clip.num_frames, sorted(m for m in sys.modules if m.split(".")[0] in ("semtrack", "datamodules"))
+        return clip.num_frames, sorted(m for m in sys.modules if m.split(".")[0] in ("semtrack", "datamodules",
+                                                                                   "lightning"))
 
 
 if __name__ == "__main__":
-    from datamodules.extraction import PendingRows
-    from datamodules.video import VideoCSVDataset
+    import functools
+    import os
+
+    from datamodules.video import PendingRows, VideoCSVDataset, worker_start
 
     rows = PendingRows(VideoCSVDataset(sys.argv[1], max_frames=4), [0])
-    loader = DataLoader(Probe(rows), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    loader = DataLoader(Probe(rows), batch_size=None, num_workers=1, multiprocessing_context="spawn",
+                        worker_init_fn=functools.partial(worker_start, os.getpid()))
     (frames, modules), = list(loader)
     print(json.dumps({"frames": frames, "modules": modules}))
 '''
 
 
-def test_a_dataloader_worker_imports_no_model_stage(tmp_path):
+def test_a_dataloader_worker_imports_no_model_stage_and_no_lightning(tmp_path):
     """A spawned DataLoader worker decoding a real clip through the job's Dataset (`PendingRows` over
-    `VideoCSVDataset`) imports neither the tracker nor any other model stage: configuration takes its
-    defaults from `semtrack.defaults`, not from the stages."""
+    `VideoCSVDataset`) imports neither the tracker nor any other model stage (configuration takes its
+    defaults from `semtrack.defaults`, not from the stages), nor Lightning."""
     import json
     import os
     import subprocess
@@ -124,3 +128,4 @@ def test_a_dataloader_worker_imports_no_model_stage(tmp_path):
               "semtrack.runner", "semtrack.pipeline")
     imported = [m for m in probe["modules"] if ".".join(m.split(".")[:2]) in stages]
     assert not imported, f"a DataLoader worker imported model stages: {imported}"
+    assert not [m for m in probe["modules"] if m.startswith("lightning")], "a DataLoader worker imported Lightning"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -17,11 +18,12 @@ import torch
 from _shared import REPO_ROOT
 from semtrack.hygiene import is_folder_error, stale_temporaries
 from semtrack.layout import OutputLayout
-from semtrack.ledger import DoneRule, LedgerPart, latest_videos, read_records
+from semtrack.ledger import DoneRule, LedgerPart, failed_record, latest_videos, read_records
+from semtrack.safeio import TEMPORARY_NAME, TMP_SUFFIX_MAX, temporary_path
 from semtrack.shards import FolderBusy, FolderLock, Shard, resolve_shard
 from semtrack.stopping import Stopped, StopRequest
 from semtrack.trackfile import dumps_tracks, loads_tracks
-from semtrack.util import TMP_SUFFIX_MAX, host_tag, temporary_path
+from semtrack.util import host_tag
 from semtrack.webdataset import TarShards, manifest_csv, read_manifest, read_member
 
 
@@ -149,7 +151,10 @@ def test_sweep_takes_only_this_hosts_dead_processes_temporaries(tmp_path):
         (tmp_path / name).write_text("x")
     (tmp_path / f"f.tmp-{host}-{dead_pid}").mkdir()  # a folder is never swept
     assert [p.name for p in stale_temporaries([tmp_path])] == [n for n, stale in names.items() if stale]
-    assert temporary_path(tmp_path / "x.pkl").name == f"x.pkl.tmp-{host}-{os.getpid()}"
+    name = temporary_path(tmp_path / "x.pkl").name
+    assert name.startswith(f"x.pkl.tmp-{host}-{os.getpid()}-r")
+    assert TEMPORARY_NAME.fullmatch(name)["pid"] == str(os.getpid())
+    assert name != temporary_path(tmp_path / "x.pkl").name  # unpredictable
     assert is_folder_error(OSError(28, "No space left on device")) and not is_folder_error(ValueError("x"))
 
 
@@ -226,3 +231,28 @@ def test_a_signal_interrupts_before_start_and_stops_at_the_boundary_after():
     finally:
         started.restore()
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_retry_failed_redoes_transient_failures_and_decode_failures_only_when_asked(tmp_path, videos_dir):
+    """A decode failure of an unchanged file is permanent; a model stage's failure, a decoder that broke
+    unexpectedly, a missing file, or a file changed after the failure are transient."""
+    layout = OutputLayout(tmp_path / "out")
+    changed = tmp_path / "changed.mp4"
+    changed.write_bytes((videos_dir / "not_a_video.mp4").read_bytes())
+    cases = [("not_a_video", "decode", "cannot decode: ...", videos_dir / "not_a_video.mp4", 0),  # permanent
+             ("truncated", "decode", "cannot decode: ...", videos_dir / "corrupt_truncated.mp4", 0),  # permanent
+             ("oom", "tracking", "CUDA out of memory", videos_dir / "cat.mp4", 0),
+             ("odd", "decode", "unexpected KeyError: 'x'", videos_dir / "cat.mp4", 0),
+             ("gone", "decode", "no such file", tmp_path / "gone.mp4", 0),
+             ("changed", "decode", "cannot decode: ...", changed, -3600)]  # failed an hour before it changed
+    latest, rows = {}, []
+    for i, (video_id, stage, reason, path, age) in enumerate(cases):
+        record = failed_record(i, "d", video_id, stage, reason, str(path))
+        latest[("d", video_id)] = {**record, "time": time.time() + age}
+        rows.append(row(i, video_id))
+    plans = {mode: DoneRule(layout, latest, want_gif=False, verify=False, retry_failed=mode).plan(rows)
+             for mode in ("transient", "always", "never")}
+    transient = plans["transient"]
+    assert (transient.pending, transient.skipped, transient.not_retried) == ([2, 3, 4, 5], 2, 2)
+    assert (plans["always"].pending, plans["always"].not_retried) == ([0, 1, 2, 3, 4, 5], 0)
+    assert (plans["never"].pending, plans["never"].skipped, plans["never"].not_retried) == ([], 6, 6)

@@ -104,6 +104,7 @@ def test_an_old_ledger_reports_and_verify_outputs_fills_the_statistics(old_folde
     survey = json.loads(capsys.readouterr().out)
     assert survey["counts"]["with_statistics"] == 3 and survey["counts"]["without_statistics"] == 0
     assert survey["statistics"]["visible"]["median"] == 0.625 and survey["statistics"]["points"]["max"] == 4
+    assert [r["run_id"] for r in survey["runs"]] == ["R"]  # the pass that restated them is no run
     assert survey["runs"][0]["counts"]["done"] == 3  # restated records are not counted again
     restated = [r for r in read_records(old_folder) if r.get("restated")]
     assert len(restated) == 3

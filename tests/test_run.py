@@ -4,6 +4,7 @@ workers. Synthetic results, no models."""
 from __future__ import annotations
 
 import errno
+import io
 import signal
 import subprocess
 import sys
@@ -17,10 +18,11 @@ import torch
 from _shared import REPO_ROOT
 from semtrack.config import ExtractConfig
 from semtrack.gif import save_trail_gif
-from semtrack.job import MAX_DEFAULT_WORKERS, Job, default_num_workers
+from semtrack.job import MAX_DEFAULT_WORKERS, Job, cpus_per_device, default_num_threads, default_num_workers
 from semtrack.layout import OutputLayout
 from semtrack.ledger import LedgerPart, read_records
 from semtrack.records import Clip, Failure, Tracks, VideoResult
+from semtrack.renders import gif_processes
 from semtrack.run import QUEUE_BATCHES, Run
 from semtrack.shards import FolderBusy, FolderLock, Shard
 from semtrack.sidecar import run_options
@@ -225,3 +227,68 @@ def test_the_default_number_of_decoding_workers_follows_the_cpus_per_device(tmp_
     given = make_run(tmp_path, rows=1, num_workers=0).job
     assert (given.num_workers, given.workers_note) == (0, "--num_workers")
     assert make_run(tmp_path, rows=1).job.num_workers == default_num_workers(1)[0] >= 1
+
+
+def test_gif_workers_follow_the_cpus_per_device(tmp_path):
+    assert [gif_processes(c) for c in (None, 1, 8, 16, 20, 64)] == [2, 2, 2, 4, 5, 8]
+    assert cpus_per_device(2, {}, cpus=16) == 8 and cpus_per_device(8, {"SLURM_CPUS_PER_TASK": "6"}, cpus=6) == 6
+    run = make_run(tmp_path, rows=1, make_vis=True)
+    assert run.job.cpus_per_device == cpus_per_device(1)
+    run.begin("R1", "32-true", WEIGHTS)
+    try:
+        assert run._gifs._pool._max_workers == gif_processes(cpus_per_device(1))
+    finally:
+        run.finish()
+
+
+def test_the_default_number_of_threads_leaves_the_decoding_workers_their_cpus(tmp_path):
+    assert default_num_threads(1, 0, ceiling=8, environ={}, cpus=2)[0] == 2  # no workers: every CPU
+    assert default_num_threads(1, 1, ceiling=8, environ={}, cpus=2)[0] == 1  # the default worker takes one
+    assert default_num_threads(2, 0, ceiling=8, environ={}, cpus=2)[0] == 1  # two ranks share two CPUs
+    assert default_num_threads(2, 7, ceiling=64, environ={}, cpus=32)[0] == 9  # 16 per device less 7 workers
+    assert default_num_threads(1, 0, ceiling=4, environ={}, cpus=16)[0] == 4  # never above torch's own count
+    assert default_num_threads(8, 1, ceiling=8, environ={}, cpus=8)[0] == 1  # at least one
+    assert default_num_threads(8, 2, ceiling=8, environ={"SLURM_CPUS_PER_TASK": "6"}, cpus=6)[0] == 4
+    count, note = default_num_threads(1, 3, ceiling=64, environ={}, cpus=16)
+    assert count == 13 and "16 CPU(s) per device less 3 decoding worker(s)" == note
+    given = make_run(tmp_path, rows=1, num_threads=3).job
+    assert (given.num_threads, given.threads_note) == (3, "--num_threads")
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_is_a_line_in_a_log_and_a_bar_on_a_terminal_with_every_ranks_counts():
+    from semtrack.writer import ExtractionProgressBar
+
+    run = SimpleNamespace(all_ranks_counts=lambda: (5, 1), elapsed=10.0)
+    for tty in (False, True):
+        writer = SimpleNamespace(run=run, pending_total=8, skipped_total=2, progress=None)
+        stream = _Stream(tty)
+        bar = ExtractionProgressBar(writer, stream)
+        assert writer.progress is bar
+        bar.on_predict_start(SimpleNamespace(is_global_zero=True), None)
+        bar.on_predict_batch_end(None, None, None, None, 0)  # within 30 s of the start: no line in a log
+        bar.final()
+        text = stream.getvalue()
+        if tty:
+            assert "\r" in text and "6/8" in text and "done=5" in text and "failed=1" in text
+        else:
+            assert text == "semtrack: 6/8 videos: 5 done, 1 failed, 2 skipped, 0.50 done/s, 10 s\n"
+    quiet = ExtractionProgressBar(SimpleNamespace(run=run, pending_total=8, skipped_total=0), _Stream(False))
+    quiet.on_predict_start(SimpleNamespace(is_global_zero=False), None)  # other ranks show nothing
+    quiet.final()
+    assert quiet.stream.getvalue() == ""
+
+
+def test_debug_mode_counts_only_the_first_row_in_its_folder(tmp_path):
+    """The debug folder only ever holds the CSV's first row: its report must not call the rest pending."""
+    plan = make_run(tmp_path, rows=14, debug_mode=True).job.plan
+    assert (plan.rows, plan.csv_rows, plan.pending) == (1, 1, [0])
+    assert make_run(tmp_path, rows=14).job.plan.csv_rows == 14

@@ -194,8 +194,8 @@ def _record_model_passes(tracker, monkeypatch):
     passes = []
     track = tracker.model.track
 
-    def recording_track(pyramid, queries, iters, point_valid=None, reverse=False):
-        out = track(pyramid, queries, iters, point_valid, reverse)
+    def recording_track(pyramid, queries, iters, point_valid=None, reverse=False, **chunks):
+        out = track(pyramid, queries, iters, point_valid, reverse, **chunks)
         passes.append((queries.clone(), out))
         return out
 

@@ -1,11 +1,12 @@
-"""One-line reasons, atomic writes and stable seeds (semtrack.util)."""
+"""One-line reasons, atomic writes (semtrack.safeio) and stable seeds (semtrack.util)."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from semtrack.util import atomic_write, one_line, stable_seed, temporary_path, write_text_atomic
+from semtrack.safeio import atomic_write, write_text_atomic
+from semtrack.util import one_line, stable_seed
 
 
 def test_one_line_keeps_the_type_and_first_line_only():
@@ -31,8 +32,8 @@ def test_atomic_write_replaces_or_keeps_and_never_leaves_a_temporary(tmp_path):
     write_text_atomic(path, "one\n")
     assert path.read_text() == "one\n"
     with pytest.raises(RuntimeError, match="disk gone"):
-        with atomic_write(path) as tmp:
-            tmp.write_text("half")
+        with atomic_write(path) as f:
+            f.write(b"half")
             raise RuntimeError("disk gone")
     assert path.read_text() == "one\n"  # the old file survives a failed write
-    assert not temporary_path(path).exists() and sorted(p.name for p in path.parent.iterdir()) == ["f.txt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.txt"]

@@ -8,7 +8,7 @@ import pytest
 
 from _shared import shared_path
 from datamodules import VideoCSVDataset
-from semtrack.video import read_video_csv
+from semtrack.video import read_video_csv, read_video_paths
 
 GOOD = shared_path("videos", "tiny_25fps.mp4")  # 40 frames, 320x240, 1.56 s: 17 frames at 10 fps
 VIDEOS = shared_path("videos")
@@ -122,3 +122,32 @@ def test_video_id_rules(tmp_path):
         VideoCSVDataset(csv, video_id_rule="first_dot")
     with pytest.raises(ValueError, match="video_id_rule"):
         read_video_csv(csv, video_id_rule="")
+
+
+def test_videos_without_a_csv_from_a_file_a_folder_or_a_glob(tmp_path):
+    folder = tmp_path / "my clips"
+    folder.mkdir()
+    for name in ("b.webm", "a.mp4", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    (folder / "sub.mp4").mkdir()  # a folder named like a video is not one
+    rows = read_video_paths(str(folder))
+    assert [(r.index, Path(r.video_path).name, r.video_id, r.dataset) for r in rows] == [
+        (0, "a.mp4", "a", "my clips"), (1, "b.webm", "b", "my clips")]
+    assert all(Path(r.video_path).is_absolute() and r.fps is ... for r in rows)
+    assert [r.video_id for r in read_video_paths(str(folder / "*.webm"), dataset="set")] == ["b"]
+    assert [r.dataset for r in read_video_paths(str(tmp_path / "**" / "a.mp4"))] == ["my clips"]
+    single = read_video_paths(str(folder / "a.mp4"), dataset="d")
+    assert [(r.video_id, r.dataset) for r in single] == [("a", "d")]
+    with pytest.raises(ValueError, match="matches no file"):
+        read_video_paths(str(tmp_path / "nothing*.mp4"))
+    with pytest.raises(ValueError, match="no videos"):
+        read_video_paths(str(tmp_path))
+    with pytest.raises(ValueError, match="plain file name"):
+        read_video_paths(str(folder), dataset="a/b")
+
+
+def test_limit_keeps_the_first_rows(tmp_path):
+    csv = tmp_path / "v.csv"
+    csv.write_text("video_path,dataset\n" + "".join(f"{tmp_path}/v{i}.mp4,d\n" for i in range(5)))
+    assert [r.video_id for r in VideoCSVDataset(csv, limit=2).rows] == ["v0", "v1"]
+    assert len(VideoCSVDataset(csv).rows) == 5

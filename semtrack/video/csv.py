@@ -1,4 +1,5 @@
-"""The input CSV: reading, validating and resolving its rows (`read_video_csv` -> `VideoRow`s).
+"""The input rows: a CSV read, validated and resolved (`read_video_csv` -> `VideoRow`s), or videos
+named without a CSV (`read_video_paths`: a file, a folder, a glob).
 
 CSV problems are ValueErrors naming the file and the culprit (unreadable, empty or non-UTF-8 file,
 malformed quoting, duplicate or missing columns, ragged rows, bad cells, duplicate outputs).
@@ -7,16 +8,21 @@ from __future__ import annotations
 
 import codecs
 import csv
+import glob
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
 from semtrack.config import VIDEO_ID_RULES
+from semtrack.safeio import check_regular
 
 REQUIRED_COLUMNS = ("video_path", "dataset")
 _MAX_LISTED = 10  # culprits listed in one CSV error message
+CSV_MAX = 2**32  # bytes of an input CSV, at most (tens of millions of rows)
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ogv")
 
 
 @dataclass(frozen=True)
@@ -87,12 +93,27 @@ def _utf8_lines(csv_path: Path, handle: IO[bytes]) -> Iterator[str]:
             ) from None
 
 
+def _open_csv(csv_path: Path) -> IO[bytes]:
+    """The CSV opened for reading; ValueError naming it when it cannot be read, is not a regular file
+    (a FIFO does not block, `/dev/zero` is refused) or holds more than `CSV_MAX` bytes."""
+    try:
+        fd = os.open(csv_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"{csv_path}: cannot read the CSV: {exc}") from exc
+    try:
+        check_regular(fd, csv_path, CSV_MAX)
+    except (OSError, ValueError) as exc:
+        os.close(fd)
+        raise ValueError(f"cannot read the CSV: {exc}") from None
+    return os.fdopen(fd, "rb")
+
+
 def _read_records(csv_path: Path) -> list[tuple[int, list[str]]]:
     """-> [(line number, fields)] of the non-blank records, header first. Raises ValueError naming the
     file for unreadable files, bad bytes and malformed quoting."""
     records: list[tuple[int, list[str]]] = []
     try:
-        with open(csv_path, "rb") as handle:
+        with _open_csv(csv_path) as handle:
             reader = csv.reader(_utf8_lines(csv_path, handle), skipinitialspace=True, strict=True)
             try:
                 for fields in reader:
@@ -113,7 +134,8 @@ def _read_table(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not records:
         raise ValueError(f"{csv_path}: the CSV is empty (expected columns {list(REQUIRED_COLUMNS)})")
     header = [name.strip() for name in records[0][1]]
-    duplicates = sorted({name for name in header if name and header.count(name) > 1})
+    counts = Counter(header)  # linear: a header of 100,000 columns is checked at once
+    duplicates = sorted(name for name, n in counts.items() if name and n > 1)
     if duplicates:
         raise ValueError(f"{csv_path}: duplicate column(s) {duplicates} in the header {header}")
     ragged = [(i, line, len(fields)) for i, (line, fields) in enumerate(records[1:]) if len(fields) != len(header)]
@@ -160,11 +182,18 @@ def read_video_csv(csv_path: str | os.PathLike, video_id_rule: str = "stem") -> 
         fps = _parse_fps(rec.get("fps", ""), csv_path, i)
         rows.append(VideoRow(i, _resolve(video_path, csv_dir), video_id, rec["dataset"].strip(), fps))
 
-    for column in ("dataset", "video_id"):  # both become output folder / file names
+    _check_names(rows, csv_path)
+    return rows
+
+
+def _check_names(rows: list[VideoRow], source: object) -> None:
+    """ValueError naming `source` for a dataset or video id that is not a plain file name, or a
+    (dataset, video_id) pair given twice: both name output folders and files."""
+    for column in ("dataset", "video_id"):
         bad = [(r.index, getattr(r, column)) for r in rows if not _is_plain_name(getattr(r, column))]
         if bad:
             raise ValueError(
-                f"{csv_path}: column {column!r} must be a plain file name (no '/' or '\\', not '.' or '..'): "
+                f"{source}: column {column!r} must be a plain file name (no '/' or '\\', not '.' or '..'): "
                 + ", ".join(f"row {i} {v!r}" for i, v in bad[:_MAX_LISTED])
             )
     seen: dict[tuple[str, str], list[int]] = {}
@@ -176,8 +205,35 @@ def read_video_csv(csv_path: str | os.PathLike, video_id_rule: str = "stem") -> 
             f"dataset={d!r} video_id={v!r} rows {idx}" for (d, v), idx in list(duplicates.items())[:_MAX_LISTED]
         )
         raise ValueError(
-            f"{csv_path}: {len(duplicates)} duplicate (dataset, video_id) pair(s) in columns "
+            f"{source}: {len(duplicates)} duplicate (dataset, video_id) pair(s) in columns "
             f"('dataset', 'video_id'): {shown}. Outputs would overwrite each other; add a unique "
             "'video_id' column."
         )
+
+
+def read_video_paths(spec: str, dataset: str | None = None, video_id_rule: str = "stem") -> list[VideoRow]:
+    """Rows without a CSV: `spec` is a video file, a folder (its files with a `VIDEO_SUFFIXES`
+    suffix, not its subfolders) or a glob pattern (`clips/*.mp4`, `**` recursive), in sorted order.
+    `dataset`: every row's dataset (default: each video's folder name); video ids by
+    `video_id_rule`; every row at the default frame rate. ValueError when nothing matches or the
+    names cannot be output names (see `read_video_csv`)."""
+    if video_id_rule not in VIDEO_ID_RULES:
+        raise ValueError(f"video_id_rule must be one of {VIDEO_ID_RULES}, got {video_id_rule!r}")
+    given = Path(spec).expanduser()
+    if given.is_dir():
+        paths = sorted(p for p in given.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and not p.is_dir())
+        what = f"no videos ({', '.join(VIDEO_SUFFIXES)}) in the folder {given}"
+    elif given.exists():
+        paths, what = [given], ""
+    else:
+        paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if not os.path.isdir(p))
+        what = f"--video_path {spec!r} is neither a file nor a folder, and matches no file as a glob"
+    if not paths:
+        raise ValueError(what)
+    rows = []
+    for i, path in enumerate(paths):
+        path = Path(os.path.abspath(path))
+        rows.append(VideoRow(i, str(path), video_id_from_path(str(path), video_id_rule),
+                             dataset or path.parent.name, ...))
+    _check_names(rows, f"--video_path {spec}")
     return rows
