@@ -38,6 +38,7 @@ RESEARCH_PRESET = {
     "fps_rule": "interval",
     "legacy_query_frames": True,
     "sampler": "exact",
+    "tie_rule": "research",
     "kmeans_init": "random",
     "dinov2_preprocess": "pil",
     "video_id_rule": "research",
@@ -56,6 +57,9 @@ RUN_ONLY_OPTIONS = frozenset(
      "debug_mode", "rerun", "max_tracking_memory_gb", "output_format", "videos_per_tar", "num_shards", "shard_index",
      "verify_outputs", "num_threads", "retry_failed", "video_path", "dataset", "limit"}
 )
+# Output options added after output folders were written: recorded (sidecar, pickle metadata) only when
+# they differ from this value, the behaviour before they existed, so those folders keep their options.
+RECORDED_WHEN_CHANGED = {"tie_rule": "first"}
 OUTPUT_FORMATS = ("pickle", "webdataset")
 CSV_PATH = "sample.csv"  # the research script's default input
 RETRY_FAILED = ("transient", "always", "never")  # which failed rows a run redoes; the first is the default
@@ -118,6 +122,8 @@ class ExtractConfig:
         "fast", "points", "fast: batched on the device; exact: the research scikit-learn sampler")
     legacy_query_frames: bool = _option(False, "points", "the research script's (wrong) query frames")
     sklearn_n_init: int = _option(1, "points", "exact sampler: scikit-learn KMeans n_init (10 = scikit-learn <= 1.3)")
+    tie_rule: Literal["first", "research"] = _option(
+        "first", "points", "exact sampler's closest-pixel ties: first (row-major) or research (its float64 argmin)")
     min_point_distance: float = _option(
         0.0, "points", "drop points closer than this (px) to an earlier point of the same frame; 0 keeps all")
     use_grid: bool = _option(False, "points", "track a regular grid instead of semantic points")
@@ -243,7 +249,8 @@ class ExtractConfig:
 
     def output_options(self) -> dict:
         """The options that decide a pickle's content (what the config sidecar compares)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_OPTIONS}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RUN_ONLY_OPTIONS and (k not in RECORDED_WHEN_CHANGED or v != RECORDED_WHEN_CHANGED[k])}
 
     @classmethod
     def from_dict(cls, options: dict) -> ExtractConfig:

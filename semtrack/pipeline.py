@@ -191,7 +191,7 @@ class Pipeline:
                 num_points_per_entity=cfg.num_points_per_entity, sampler=cfg.sampler,
                 use_connected_components=cfg.use_connected_components,
                 legacy_query_frames=cfg.legacy_query_frames, min_point_distance=cfg.min_point_distance,
-                n_init=cfg.sklearn_n_init, sync_free=self.device.type != "cpu",
+                n_init=cfg.sklearn_n_init, tie_rule=cfg.tie_rule, sync_free=self.device.type != "cpu",
             )
             for m, row in zip(members, rows(qp, len(members))):
                 out[m] = row

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import semtrack.pipeline as pipeline_module
 from _shared import shared_path
 from semtrack.cli import main, parse_flat
 from semtrack.config import RESEARCH_PRESET, ExtractConfig
@@ -104,3 +105,34 @@ def test_the_switch_is_recorded_in_the_sidecar_and_the_pickles(tmp_path, videos_
     tf = load_tracks(root / "ssv2" / "feat_dump" / "clip.pkl")  # the research id rule: cut at the first '.'
     assert tf.meta["config"]["research_compat"] is True and tf.meta["fps_rule"] == "interval"
     assert tf.num_frames == 12  # tiny_ssv2 has 12 frames at 12 fps: all kept
+
+
+def test_the_tie_rule_reaches_the_sampler_and_is_recorded_only_when_changed(monkeypatch):
+    """--tie_rule (set by --research_compat) is what the pipeline's sampler uses; the options record
+    it only when it is not the default, so folders written before the option existed keep matching."""
+    assert "tie_rule" not in ExtractConfig().output_options()
+    research = ExtractConfig.from_dict({"research_compat": True})
+    assert research.tie_rule == "research" and research.output_options()["tie_rule"] == "research"
+    seen, sample = [], pipeline_module.select_query_points_batch
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["tie_rule"])
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "select_query_points_batch", spy)
+    tokens = torch.from_numpy(np.load(shared_path("spec", "fixtures", "bipartite.npz"))["tokens"])
+    fx = np.load(shared_path("spec", "fixtures", "sampling.npz"))
+    h, w = fx["image_hw_nocc"]
+    points = {}
+    for rule in ("first", "research"):
+        config = ExtractConfig.from_dict({"sampler": "exact", "legacy_query_frames": True, "tie_rule": rule,
+                                          "tracker_resolution": (64, 96), "debug_mode": True})
+        clip = Clip(0, "v", "d", "/v.mp4", frames=torch.zeros(60, 3, h, w, dtype=torch.uint8),
+                    cluster_frames=torch.from_numpy(fx["frames_id_dict"]))
+        pipeline = Pipeline(config, PlantedFeatures(tokens), EchoTracker(), torch.device("cpu"),
+                            TrackingMemory(None, config.tracker_resolution))
+        tr = pipeline([clip]).results[0].tracks
+        points[rule] = tr.tracks[tr.query_frames, torch.arange(len(tr.obj_ids))].numpy()  # (N, 2)
+    assert seen == ["first", "research"]
+    tie = fx["point_tie_nocc"]
+    assert np.array_equal(points["first"][~tie], points["research"][~tie])  # the rules differ at ties only
