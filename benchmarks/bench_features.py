@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _shared import decode_first, shared_path  # noqa: E402
-from semtrack.features import DinoV2Extractor, fixed_point_resize, resize_pil, resize_tensor  # noqa: E402
+from semtrack.features import DinoV2Extractor  # noqa: E402
+from semtrack.resize import fixed_point_resize, resize_pil, resize_tensor  # noqa: E402
 
 CLIPS = {"ssv2_428x240": "bear_ssv2.webm", "720p_1296x720": "apple.mp4", "portrait_368x480": "cat.mp4"}
 RESIZES = {"pil_per_frame": resize_pil, "fixed_point": fixed_point_resize, "torch_kernel": resize_tensor}

@@ -62,7 +62,8 @@ from semtrack.clustering import (  # noqa: E402
     temporal_merge,
 )
 from semtrack.config import FPS  # noqa: E402
-from semtrack.features import DinoV2Extractor, resize_pil  # noqa: E402
+from semtrack.features import DinoV2Extractor  # noqa: E402
+from semtrack.resize import resize_pil  # noqa: E402
 from semtrack.util import stable_seed  # noqa: E402
 
 TEMPORAL_BAND = 1e-3  # a temporal decision this close to the threshold counts as marginal

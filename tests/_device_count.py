@@ -316,7 +316,7 @@ def cuda_code_paths(counter: DeviceCounter):
       the tracker checks query frames with `torch._assert_async`;
     * each `StageRunner` stage (its clock's span) is counted as that stage.
     """
-    from semtrack import clustering, features, runner
+    from semtrack import clustering, features, resize, runner
     from semtrack.tracker import predictor
 
     clock_call = runner.StageClock.__call__
@@ -332,7 +332,7 @@ def cuda_code_paths(counter: DeviceCounter):
     patches = [
         (torch.cuda, "Event", lambda *a, **k: _Event(counter)),
         (torch.cuda, "current_stream", lambda *a, **k: _Stream(counter)),
-        (features, "resize_pil_identical", features.fixed_point_resize),
+        (features, "resize_pil_identical", resize.fixed_point_resize),
         (clustering, "_onehot_sums", lambda device: True),
         (predictor, "_check_query_frames", check_on_device),
         (runner.StageClock, "__call__", staged),

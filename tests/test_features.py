@@ -10,11 +10,13 @@ from _shared import shared_path
 from semtrack.features import (
     MODELS,
     DinoV2Extractor,
+    official_layout,
+    recipe_state_dict,
+)
+from semtrack.resize import (
     _resample,
     fixed_point_resize,
-    official_layout,
     pil_height_first,
-    recipe_state_dict,
     resize_pil,
     resize_pil_identical,
     resize_tensor,
