@@ -9,7 +9,7 @@ its own clip (`row_batch`) and the next stage runs once per clip.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -70,6 +70,16 @@ def groups(items: Sequence[Row]) -> list[tuple[Any, list[int]]]:
     if all(r.batch is first and r.index == i for i, r in enumerate(items)) and _size(first) == len(items):
         return [(first, list(range(len(items))))]
     return [(r.batch.row_batch(r.index), [pos]) for pos, r in enumerate(items)]
+
+
+def per_group(items: Sequence[Row], stage: Callable[[Any, list[int]], Any]) -> list[Row]:
+    """A batched `stage(batch, members)` over `items` (its result a batch of the members' clips, in
+    order) -> per item its `Row` of the result: one call for a whole batch, else one per item (`groups`)."""
+    out: list[Row] = [None] * len(items)
+    for batch, members in groups(items):
+        for m, row in zip(members, rows(stage(batch, members), len(members))):
+            out[m] = row
+    return out
 
 
 def _size(batch: Any) -> int:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from semtrack.batched import Labels, Row, Tokens, groups, rows
+from semtrack.batched import Labels, Row, Tokens, per_group, rows
 from semtrack.clustering import cluster_batch
 from semtrack.config import ExtractConfig
 from semtrack.features import GPU_BATCH_FRAMES, DinoV2Extractor
@@ -171,31 +171,31 @@ class Pipeline:
 
     def _clustering(self, clips, tokens: list[Row]) -> list[Row]:
         """-> per clip its `Row` of a `Labels` batch: `cluster_batch` once for the call."""
-        cfg, out = self.config, [None] * len(clips)
-        for batch, members in groups(tokens):
+        cfg = self.config
+
+        def stage(batch: Tokens, members: list[int]) -> Labels:
             result = cluster_batch(batch.tokens, batch.lengths, [clips[m].video_id for m in members],
                                    cfg.clustering_method, cfg.n_clusters, cfg.merge_ratio, cfg.num_iters,
                                    cfg.kmeans_init, sync_free=self.device.type != "cpu")
-            labels = Labels(result.labels, result.num_labels, batch.lengths, batch.cluster_frames)
-            for m, row in zip(members, rows(labels, len(members))):
-                out[m] = row
-        return out
+            return Labels(result.labels, result.num_labels, batch.lengths, batch.cluster_frames)
+
+        return per_group(tokens, stage)
 
     def _points(self, clips, labels: list[Row]) -> list[Row]:
         """-> per clip its `Row` of a `QueryPointsBatch`: `select_query_points_batch` once for the call
         (the exact sampler runs clip by clip inside it)."""
-        cfg, out = self.config, [None] * len(clips)
-        for batch, members in groups(labels):
-            qp = select_query_points_batch(
+        cfg = self.config
+
+        def stage(batch: Labels, members: list[int]):
+            return select_query_points_batch(
                 batch.labels, batch.cluster_frames, [clips[m].size for m in members], batch.num_labels,
                 num_points_per_entity=cfg.num_points_per_entity, sampler=cfg.sampler,
                 use_connected_components=cfg.use_connected_components,
                 legacy_query_frames=cfg.legacy_query_frames, min_point_distance=cfg.min_point_distance,
                 n_init=cfg.sklearn_n_init, tie_rule=cfg.tie_rule, sync_free=self.device.type != "cpu",
             )
-            for m, row in zip(members, rows(qp, len(members))):
-                out[m] = row
-        return out
+
+        return per_group(labels, stage)
 
     def _query_points(self, run: StageRunner, clips: Sequence[Clip], selected: dict[int, Row]
                       ) -> dict[int, QueryPoints]:
