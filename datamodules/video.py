@@ -57,7 +57,7 @@ class VideoCSVDataset(Dataset):
             with fps_rule="interval" it is an error item instead. Independently, a clip whose
             decoded frames would need more than half the available memory (shared between the
             DataLoader workers) is an error item.
-        decoder: "auto" (decord, PyAV if decord fails), "decord" or "pyav" (that one only).
+        decoder: "auto" (PyAV, decord if PyAV cannot open or decode the file), "decord" or "pyav" (that one only).
         video_id_rule: default `video_id` when the CSV has none: "stem" (`a/clip.v2.mp4` ->
             `clip.v2`) or "research" (the file name cut at its first '.': `clip`).
         video_path, dataset: rows without a CSV (`csv_path` is then not read): a file, folder or

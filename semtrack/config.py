@@ -95,7 +95,7 @@ class ExtractConfig:
         None, "frames", f"at most this many frames (>= {MIN_FRAMES}), spread evenly over the whole clip")
     num_frames_clustering: int = _option(NUM_FRAMES_CLUSTERING, "frames", "frames used for DINOv2 and clustering")
     decoder: Literal["auto", "decord", "pyav"] = _option(
-        "auto", "frames", "auto: decord, PyAV if decord fails; decord or pyav: that one only")
+        "auto", "frames", "auto: PyAV, decord if PyAV cannot open or decode the file; decord or pyav: that one only")
     video_id_rule: Literal["stem", "research"] = _option(
         "stem", "frames", "video id without a video_id column: file stem, or cut at the first '.' (research)")
     dinov2_model: str = _option(

@@ -37,7 +37,7 @@ class Clip:
     source_fps: float = math.nan
     fps: float | None = None
     cluster_frames: torch.Tensor = dataclasses.field(default_factory=lambda: _empty(torch.int64))
-    decoder: str = "decord"
+    decoder: str = "pyav"
     error: str | None = None
 
     @property

@@ -13,6 +13,9 @@ instruction set, and a bipartite label can follow a last-bit change), so a recor
 comparable on the kind of CPU that made it: `golden_outputs.<vendor>-<capability>.npz` (e.g.
 `AuthenticAMD-AVX2`) when there is one for this CPU, else `golden_outputs.npz` (recorded at 09e1f7a
 on the machine type CI runs on). `--record` writes this CPU's file.
+
+One edit without a recording: `meta.decoder` reads "pyav" (was "decord") since `auto` decodes with
+PyAV first; the frames of both decoders are bit-identical on these clips, and every other value held.
 """
 from __future__ import annotations
 

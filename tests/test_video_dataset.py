@@ -103,7 +103,7 @@ def test_frames_follow_the_timestamp_rule_on_every_clip(all_clips, fps):
         times, rate, (h, w) = container_frames(name)
         expected = rule_indices(times, fps)
         assert item["error"] is None, (name, item["error"])
-        assert item["decoder"] == "decord"
+        assert item["decoder"] == "pyav"
         assert item["shape"] == (len(expected), 3, h, w), name
         assert item["frame_times"].dtype == torch.float64
         np.testing.assert_allclose(item["frame_times"].numpy(), [float(times[i]) for i in expected], rtol=0, atol=1e-9)
@@ -228,21 +228,21 @@ def test_portrait_and_720p_clips(all_clips):
     assert results["cat.mp4"]["shape"][2:] == (480, 368)
 
 
-def test_item_video_is_uint8_t3hw_and_matches_pyav_pixels(csv_dir, monkeypatch):
-    """decord's frames are the frames at the reported timestamps (checked against PyAV's decode,
-    the fallback decoder, on pillow.mp4 whose index holds two undecodable trailing packets)."""
+def test_item_video_is_uint8_t3hw_and_a_pyav_failure_falls_back_to_decord(csv_dir, monkeypatch):
+    """`auto` decodes with PyAV; where PyAV fails on a file, decord serves it with the same frames at
+    the same timestamps (pillow.mp4's index holds two undecodable trailing packets)."""
     csv = write_csv(csv_dir / "pix.csv", "video_path,dataset", [f"{VIDEOS / 'pillow.mp4'},test",
                                                                  f"{VIDEOS / 'tiny_25fps.mp4'},test"])
     ds = VideoCSVDataset(csv, fps=10.0)
     first = [ds[0], ds[1]]
 
-    def broken_decord(*args, **kwargs):
-        raise RuntimeError("simulated decord failure")
+    def broken_pyav(*args, **kwargs):
+        raise RuntimeError("simulated PyAV failure")
 
-    monkeypatch.setattr(decode_mod, "decode_decord", broken_decord)
+    monkeypatch.setattr(decode_mod, "decode_pyav", broken_pyav)
     second = [ds[0], ds[1]]
     for a, b in zip(first, second):
-        assert a.decoder == "decord" and b.decoder == "pyav" and b.error is None
+        assert a.decoder == "pyav" and b.decoder == "decord" and b.error is None
         assert a.frames.dtype == torch.uint8 and a.frames.shape == b.frames.shape
         assert a.frame_times.tolist() == b.frame_times.tolist()
         assert a.cluster_frames.tolist() == b.cluster_frames.tolist()
@@ -337,14 +337,14 @@ def test_every_broken_input_is_an_error_item(broken_csv):
 
 
 def test_truncated_file_is_also_an_error_for_the_fallback_decoder(broken_csv, csv_dir, monkeypatch):
-    def broken_decord(*args, **kwargs):
-        raise RuntimeError("simulated decord failure")
+    def broken_pyav(*args, **kwargs):
+        raise RuntimeError("simulated PyAV failure")
 
-    monkeypatch.setattr(decode_mod, "decode_decord", broken_decord)
+    monkeypatch.setattr(decode_mod, "decode_pyav", broken_pyav)
     csv = write_csv(csv_dir / "trunc.csv", "video_path,dataset",
                     [f"{csv_dir / 'truncated.mp4'},test", f"{csv_dir / 'full_truncated.mp4'},test"])
     cut, full = VideoCSVDataset(csv, fps=None)[0], VideoCSVDataset(csv, fps=None)[1]
-    assert cut.frames is None and cut.decoder == "pyav" and "truncated" in cut.error
+    assert cut.frames is None and cut.decoder == "decord" and "truncated" in cut.error
     assert full.error is None and full.frames.shape == (20, 3, 48, 64)
     levels = full.frames[:, :, 24, 32].float().mean(dim=1)  # (T,) grey level 12 * i
     assert torch.allclose(levels, 12 * torch.arange(20.0), atol=5)  # lossy mpeg4, steps of 12

@@ -81,7 +81,7 @@ def test_hostile_paths_are_error_items_and_the_other_rows_decode(tmp_path):
     assert_good_item(items[-1])
     for item, (_, reason) in zip(items[1:-1], cases):
         assert_error_item(item, reason)
-        assert item.decoder == "decord" and math.isnan(item.source_fps)
+        assert item.decoder == "pyav" and math.isnan(item.source_fps)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
@@ -110,10 +110,10 @@ def test_decode_video_never_raises_for_any_path(tmp_path, decoder):
     for path in hostile:
         decoded, name, error = decode_video(path, plan, decoder)
         assert decoded is None and isinstance(error, str) and "\n" not in error, (path[:40], error)
-        assert name == ("pyav" if decoder == "pyav" else "decord")
+        assert name == ("decord" if decoder == "decord" else "pyav")
     decoded, name, error = decode_video(str(GOOD), plan, decoder)
     assert error is None and decoded.frames.shape == (17, 240, 320, 3)
-    assert name == ("pyav" if decoder == "pyav" else "decord")
+    assert name == ("decord" if decoder == "decord" else "pyav")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_both_decoders_apply_the_display_matrix(tmp_path, degrees, hflip, vflip)
         ds = VideoCSVDataset(csv, fps=None, decoder=decoder)
         item = ds[0]
         assert item.error is None, (decoder, item.error)
-        assert item.decoder == ("pyav" if decoder == "pyav" else "decord")
+        assert item.decoder == ("decord" if decoder == "decord" else "pyav")
         assert item.frames.shape == (4, 3, *expected.shape[:2])
         assert mean_abs(item.frames[0], expected) < 4
         assert_good_item(VideoCSVDataset(csv, decoder=decoder)[1])

@@ -1,10 +1,12 @@
 """Decoding one video file into its selected frames, inside DataLoader workers (`decode_video`).
 
-With `decoder="auto"` (or `"decord"`) one PyAV open reads the stream's header and the display matrix
-of its first decodable frame (`semtrack.video.stream.probe`), then decord decodes the selected frames
-(`decode_decord`); if decord cannot open or decode a file, PyAV is tried once (`"auto"` only).
-`decoder="pyav"` opens the file once and decodes only what the selected frames need
-(`decode_pyav`). The result names the decoder that served.
+With `decoder="auto"` (the default) or `"pyav"` PyAV opens the file once and decodes only what the
+selected frames need (`decode_pyav`); under `"auto"`, a file PyAV cannot open or decode goes to
+decord. With `decoder="decord"` one PyAV open reads the stream's header and the display matrix of its
+first decodable frame (`semtrack.video.stream.probe`), then decord decodes the selected frames
+(`decode_decord`). The result names the decoder that served. PyAV comes first because it is the
+cheaper of the two per selected frame (`benchmarks/NOTES.md`, "Host budget: decode") and the two give
+bit-identical frames wherever both serve.
 
 Any per-video failure is an error (one line giving the reason): unusable path (not found, permission
 denied, name too long, symlink loop, broken link, a path component that is not a folder, a folder, a
@@ -26,6 +28,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 from semtrack.config import DECODERS
 from semtrack.util import clip_line
@@ -84,11 +87,11 @@ def _file_problem(path: str) -> str | None:
 def decode_video(path: str, plan: FramePlan, decoder: str = "auto") -> tuple[Decoded | None, str, str | None]:
     """-> (decoded or None, decoder name, one-line error or None). Never raises: a bad path, file or
     stream, and any unexpected failure, is an error. `decoder`: one of `DECODERS`; the name returned
-    is the one that served (for failures the last one tried; "decord" under "auto" if the file was
-    rejected before decoding)."""
+    is the one that served (for failures the last one tried; the first one for a file rejected
+    before decoding)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    first = "pyav" if decoder == "pyav" else "decord"
+    first = "decord" if decoder == "decord" else "pyav"
     try:
         return _decode(path, plan, decoder, first)
     except Exception as exc:  # a failure nobody foresaw is still one video's failure, not the run's
@@ -100,47 +103,65 @@ def _decode(path: str, plan: FramePlan, decoder: str, first: str) -> tuple[Decod
     problem = _file_problem(path)
     if problem is not None:
         return None, first, problem
-    if decoder == "pyav":
-        return _try_pyav(path, plan, decord_error=None)
-    probed, open_error = None, None
+    if decoder == "decord":
+        return _try_decord(path, plan, pyav_failure=None)
+    decoded, error, failure = _try_pyav(path, plan)
+    if decoded is not None or error is not None or decoder == "pyav":
+        return decoded, "pyav", error or (failure and failure.line())
+    return _try_decord(path, plan, failure)
+
+
+class _Failure(NamedTuple):
+    """PyAV could not open (`opened` False) or decode a file: why (one line); decord may still serve it."""
+
+    opened: bool
+    reason: str
+
+    def line(self, decord_reason: str | None = None) -> str:
+        what = "cannot decode" if self.opened else "cannot open as video"
+        also = "" if decord_reason is None else f"; decord: {decord_reason}"
+        return clip_line(f"{what}: pyav: {self.reason}{also}")
+
+
+def _try_pyav(path: str, plan: FramePlan) -> tuple[Decoded | None, str | None, _Failure | None]:
+    """PyAV's decode (one open of the file) -> (decoded, the clip's own error, PyAV's failure): the
+    clip's own problems (`ItemError`: truncated, no frames, too large ...) are final; a file PyAV
+    cannot open or decode is a `_Failure`."""
+    import av
+
     try:
-        probed = probe(path)
+        container = av.open(path)
+    except Exception as exc:
+        return None, None, _Failure(False, _one_line(exc, path))
+    try:
+        with container:
+            return decode_pyav(container, path, plan), None, None
     except ItemError as exc:
-        return None, "decord" if decoder == "decord" else "pyav", str(exc)
-    except Exception as exc:  # PyAV cannot open it; decord may still
-        open_error = _one_line(exc, path)
+        return None, clip_line(str(exc)), None
+    except Exception as exc:
+        return None, None, _Failure(True, _one_line(exc, path))
+
+
+def _try_decord(path: str, plan: FramePlan, pyav_failure: _Failure | None) -> tuple[Decoded | None, str, str | None]:
+    """decord's decode, after a PyAV probe of the header and display matrix (skipped when PyAV could
+    not open the file); errors joined with PyAV's failure (under `auto`) if there was one."""
+    probed = None
+    if pyav_failure is None or pyav_failure.opened:
+        try:
+            probed = probe(path)
+        except ItemError as exc:
+            return None, "decord", str(exc)
+        except Exception:  # PyAV cannot open it; decord may still
+            probed = None
     try:
         return decode_decord(path, probed, plan), "decord", None
     except ItemError as exc:
-        return None, "decord", str(exc)
+        also = "" if pyav_failure is None else f" (pyav: {pyav_failure.reason})"
+        return None, "decord", clip_line(f"{exc}{also}")
     except Exception as exc:
         decord_error = _one_line(exc, path)
-    if decoder == "decord":
-        rotated = probed is not None and not probed.orientation.is_identity
-        hint = " (decord mis-sizes some rotated frames; try decoder='pyav')" if rotated else ""
-        return None, "decord", clip_line(f"cannot decode: decord: {decord_error}{hint}")
-    return _try_pyav(path, plan, decord_error, open_error)
-
-
-def _try_pyav(
-    path: str, plan: FramePlan, decord_error: str | None, open_error: str | None = None
-) -> tuple[Decoded | None, str, str | None]:
-    """PyAV's decode (one open of the file), its errors joined with decord's (if decord was tried);
-    `open_error`: why PyAV could not open the file already."""
-    import av
-
-    tried = "" if decord_error is None else f"decord: {decord_error}; "
-    if open_error is None:
-        try:
-            container = av.open(path)
-        except Exception as exc:
-            open_error = _one_line(exc, path)
-    if open_error is not None:
-        return None, "pyav", clip_line(f"cannot open as video: {tried}pyav: {open_error}")
-    try:
-        with container:
-            return decode_pyav(container, path, plan), "pyav", None
-    except ItemError as exc:
-        return None, "pyav", clip_line(str(exc) if decord_error is None else f"{exc} (decord: {decord_error})")
-    except Exception as exc:
-        return None, "pyav", clip_line(f"cannot decode: {tried}pyav: {_one_line(exc, path)}")
+    if pyav_failure is not None:
+        return None, "decord", pyav_failure.line(decord_error)
+    rotated = probed is not None and not probed.orientation.is_identity
+    hint = " (decord mis-sizes some rotated frames; try decoder='pyav')" if rotated else ""
+    return None, "decord", clip_line(f"cannot decode: decord: {decord_error}{hint}")
