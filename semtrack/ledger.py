@@ -13,7 +13,8 @@ line, which readers skip. Records (`kind`):
 * `video`: run, rank, row, dataset, video_id, status (`done` | `failed`), time; done: frames T,
   points N, outputs {"pickle": {bytes, sha256}, "gif": {bytes}} (tar shards: also shard, member,
   offset, shard_bytes), stats {name: number or None} (`semtrack.trackstats`); failed: stage, reason,
-  video_path. `adopted: true` marks a pickle found valid on disk without a record (written by an older
+  video_path, and for decode failures file {ino, size, mtime_ns, ctime_ns} (`file_identity`).
+  `adopted: true` marks a pickle found valid on disk without a record (written by an older
   semtrack); `restated: true` a done record repeated with the `stats` that `--verify_outputs`
   (`semtrack-report`, or a resumed run) computed from its pickle (no part of any run's figures).
 * `end`: run, rank, time, status (`complete` | `stopped` | `failed`), reason, done, failed,
@@ -103,10 +104,26 @@ def done_record(row: int, dataset: str, video_id: str, frames: int, points: int,
     return {**record, **extra}
 
 
+def file_identity(path: str) -> dict | None:
+    """What tells a file's content changed, without reading it: {ino, size, mtime_ns, ctime_ns} of
+    `path` now (ints; no device number, which differs between the hosts mounting one folder), or None
+    if it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return {"ino": info.st_ino, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
+
+
 def failed_record(row: int, dataset: str, video_id: str, stage: str, reason: str, video_path: str) -> dict:
-    """A `video` record of a failed row: the `stage` that failed and a one-line `reason`."""
-    return {"kind": "video", "row": row, "dataset": dataset, "video_id": video_id, "status": FAILED,
-            "stage": stage, "reason": reason, "video_path": video_path}
+    """A `video` record of a failed row: the `stage` that failed and a one-line `reason`; a decode
+    failure also records the file's `file_identity` as it is now, which `is_permanent` compares."""
+    record = {"kind": "video", "row": row, "dataset": dataset, "video_id": video_id, "status": FAILED,
+              "stage": stage, "reason": reason, "video_path": video_path}
+    identity = file_identity(video_path) if stage == "decode" and video_path else None
+    if identity is not None:
+        record["file"] = identity
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,16 +332,19 @@ class ResumePlan:
 
 def is_permanent(record: dict) -> bool:
     """Whether a `failed` record's failure would recur: the file failed to decode (not a video, empty,
-    truncated, undecodable) and is unchanged since (its mtime and ctime before the record's time).
-    Failures of the model stages, of writing, of a decoder that broke unexpectedly, or of a file that
-    is gone or changed are transient (worth a retry)."""
+    truncated, undecodable) and is unchanged since: its `file_identity` equals the one recorded (no
+    clock is compared, so hosts whose clocks disagree agree), or, for records without one (older
+    semtrack), its mtime and ctime precede the record's time. Failures of the model stages, of
+    writing, of a decoder that broke unexpectedly, or of a file that is gone or changed are transient
+    (worth a retry)."""
     if record.get("stage") != "decode" or str(record.get("reason", "")).startswith("unexpected"):
         return False
-    try:
-        info = os.stat(record.get("video_path") or "")
-    except (OSError, ValueError):
+    now = file_identity(record.get("video_path") or "")
+    if now is None:
         return False
-    return max(info.st_mtime, info.st_ctime) < record.get("time", 0.0)
+    if "file" in record:
+        return record["file"] == now
+    return max(now["mtime_ns"], now["ctime_ns"]) / 1e9 < record.get("time", 0.0)
 
 
 class DoneRule:

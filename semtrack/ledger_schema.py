@@ -59,6 +59,12 @@ def _pair(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(_int(v) for v in value)
 
 
+def _file_identity(value) -> bool:
+    """{ino, size, mtime_ns, ctime_ns}: stat fields as the OS gives them (64-bit; times may precede 1970)."""
+    return isinstance(value, dict) and set(value) == {"ino", "size", "mtime_ns", "ctime_ns"} and all(
+        type(v) is int and -(2**63) <= v < 2**64 for v in value.values())
+
+
 def _stage_totals(value) -> bool:
     return isinstance(value, dict) and all(
         _str(k) and isinstance(v, list) and len(v) == 2 and _number(v[0]) and _int(v[1]) for k, v in value.items())
@@ -82,7 +88,7 @@ _SCHEMA = {
              "stats": (False, _stats)},
     "failed": {"row": (True, _int), "dataset": (True, _str), "video_id": (True, _str), "status": (True, _str),
                "stage": (False, _str), "reason": (False, _str), "video_path": (False, _str),
-               "fps": (False, _optional(_number))},
+               "fps": (False, _optional(_number)), "file": (False, _file_identity)},
 }
 STATUSES = ("done", "failed")
 

@@ -3,6 +3,7 @@ manifest, the sweep of dead runs' temporary files, name limits, shards, locks an
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from _shared import REPO_ROOT
 from semtrack.hygiene import is_folder_error, stale_temporaries
 from semtrack.layout import OutputLayout
 from semtrack.ledger import DoneRule, LedgerPart, failed_record, latest_videos, read_records
+from semtrack.ledger_schema import parse_record
 from semtrack.safeio import TEMPORARY_NAME, TMP_SUFFIX_MAX, temporary_path
 from semtrack.shards import FolderBusy, FolderLock, Shard, resolve_shard
 from semtrack.stopping import Stopped, StopRequest
@@ -235,24 +237,39 @@ def test_a_signal_interrupts_before_start_and_stops_at_the_boundary_after():
 
 def test_retry_failed_redoes_transient_failures_and_decode_failures_only_when_asked(tmp_path, videos_dir):
     """A decode failure of an unchanged file is permanent; a model stage's failure, a decoder that broke
-    unexpectedly, a missing file, or a file changed after the failure are transient."""
+    unexpectedly, a missing file, or a file changed after the failure are transient: also when the
+    failure was recorded by a host whose clock runs a day ahead (the file's identity is compared, not
+    times), and for records of older semtrack without one (then its times are)."""
     layout = OutputLayout(tmp_path / "out")
-    changed = tmp_path / "changed.mp4"
-    changed.write_bytes((videos_dir / "not_a_video.mp4").read_bytes())
+    changed, skewed, old_changed = (tmp_path / f"{name}.mp4" for name in ("changed", "skewed", "old_changed"))
+    for path in (changed, skewed, old_changed):
+        path.write_bytes((videos_dir / "not_a_video.mp4").read_bytes())
+    day = 86400
     cases = [("not_a_video", "decode", "cannot decode: ...", videos_dir / "not_a_video.mp4", 0),  # permanent
-             ("truncated", "decode", "cannot decode: ...", videos_dir / "corrupt_truncated.mp4", 0),  # permanent
+             ("truncated", "decode", "cannot decode: ...", videos_dir / "corrupt_truncated.mp4", day),  # permanent
              ("oom", "tracking", "CUDA out of memory", videos_dir / "cat.mp4", 0),
              ("odd", "decode", "unexpected KeyError: 'x'", videos_dir / "cat.mp4", 0),
              ("gone", "decode", "no such file", tmp_path / "gone.mp4", 0),
-             ("changed", "decode", "cannot decode: ...", changed, -3600)]  # failed an hour before it changed
+             ("changed", "decode", "cannot decode: ...", changed, 0),
+             ("skewed", "decode", "cannot decode: ...", skewed, day),  # recorded a day ahead, replaced since
+             ("old", "decode", "cannot decode: ...", videos_dir / "not_a_video.mp4", 0),  # older semtrack: permanent
+             ("old_changed", "decode", "cannot decode: ...", old_changed, -3600)]  # failed an hour before it changed
     latest, rows = {}, []
-    for i, (video_id, stage, reason, path, age) in enumerate(cases):
+    for i, (video_id, stage, reason, path, ahead) in enumerate(cases):
         record = failed_record(i, "d", video_id, stage, reason, str(path))
-        latest[("d", video_id)] = {**record, "time": time.time() + age}
+        assert ("file" in record) == (stage == "decode" and path.exists())
+        if video_id.startswith("old"):
+            del record["file"]
+        latest[("d", video_id)] = {**record, "run": "r", "time": time.time() + ahead}
+        assert parse_record(json.dumps(latest[("d", video_id)]).encode()) is not None
         rows.append(row(i, video_id))
+    changed.write_bytes(b"now a different file")
+    replacement = tmp_path / "replacement.mp4"
+    replacement.write_bytes((videos_dir / "not_a_video.mp4").read_bytes())
+    replacement.replace(skewed)  # same bytes, a new file
     plans = {mode: DoneRule(layout, latest, want_gif=False, verify=False, retry_failed=mode).plan(rows)
              for mode in ("transient", "always", "never")}
     transient = plans["transient"]
-    assert (transient.pending, transient.skipped, transient.not_retried) == ([2, 3, 4, 5], 2, 2)
-    assert (plans["always"].pending, plans["always"].not_retried) == ([0, 1, 2, 3, 4, 5], 0)
-    assert (plans["never"].pending, plans["never"].skipped, plans["never"].not_retried) == ([], 6, 6)
+    assert (transient.pending, transient.skipped, transient.not_retried) == ([2, 3, 4, 5, 6, 8], 3, 3)
+    assert (plans["always"].pending, plans["always"].not_retried) == (list(range(9)), 0)
+    assert (plans["never"].pending, plans["never"].skipped, plans["never"].not_retried) == ([], 9, 9)
