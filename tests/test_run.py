@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,12 +18,12 @@ import torch
 
 from _shared import REPO_ROOT
 from semtrack.config import ExtractConfig
-from semtrack.gif import save_trail_gif
+from semtrack.gif import gif_bytes, save_trail_gif
 from semtrack.job import MAX_DEFAULT_WORKERS, Job, cpus_per_device, default_num_threads, default_num_workers
 from semtrack.layout import OutputLayout
 from semtrack.ledger import LedgerPart, read_records
 from semtrack.records import Clip, Failure, Tracks, VideoResult
-from semtrack.renders import gif_processes
+from semtrack.renders import GifRenderer, gif_arrays, gif_processes
 from semtrack.run import QUEUE_BATCHES, Run
 from semtrack.shards import FolderBusy, FolderLock, Shard
 from semtrack.sidecar import run_options
@@ -178,6 +179,30 @@ def test_gifs_drawn_by_the_worker_processes_equal_the_renderer_s(tmp_path):
     assert {r["video_id"]: r["outputs"]["gif"]["bytes"] for r in videos(run)} == {
         "v0": expected.stat().st_size, "v1": layout.gif("d", "v1").stat().st_size}
     assert not [p for p in layout.root.iterdir() if ".tmp-" in p.name]  # the scratch files are gone
+
+
+def test_gif_frames_pass_through_reused_shared_memory_slots_that_close_unlinks():
+    """Each GIF's frames go to a worker through a shared-memory slot, freed when the GIF is back and
+    reused by the next clip that fits; the worker's GIF equals one drawn here; `close` unlinks every slot."""
+    renderer = GifRenderer(processes=2)
+    try:
+        clips = [result(i, t=4 + i % 3, n=6) for i in range(12)]
+        gifs = []
+        for wave in range(0, len(clips), 3):  # 3 GIFs in flight at a time
+            gifs += [f.result() for f in [renderer.submit(video, 16) for video in clips[wave: wave + 3]]]
+            deadline = time.time() + 10
+            while len(renderer._slots._free) < len(renderer._slots._slots):  # given back just after the result
+                assert time.time() < deadline
+                time.sleep(0.01)
+        slots = dict(renderer._slots._slots)
+        assert 1 <= len(slots) <= 3  # reused: as many as GIFs were in flight together, not one per clip
+        for name in slots:
+            assert Path("/dev/shm", name.lstrip("/")).exists()
+        for video, data in zip(clips, gifs):
+            assert data == gif_bytes(*gif_arrays(video), max_width=16)
+    finally:
+        renderer.close()
+    assert not [name for name in slots if Path("/dev/shm", name.lstrip("/")).exists()]
 
 
 def test_a_killed_run_s_gif_workers_do_not_keep_the_folder_locked(tmp_path):
