@@ -33,18 +33,18 @@ MAX_SIDE = 65535  # px: GIF's 16-bit sizes
 LOOP_FOREVER = 0
 
 
-def _run_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For run lengths L in [0, RUN_CHUNK]: k (the self-referencing codes' count, lengths 1..k, the
-    first being the literal), r = L - k (k + 1) / 2 (the remainder, 0 <= r <= k) and the codes k + (r > 0)."""
+def _run_tables() -> tuple[np.ndarray, np.ndarray]:
+    """For run lengths L in [0, RUN_CHUNK] (uint8): the codes of the run, k + (r > 0), and the
+    remainder r = L - k (k + 1) / 2 (0 <= r <= k), k being the most codes of lengths 1, 2, ..., k that fit."""
     lengths = np.arange(RUN_CHUNK + 1)
     k = np.floor((np.sqrt(8 * lengths + 1) - 1) / 2).astype(np.int64)
     k -= k * (k + 1) // 2 > lengths  # guard the float square root
     k += (k + 1) * (k + 2) // 2 <= lengths
     r = lengths - k * (k + 1) // 2
-    return k, r, k + (r > 0)
+    return (k + (r > 0)).astype(np.uint8), r.astype(np.uint8)
 
 
-_RUN_K, _RUN_R, _RUN_N = _run_tables()
+_RUN_COUNT, _RUN_REST = _run_tables()
 
 
 def min_code_size(colours: int) -> int:
@@ -55,71 +55,103 @@ def min_code_size(colours: int) -> int:
     return 7 if colours <= 128 else 8
 
 
-def lzw_codes(indices: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The LZW code streams of frames: indices (T, H, W) uint8 (< 2**min_size) -> (codes (M,) uint16,
-    each frame's stream starting with a clear code and ending with the end code, all codes
-    `min_size + 1` bits wide; bounds (T + 1,) int64: frame t's codes are codes[bounds[t]:bounds[t + 1]])."""
-    t_len, height, width = indices.shape
-    clear, end, first_free = 1 << min_size, (1 << min_size) + 1, (1 << min_size) + 2
-    capacity = (1 << min_size) - 2  # data codes per segment: the code after them (clear/end) is still min_size + 1 bits
-    window = capacity - RUN_CODES + 1  # a segment holds the runs starting in its first `window` codes
-    if window < 1:
-        raise ValueError(f"min_size {min_size} leaves no room for runs of {RUN_CODES} codes")
-    frame_px = height * width
-    flat = np.ascontiguousarray(indices).reshape(-1)
+def _runs(flat: np.ndarray, frame_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of one value in flat (N,) uint8, cut at every frame start and every RUN_CHUNK pixels:
+    (starts (R,) int64, lengths (R,) int32)."""
     change = np.empty(flat.size, dtype=bool)
     change[0] = True
     np.not_equal(flat[1:], flat[:-1], out=change[1:])
     change[::frame_px] = True
     starts = np.flatnonzero(change)
-    lengths = np.diff(starts, append=flat.size)
+    lengths = np.empty(len(starts), dtype=np.int32)
+    np.subtract(starts[1:], starts[:-1], out=lengths[:-1], casting="unsafe")
+    lengths[-1] = flat.size - starts[-1]
     long = np.flatnonzero(lengths > RUN_CHUNK)
-    if len(long):  # cut long runs into chunks of RUN_CHUNK pixels (the last one shorter)
+    if len(long):  # rare in video: cut into chunks of RUN_CHUNK pixels (the last one shorter)
         pieces = (lengths[long] - 1) // RUN_CHUNK  # extra starts per long run
         offsets = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces) + 1
         starts = np.insert(starts, np.repeat(long + 1, pieces), np.repeat(starts[long], pieces) + RUN_CHUNK * offsets)
-        lengths = np.diff(starts, append=flat.size)
-    colour = flat[starts]
-    count = _RUN_N[lengths]  # (R,) codes per run
-    runs_per_frame = np.diff(np.searchsorted(starts, np.arange(t_len + 1) * frame_px))  # (T,)
-    first_run = np.cumsum(runs_per_frame) - runs_per_frame
+        lengths = np.diff(starts, append=flat.size).astype(np.int32)
+    return starts, lengths
 
-    # Code offsets with every frame starting on a multiple of `window`, the segment after its
-    # previous frame's last run's (counted longer for this). Run i belongs to segment offset_i // window.
-    last_run = first_run + runs_per_frame - 1
-    last_start = np.add.reduceat(count, first_run) - count[last_run]  # (T,) in the frame's own codes
-    padded = count.copy()
-    padded[last_run] = (last_start // window + 1) * window - last_start  # the next frame: the next segment
-    offset = np.cumsum(padded) - padded  # (R,) padded code offset of each run
+
+def lzw_codes(indices: np.ndarray, min_size: int, runs: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The LZW code streams of frames: indices (T, H, W) uint8 (< 2**min_size) -> (codes (M,) uint8
+    (uint16 when min_size is 8), each frame's stream starting with a clear code and ending with the
+    end code, every code `min_size + 1` bits wide; bounds (T + 1,) int64: frame t's codes are
+    codes[bounds[t]:bounds[t + 1]]). `runs=False`: one literal code per pixel (faster, larger)."""
+    t_len, height, width = indices.shape
+    frame_px = height * width
+    flat = np.ascontiguousarray(indices).reshape(-1)
+    clear, end, first_free = 1 << min_size, (1 << min_size) + 1, (1 << min_size) + 2
+    capacity = (1 << min_size) - 2  # data codes per segment: the code after them (clear/end) is still min_size + 1 bits
+    dtype = np.uint8 if min_size < 8 else np.uint16
+    if not runs:
+        return _literal_codes(flat.reshape(t_len, frame_px).astype(dtype, copy=False), clear, end, capacity)
+    window = capacity - RUN_CODES + 1  # a segment holds the runs starting in its first `window` codes
+    row = capacity + 2  # a segment's slots: its clear code, data codes, the end code after a frame's last segment
+    starts, lengths = _runs(flat, frame_px)
+    total = len(starts)
+    colour = flat[starts].astype(dtype, copy=False)
+    count = _RUN_COUNT.take(lengths)  # (R,) uint8 codes per run
+
+    # Code offsets with every frame starting on a multiple of `window`, in the segment after its
+    # previous frame's last run's (that run counted longer for this). Run i is in segment offset_i // window.
+    first_run = np.searchsorted(starts, np.arange(t_len) * frame_px)  # (T,)
+    last_run = np.append(first_run[1:], total) - 1
+    last_count = count[last_run]
+    last_start = np.add.reduceat(count, first_run, dtype=np.int64) - last_count  # (T,) in the frame's own codes
+    count[last_run] = (last_start // window + 1) * window - last_start
+    offset = np.cumsum(count, dtype=np.int32)
+    offset -= count  # (R,) padded code offset of each run's first code
+    count[last_run] = last_count
     segment = offset // window  # (R,)
-    segments = int(offset[-1] // window) + 1
-    firsts = np.flatnonzero(np.diff(segment, prepend=-1))  # (S,) each segment's first run: none is empty
-    position = offset - offset[firsts][segment]  # (R,) the run's first code's position after its clear code
-    data = np.add.reduceat(count, firsts)  # (S,) data codes per segment
-    frame_segments = np.diff(np.append(offset[first_run] // window, segments))  # (T,)
-    last_segment = np.cumsum(frame_segments) - 1
-    slots = data + 1  # a clear code, the data codes, and the end code after a frame's last segment
-    slots[last_segment] += 1
-    seg_out = np.cumsum(slots) - slots  # (S,) where each segment's clear code goes
-    out = seg_out[segment] + 1 + position  # (R,) the slot of each run's first code
+    segments = int(segment[-1]) + 1
+    firsts = np.searchsorted(offset, np.arange(segments, dtype=np.int32) * window)  # (S,): no segment is empty
+    first_offset = offset[firsts]
+    slot = (np.arange(segments, dtype=np.int32) * row + 1 - first_offset).take(segment)
+    slot += offset  # (R,) each run's first code in the (S, row) table of segments
+    lasts = np.append(firsts[1:], total) - 1
+    data = offset[lasts] + count[lasts] - first_offset  # (S,) data codes per segment
+    frame_last = segment[last_run]  # (T,)
+    used = data + 1
+    used[frame_last] += 1
 
-    # Every slot first gets the value of a self-referencing code there (the entry being defined:
-    # first_free + position - 1), then runs' literals and remainders overwrite theirs.
-    dtype = np.uint8 if first_free + capacity <= 256 else np.uint16
-    ramp = np.arange(capacity + 2, dtype=np.int64) + first_free - 2
+    # Every data slot first holds the self-referencing code there (the entry being defined,
+    # first_free + position - 1); then the runs' literals, and their remainders: the entry of
+    # length r this run defined, r - 1 codes after its literal (that literal itself when r = 1).
+    ramp = np.arange(row, dtype=np.int64) + first_free - 2
     ramp[0] = clear
-    mask = np.arange(capacity + 2) < slots[:, None]
-    codes = np.broadcast_to(ramp.astype(dtype), mask.shape)[mask]
-    codes[seg_out[last_segment] + slots[last_segment] - 1] = end
-    rest = _RUN_R[lengths]  # (R,)
-    tail = np.flatnonzero(rest >= 2)
-    tail_slot = out[tail] + _RUN_K[lengths[tail]]
-    codes[tail_slot] = codes[out[tail] + rest[tail] - 1]  # the entry of length r this run defined
-    codes[out] = colour
-    single = np.flatnonzero(rest == 1)
-    codes[out[single] + _RUN_K[lengths[single]]] = colour[single]
-    bounds = np.append(seg_out[last_segment - frame_segments + 1], len(codes))
+    table = np.empty((segments, row), dtype=dtype)
+    table[:] = ramp.astype(dtype)
+    flat_table = table.reshape(-1)
+    flat_table[slot] = colour
+    rest = _RUN_REST.take(lengths)
+    tails = np.flatnonzero(rest)
+    tail_slot = slot[tails]
+    flat_table[tail_slot + count[tails] - 1] = flat_table[tail_slot + rest[tails] - 1]
+    table[frame_last, used[frame_last] - 1] = end
+    codes = table[np.arange(row) < used[:, None]]
+    ends = np.cumsum(used)
+    bounds = np.append(0, ends[frame_last])
     return codes, bounds
+
+
+def _literal_codes(frames: np.ndarray, clear: int, end: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Streams of literal codes only: frames (T, P) -> a clear code before every `capacity` pixels
+    and the end code after each frame, as `lzw_codes` returns them."""
+    t_len, frame_px = frames.shape
+    full, rest = divmod(frame_px, capacity)
+    per_frame = full * (capacity + 1) + (1 + rest if rest else 0) + 1
+    codes = np.empty((t_len, per_frame), dtype=frames.dtype)
+    blocks = codes[:, : full * (capacity + 1)].reshape(t_len, full, capacity + 1)
+    blocks[:, :, 0] = clear
+    blocks[:, :, 1:] = frames[:, : full * capacity].reshape(t_len, full, capacity)
+    if rest:
+        codes[:, full * (capacity + 1)] = clear
+        codes[:, full * (capacity + 1) + 1: -1] = frames[:, full * capacity:]
+    codes[:, -1] = end
+    return codes.reshape(-1), np.arange(t_len + 1, dtype=np.int64) * per_frame
 
 
 def _pack(codes: np.ndarray, bits: int) -> bytes:
@@ -143,13 +175,18 @@ def _sub_blocks(data: bytes) -> bytes:
 
 
 def encode_gif(
-    indices: np.ndarray, palette: np.ndarray, durations_ms: Sequence[int], loop: int | None = LOOP_FOREVER
+    indices: np.ndarray,
+    palette: np.ndarray,
+    durations_ms: Sequence[int],
+    loop: int | None = LOOP_FOREVER,
+    runs: bool = True,
 ) -> bytes:
     """A GIF89a of indexed frames sharing one palette.
 
     indices (T, H, W) uint8, each < K; palette (K, 3) uint8 RGB, 1 <= K <= 256; durations_ms (T,)
     frame delays in ms (stored in whole 10 ms ticks, rounded); loop: the NETSCAPE2.0 loop count
-    (0 = forever, None = no looping extension). T >= 1, 1 <= H, W <= 65535. -> the file's bytes;
+    (0 = forever, None = no looping extension); runs: code runs of one index (False: every pixel
+    a literal code, faster and larger). T >= 1, 1 <= H, W <= 65535. -> the file's bytes;
     every frame covers the screen, so decoding frame t gives exactly `palette[indices[t]]`.
     """
     indices = np.asarray(indices)
@@ -176,7 +213,7 @@ def encode_gif(
     parts = [b"GIF89a", _u16(width), _u16(height), bytes([0x80 | 0x70 | (table_bits - 1), 0, 0]), table.tobytes()]
     if loop is not None:
         parts.append(b"\x21\xff\x0bNETSCAPE2.0\x03\x01" + _u16(loop) + b"\x00")
-    codes, bounds = lzw_codes(indices, size)
+    codes, bounds = lzw_codes(indices, size, runs)
     descriptor = b"\x2c\x00\x00\x00\x00" + _u16(width) + _u16(height) + b"\x00" + bytes([size])
     for t in range(t_len):
         ticks = max(0, min(65535, int(round(float(durations_ms[t]) / GIF_TICK_MS))))
