@@ -58,7 +58,7 @@ GIF_COLOURS = 128  # shared GIF palette: FIXED_COLOURS first, the rest quantised
 PALETTE_SAMPLE_FRAMES = 3  # frames (first, middle, last) the content colours are quantised from
 MIN_FRAME_MS = 20  # shortest frame delay: browsers show 0 and 10 ms delays as 100 ms
 # GIF encoders of gif_bytes: "pil" (PIL's greedy LZW: small files) or "literal" (`semtrack.gif_encode`:
-# one LZW code per pixel, the same frames for ~1/10 of the encoding CPU time, files ~2x larger).
+# one LZW code per pixel, the same frames for ~1/13 of the encoding CPU time, files ~2x larger).
 GIF_ENCODERS = ("pil", "literal")
 
 
