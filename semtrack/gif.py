@@ -25,6 +25,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from semtrack.defaults import GIF_ENCODERS
 from semtrack.gif_encode import GIF_TICK_MS, encode_gif
 from semtrack.safeio import atomic_write
 
@@ -57,9 +58,6 @@ BLACK_INDEX, WHITE_INDEX = len(ENTITY_PALETTE), len(ENTITY_PALETTE) + 1
 GIF_COLOURS = 128  # shared GIF palette: FIXED_COLOURS first, the rest quantised from the frames
 PALETTE_SAMPLE_FRAMES = 3  # frames (first, middle, last) the content colours are quantised from
 MIN_FRAME_MS = 20  # shortest frame delay: browsers show 0 and 10 ms delays as 100 ms
-# GIF encoders of gif_bytes: "pil" (PIL's greedy LZW: small files) or "literal" (`semtrack.gif_encode`:
-# one LZW code per pixel, the same frames for ~1/13 of the encoding CPU time, files ~2x larger).
-GIF_ENCODERS = ("pil", "literal")
 
 
 def entity_colours(obj_ids: np.ndarray) -> list[tuple[int, int, int]]:

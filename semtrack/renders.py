@@ -1,7 +1,7 @@
 """Trail GIFs rendered in worker processes, so drawing never holds the main process's interpreter.
 
 `GifRenderer(processes)` starts its processes at once (forked on Linux, from the thread that makes
-it: the run makes it before any other thread of its own); `submit(result, max_width)` returns a
+it: the run makes it before any other thread of its own); `submit(result, max_width, encoder)` returns a
 future of the GIF's bytes (`semtrack.gif.gif_bytes`, drawn in memory: the output sink writes them).
 Workers ignore SIGINT, SIGTERM and SIGHUP (`semtrack.stopping.detach_worker`): a stop request is the
 main process's to handle, and it waits for the GIFs it asked for. On Linux they are killed when the
@@ -28,6 +28,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
+from semtrack.defaults import GIF_ENCODERS
 from semtrack.gif import gif_bytes
 from semtrack.stopping import detach_worker
 
@@ -125,9 +126,10 @@ class GifRenderer:
         self._broken = False
         self._slots = FrameSlots()
 
-    def submit(self, result, max_width: int | None) -> Future:
-        """A future of the GIF's bytes of tracked `result` (a `VideoResult`), `max_width` px wide at most."""
-        args = (*gif_arrays(result), max_width)
+    def submit(self, result, max_width: int | None, encoder: str = GIF_ENCODERS[0]) -> Future:
+        """A future of the GIF's bytes of tracked `result` (a `VideoResult`), `max_width` px wide at
+        most, written by `encoder` (one of `GIF_ENCODERS`)."""
+        args = (*gif_arrays(result), max_width, encoder)
         if not self._broken:
             name, shape = self._slots.take(args[0])
             try:

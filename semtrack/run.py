@@ -216,8 +216,8 @@ class Run:
             self.stage_totals[stage][1] += videos
         clocks = {"step_s": round(sum(s / v for s, v in timings.values() if v), DIGITS),
                   "wait_s": round(wait_s / max(len(results), 1), DIGITS)}  # each video's share of the batch's
-        max_width = self.job.config.vis_max_width
-        gifs = {i: self._gifs.submit(r, max_width) for i, r in enumerate(results)
+        max_width, encoder = self.job.config.vis_max_width, self.job.config.gif_encoder
+        gifs = {i: self._gifs.submit(r, max_width, encoder) for i, r in enumerate(results)
                 if r.ok and self._gifs is not None}
         records = []
         for i, result in enumerate(results):

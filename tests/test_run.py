@@ -18,6 +18,7 @@ import torch
 
 from _shared import REPO_ROOT
 from semtrack.config import ExtractConfig
+from semtrack.defaults import GIF_ENCODERS
 from semtrack.gif import gif_bytes, save_trail_gif
 from semtrack.job import MAX_DEFAULT_WORKERS, Job, cpus_per_device, default_num_threads, default_num_workers
 from semtrack.layout import OutputLayout
@@ -164,8 +165,9 @@ def test_a_folder_error_stops_the_run_and_leaves_later_batches_pending(tmp_path,
     assert end["status"] == "stopped" and "No space left" in end["reason"]
 
 
-def test_gifs_drawn_by_the_worker_processes_equal_the_renderer_s(tmp_path):
-    run = make_run(tmp_path, rows=2, make_vis=True, vis_max_width=16)
+@pytest.mark.parametrize("encoder", GIF_ENCODERS)
+def test_gifs_drawn_by_the_worker_processes_equal_the_renderer_s(tmp_path, encoder):
+    run = make_run(tmp_path, rows=2, make_vis=True, vis_max_width=16, gif_encoder=encoder)
     run.begin("R1", "32-true", WEIGHTS)
     video = result(0, t=4, n=6)
     run.submit([video, result(1)], {})
@@ -174,7 +176,7 @@ def test_gifs_drawn_by_the_worker_processes_equal_the_renderer_s(tmp_path):
     expected = tmp_path / "expected.gif"
     clip, tr = video.clip, video.tracks
     save_trail_gif(expected, clip.frames.permute(0, 2, 3, 1).numpy(), tr.tracks.numpy(), tr.visibility.numpy(),
-                   tr.obj_ids.numpy(), clip.frame_times.numpy(), 16)
+                   tr.obj_ids.numpy(), clip.frame_times.numpy(), 16, encoder)
     assert layout.gif("d", "v0").read_bytes() == expected.read_bytes()
     assert {r["video_id"]: r["outputs"]["gif"]["bytes"] for r in videos(run)} == {
         "v0": expected.stat().st_size, "v1": layout.gif("d", "v1").stat().st_size}
