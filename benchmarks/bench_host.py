@@ -28,12 +28,14 @@ arguments and returns its part of the JSON, and `rows` turns that part into tabl
   queue pickler does to every tensor it hands to the main process), in a DataLoader worker.
 * `writer`: what the writer does per video, in this process: the pickle (`dumps_tracks` of
   `tracks_dict`), one ledger record appended and fsynced (a batch of 1), and the trail GIF
-  (`gif_bytes`, the job's default width), on the `ssv2_like` set's clips with stand-in tracks
+  (`gif_bytes`, the job's default width; `gif` with PIL's encoder, `gif_literal` with `--gif_encoder
+  literal`), on the `ssv2_like` set's clips with stand-in tracks
   (`POINTS` random-walk points in `ENTITIES` entities, 10 % invisible: the issue's GIF case).
 * `overlap`: how much of the writing the next step hides. A stand-in step sleeps `--step_ms` per
   video of a batch of `--batch` (a stand-in for GPU time: the main thread is idle, as while it waits
   for the GPU), `--batches` times, alone and then handing each batch to a real `semtrack.run.Run`
-  (background writer, GIF workers with `--make_vis`) in a temporary folder, without and with GIFs.
+  (background writer, GIF workers with `--make_vis`) in a temporary folder, without GIFs and with
+  GIFs of each `--gif_encoder`.
   Reported: the wall time per batch from the first step to the last record written (`Run.finish`
   included) against the stand-in step alone (the claim: <= 1.1x, i.e. the device would not wait for
   the host; the last batch's writing is never hidden, so more batches make it smaller), the same for
@@ -76,6 +78,7 @@ from bench_extract import environment  # noqa: E402
 from _shared import shared_path  # noqa: E402
 from datamodules.video import VideoCSVDataset  # noqa: E402
 from semtrack.config import DECODERS, ExtractConfig  # noqa: E402
+from semtrack.defaults import GIF_ENCODERS  # noqa: E402
 from semtrack.gif import gif_bytes  # noqa: E402
 from semtrack.job import Job  # noqa: E402
 from semtrack.ledger import LedgerPart, done_record  # noqa: E402
@@ -360,9 +363,9 @@ def stand_in_result(row: int, path: str, plan: FramePlan, points: int = POINTS) 
     return VideoResult(clip, tracks)
 
 
-def _config(folder: Path, make_vis: bool = False) -> ExtractConfig:
+def _config(folder: Path, make_vis: bool = False, gif_encoder: str = GIF_ENCODERS[0]) -> ExtractConfig:
     return ExtractConfig(csv_path=str(folder / "rows.csv"), base_feat_path=str(folder / "out"), weights="random",
-                         use_grid=True, make_vis=make_vis)
+                         use_grid=True, make_vis=make_vis, gif_encoder=gif_encoder)
 
 
 def _cpu_ms(fn: Callable, repeats: int) -> dict:
@@ -394,14 +397,16 @@ def writer_section(sets: dict[str, Path], args: argparse.Namespace) -> dict:
         config = _config(Path(folder))
         options = run_options(config, "32-true")
         ledger = LedgerPart(Path(folder) / "ledger.jsonl")
-        per_what: dict[str, list[dict]] = {"pickle": [], "ledger": [], "gif": []}
+        per_what: dict[str, list[dict]] = {"pickle": [], "ledger": [], "gif": [], "gif_literal": []}
         for row, (path, plan) in enumerate(_plans(sets["ssv2_like"])):
             result = stand_in_result(row, path, plan)
             frames, tracks = result.clip.num_frames, result.tracks.tracks
             record = done_record(row, "bench", f"v{row}", frames, int(tracks.shape[1]), outputs={})
             work = {"pickle": functools.partial(_pickle, result, options),
                     "ledger": functools.partial(ledger.append, [record]),
-                    "gif": functools.partial(gif_bytes, *gif_arrays(result), max_width=config.vis_max_width)}
+                    "gif": functools.partial(gif_bytes, *gif_arrays(result), max_width=config.vis_max_width),
+                    "gif_literal": functools.partial(gif_bytes, *gif_arrays(result), max_width=config.vis_max_width,
+                                                     encoder="literal")}
             for what, fn in work.items():
                 per_what[what].append({"video": Path(path).name, "frames": frames, **_cpu_ms(fn, args.repeats)})
     return {"points": POINTS, "summary": {w: summarise(v) for w, v in per_what.items()}, "videos": per_what}
@@ -414,13 +419,13 @@ def _children_cpu() -> float:
 
 
 def overlap_run(results: list[VideoResult], folder: Path, make_vis: bool, batch: int, batches: int,
-                step_s: float) -> dict:
+                step_s: float, gif_encoder: str = GIF_ENCODERS[0]) -> dict:
     """The stand-in step alone, then with a `Run` writing behind it (see the module docstring)."""
     alone = time.perf_counter()
     for _ in range(batches):
         time.sleep(step_s * batch)
     alone = (time.perf_counter() - alone) / batches
-    config = _config(folder, make_vis)
+    config = _config(folder, make_vis, gif_encoder)
     job = Job.of(config)
     rows = [(i, results[i % len(results)]) for i in range(batch * batches)]
     job.settle([SimpleNamespace(index=i, dataset="bench", video_id=f"v{i}") for i, _ in rows], 0, 1, 1)
@@ -442,7 +447,8 @@ def overlap_run(results: list[VideoResult], folder: Path, make_vis: bool, batch:
     videos = batch * batches
     if (run.done, run.failed) != (videos, 0):
         raise RuntimeError(f"the run wrote {run.done} of {videos} videos ({run.failed} failed): {run.errors}")
-    return {"make_vis": make_vis, "step_ms": round(1000 * step_s * batch, 3), "alone_ms": round(1000 * alone, 3),
+    return {"make_vis": make_vis, "gif_encoder": gif_encoder if make_vis else None,
+            "step_ms": round(1000 * step_s * batch, 3), "alone_ms": round(1000 * alone, 3),
             "run_ms": round(1000 * (loop + drain) / batches, 3), "ratio": round((loop + drain) / batches / alone, 4),
             "loop_ms": round(1000 * loop / batches, 3), "loop_ratio": round(loop / batches / alone, 4),
             "drain_ms": round(1000 * drain, 3), "main_cpu_ms_per_batch": round(1000 * main / batches, 3),
@@ -457,7 +463,8 @@ def _renumbered(clip: Clip, row: int) -> Clip:
 
 def _overlap_rows(part: dict) -> list[Row]:
     """Rows of ms per batch (not per video), wall time."""
-    return [("overlap", "ssv2_like", f"{'GIFs' if r['make_vis'] else 'pickles'}, /batch", r["run_ms"],
+    return [("overlap", "ssv2_like", f"{'GIFs ' + r['gif_encoder'] if r['make_vis'] else 'pickles'}, /batch",
+             r["run_ms"],
              f"{r['ratio']:.3f}x the step alone ({r['alone_ms']:.0f} ms, batch {part['batch']}); loop only "
              f"{r['loop_ratio']:.3f}x, drain {r['drain_ms']:.0f} ms; CPU: main thread "
              f"{r['main_cpu_ms_per_batch']:.2f} ms/batch, writer {r['writer_cpu_ms_per_video']:.1f} ms/video, "
@@ -471,9 +478,10 @@ def overlap_section(sets: dict[str, Path], args: argparse.Namespace) -> dict:
         raise RuntimeError("the overlap section needs the ssv2_like set")
     results = [stand_in_result(row, path, plan) for row, (path, plan) in enumerate(_plans(sets["ssv2_like"]))]
     runs = []
-    for make_vis in (False, True):
+    for make_vis, encoder in ((False, GIF_ENCODERS[0]), *((True, e) for e in GIF_ENCODERS)):
         with tempfile.TemporaryDirectory(prefix="bench_host_") as folder:
-            runs.append(overlap_run(results, Path(folder), make_vis, args.batch, args.batches, args.step_ms / 1000))
+            runs.append(overlap_run(results, Path(folder), make_vis, args.batch, args.batches, args.step_ms / 1000,
+                                    encoder))
     return {"batch": args.batch, "batches": args.batches, "step_ms_per_video": args.step_ms, "limit": OVERLAP_LIMIT,
             "within_limit": all(r["ratio"] <= OVERLAP_LIMIT for r in runs), "runs": runs}
 

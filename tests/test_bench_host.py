@@ -69,14 +69,15 @@ def test_bench_host_times_the_writer_and_the_overlap_with_and_without_gifs(tmp_p
                               "--sections", "writer", "overlap", "--repeats", "1",
                               "--batch", "2", "--batches", "2", "--step_ms", "5"])
     writer = result["sections"]["writer"]
-    assert sorted(writer["summary"]) == ["gif", "ledger", "pickle"]
+    assert sorted(writer["summary"]) == ["gif", "gif_literal", "ledger", "pickle"]
     for what, summary in writer["summary"].items():
         assert summary["videos"] == 1 and summary["median_frames"] == 12, what  # the set: one length of this clip
     overlap = result["sections"]["overlap"]
     assert (overlap["batch"], overlap["batches"], overlap["limit"]) == (2, 2, 1.1)
-    without, with_gifs = overlap["runs"]
-    assert (without["make_vis"], with_gifs["make_vis"]) == (False, True)
+    without, with_gifs, with_literal_gifs = overlap["runs"]
+    assert [(r["make_vis"], r["gif_encoder"]) for r in overlap["runs"]] == [(False, None), (True, "pil"),
+                                                                          (True, "literal")]
     for run in overlap["runs"]:  # every video written (the section raises otherwise); the stand-in step slept
         assert run["step_ms"] == 10 and run["alone_ms"] >= 10 and run["run_ms"] >= run["loop_ms"] >= 10
-    assert with_gifs["gif_workers_cpu_ms_per_video"] > 0  # drawn in the worker processes
+    assert with_gifs["gif_workers_cpu_ms_per_video"] > 0 and with_literal_gifs["gif_workers_cpu_ms_per_video"] > 0
     assert without["writer_cpu_ms_per_video"] > 0
