@@ -185,7 +185,7 @@ class CoTrackerThreeOffline(nn.Module):
         for _ in range(self.corr_levels):
             levels.append(make(t_max, b, self.fnet.conv3.out_channels, hl, wl, device=clips[0].device))
             hl, wl = hl // 2, wl // 2
-        for chunk in _encoder_chunks(lengths, encoder_chunk):
+        for chunk in _encoder_chunks(lengths[: len(clips)], encoder_chunk):
             x = torch.cat([self._prepare(clips[v][t0:t1], size) for v, t0, t1 in chunk])
             feats = self._features(x)
             start = 0
