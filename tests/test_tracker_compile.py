@@ -88,11 +88,16 @@ def test_bucket_ladders():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor on the CPU needs a C++ compiler (g++ or c++ on PATH)")
 def test_inductor_compiles_once_per_bucket_and_equals_eager(clips, queries, eager):
+    import torch._inductor.config as inductor_config
+
     tracker = _tracker().compile_buckets()
-    for clip, q in zip(clips, queries):  # 4, 7, 5 frames; 3, 5, 2 points (+ 36): bucket (1, 8, 64)
-        (result,) = tracker.track_many([clip], [q], return_probs=True)
-        (reference,) = eager.track_many([clip], [q], return_probs=True)
-        _assert_same(result, reference)
+    # Scalar C++ kernels: half the compile time of vectorised ones, and the vectorisation is the CPU
+    # backend's own (CUDA runs Triton); the graph, its lowering and fusions are the same.
+    with inductor_config.patch({"cpp.vec_isa_ok": False}):
+        for clip, q in zip(clips, queries):  # 4, 7, 5 frames; 3, 5, 2 points (+ 36): bucket (1, 8, 64)
+            (result,) = tracker.track_many([clip], [q], return_probs=True)
+            (reference,) = eager.track_many([clip], [q], return_probs=True)
+            _assert_same(result, reference)
     assert dict(tracker.compiled.counts) == {(1, 8, 64, CHUNK): 1}
 
 
