@@ -34,6 +34,7 @@ compilations}, "padded_frame_fraction": f, "seconds": s}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import subprocess
@@ -48,8 +49,6 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 from _device_count import DeviceCounter, cuda_code_paths  # noqa: E402
 from datamodules.video import VideoCSVDataset  # noqa: E402
-import dataclasses  # noqa: E402
-
 from semtrack.config import ExtractConfig  # noqa: E402
 from semtrack.features import DinoV2Extractor  # noqa: E402
 from semtrack.pipeline import Pipeline  # noqa: E402
@@ -128,6 +127,8 @@ def measure_compile(config: ExtractConfig, features, clips: list, size: int, mod
     calls, start = [], time.perf_counter()
     for i in range(0, len(clips), size):
         calls += pipeline(clips[i:i + size]).tracking_calls
+        print(f"  batch {size}, clips {i}..{i + size - 1}: {tracker.compiled.compilations} compilations, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
     counts = tracker.compiled.counts
     return {"compilations": tracker.compiled.compilations, "buckets": len(counts), "calls": len(calls),
             "per_bucket": {"x".join(map(str, key[:3])): n for key, n in sorted(counts.items())},

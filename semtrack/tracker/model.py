@@ -369,7 +369,8 @@ class CoTrackerThreeOffline(nn.Module):
         t_max, b = levels[0].shape[:2]
         n = xy.shape[1]
         track_feats = [
-            f.permute(0, 1, 3, 2).reshape(b * n, f.shape[-1], -1) for f in self._query_features(levels, stored, xy, limits)
+            f.permute(0, 1, 3, 2).reshape(b * n, f.shape[-1], -1)
+            for f in self._query_features(levels, stored, xy, limits)
         ]  # per level (B*N, C, P)
         coords = xy[:, None].expand(b, t_max, n, 2).clone()  # (B, T, N, 2)
         logits = xy.new_zeros(b, t_max, n, 2)  # (vis, conf) logits
