@@ -67,10 +67,12 @@ class CompiledRefine:
     def __init__(self, model: torch.nn.Module, inner=None):
         import torch._dynamo.config as dynamo_config
 
-        # A graph per bucket, not a symbolic one: raise dynamo's per-function limit to the bucket limit.
-        for name in ("recompile_limit", "cache_size_limit"):
+        # A graph per bucket, not a symbolic one: dynamo's recompile limits (8 graphs per function, then
+        # silently eager) raised so that several trackers of a process each get their MAX_BUCKETS.
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
             if hasattr(dynamo_config, name):
-                setattr(dynamo_config, name, max(getattr(dynamo_config, name), MAX_BUCKETS))
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 8 * MAX_BUCKETS))
         self.model = model
         self.counts: Counter = Counter()
         self.key: tuple | None = None
