@@ -235,7 +235,7 @@ class OfflineTracker(nn.Module):
             raise ValueError("track_many needs queries or grid_size > 0")
         num_frames = 0
         if self.compiled is not None:
-            user, point_valid, num_frames = self._pad_to_bucket(user, point_valid, counts, max(lengths),
+            user, point_valid, num_frames = self._pad_to_bucket(user, point_valid, max(lengths),
                                                                 support=queries is not None and grid_size == 0)
         coords, vis = self._run(clips, user, point_valid, backward_tracking, encoder_chunk, chunk_bytes, num_frames,
                                 self.compiled)
@@ -248,8 +248,7 @@ class OfflineTracker(nn.Module):
             out.append(result + (vis[i, :t, :k],) if return_probs else result)
         return out
 
-    def _pad_to_bucket(self, user: torch.Tensor, point_valid: torch.Tensor | None, counts: list[int], frames: int,
-                       support: bool):
+    def _pad_to_bucket(self, user: torch.Tensor, point_valid: torch.Tensor | None, frames: int, support: bool):
         """A compiled call's queries padded to its bucket (`padded_shape`): user (B, N, 3) -> (B', N', 3),
         padding points (0, 0, 0) inserted before the support grid (if `support`) and masked in
         point_valid (B', N') bool (never None); the padding clips' points all valid (their single
