@@ -22,10 +22,19 @@ JSON: {"commit", "date", "clips", "settings", "batch": {"1": S, "8": S}}, S = {"
 n, "total": n}, "syncs_per_video": {same keys}, "syncs_per_batch": n, "syncs_by_kind": {kind: n},
 "sync_sites": [["file:line", count], ...], "host_ms_per_video": ms}, stages features, clustering,
 points, tracking, other.
+
+`--compile inductor|graphs` (default off) instead runs the step on the CPU with the tracker's compiled
+buckets (`--compile`, `semtrack/tracker/compiled.py`) at batch 1 and `--batch`, and reports the
+compilations per bucket and in total, and the buckets the calls fell in (the bound): `inductor`
+compiles each graph (minutes per bucket on a CPU), `graphs` counts dynamo's graphs without compiling
+them (the same count, seconds). JSON then: {"commit", "date", "clips", "settings", "compile": mode,
+"batch": {"1": C, "8": C}}, C = {"compilations": n, "buckets": n, "calls": n, "per_bucket": {"BxTxN":
+compilations}, "padded_frame_fraction": f, "seconds": s}.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import subprocess
@@ -103,6 +112,30 @@ def measure(config: ExtractConfig, models: tuple, clips: list, size: int, host_t
     return out
 
 
+def graphs_only(gm, example_inputs):
+    """Dynamo's graph run as captured: counted, not compiled."""
+    return gm.forward
+
+
+def measure_compile(config: ExtractConfig, features, clips: list, size: int, mode: str) -> dict:
+    """The step on the CPU in batches of `size` with a fresh tracker's compiled buckets: compilations
+    per bucket, the buckets of the tracker calls, and how much the buckets padded the frames."""
+    config = dataclasses.replace(config, compile=True)
+    tracker = load_tracker("random", precision="fp32", interp_shape=config.tracker_resolution)
+    tracker.compile_buckets(graphs_only if mode == "graphs" else None)
+    pipeline = make_pipeline(config, (features, tracker), torch.device("cpu"))
+    calls, start = [], time.perf_counter()
+    for i in range(0, len(clips), size):
+        calls += pipeline(clips[i:i + size]).tracking_calls
+        print(f"  batch {size}, clips {i}..{i + size - 1}: {tracker.compiled.compilations} compilations, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    counts = tracker.compiled.counts
+    return {"compilations": tracker.compiled.compilations, "buckets": len(counts), "calls": len(calls),
+            "per_bucket": {"x".join(map(str, key[:3])): n for key, n in sorted(counts.items())},
+            "padded_frame_fraction": sum(p - f for _, f, p in calls) / max(sum(p for _, _, p in calls), 1),
+            "seconds": time.perf_counter() - start}
+
+
 def table(result: dict) -> str:
     rows = ["| batch | " + " | ".join(f"ops {s}" for s in (*STAGES, "total")) + " | syncs/video | syncs/batch "
             "| CPU ms/video |", "|---" * (len(STAGES) + 5) + "|"]
@@ -126,6 +159,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--num_points_per_entity", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable CPU times on a busy machine)")
     ap.add_argument("--host_time", type=int, choices=(0, 1), default=1, help="0: skip the uncounted CPU run")
+    ap.add_argument("--compile", choices=("inductor", "graphs"),
+                    help="count the compiled tracker's compilations per bucket instead (see above)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     given = {k: getattr(args, k) for k in ("max_frames", "num_frames_clustering", "dinov2_model",
@@ -138,6 +173,16 @@ def main(argv=None) -> dict:
     result = {"commit": commit.stdout.strip(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "clips": len(clips), "frames": [c.num_frames for c in clips],
               "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in given.items()}, "batch": {}}
+    if args.compile:
+        result["compile"] = args.compile
+        for size in sorted({1, args.batch}):
+            r = result["batch"][str(size)] = measure_compile(config, features, clips, size, args.compile)
+            print(f"batch {size}: {r['compilations']} compilations over {r['calls']} tracker calls in "
+                  f"{r['buckets']} buckets {r['per_bucket']}, padded frames {r['padded_frame_fraction']:.0%}, "
+                  f"{r['seconds']:.0f} s")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return result
     for size in sorted({1, args.batch}):
         r = result["batch"][str(size)] = measure(config, (features, tracker), clips, size, bool(args.host_time))
         print(f"batch {size}: syncs/video {r['syncs_per_video']}, by kind {r['syncs_by_kind']}")

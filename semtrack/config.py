@@ -60,7 +60,7 @@ RUN_ONLY_OPTIONS = frozenset(
 )
 # Output options added after output folders were written: recorded (sidecar, pickle metadata) only when
 # they differ from this value, the behaviour before they existed, so those folders keep their options.
-RECORDED_WHEN_CHANGED = {"tie_rule": "first"}
+RECORDED_WHEN_CHANGED = {"tie_rule": "first", "compile": False}
 OUTPUT_FORMATS = ("pickle", "webdataset")
 CSV_PATH = "sample.csv"  # the research script's default input
 RETRY_FAILED = ("transient", "always", "never")  # which failed rows a run redoes; the first is the default
@@ -137,6 +137,9 @@ class ExtractConfig:
         MODEL_RESOLUTION, "tracker", "H W frames are resized to for tracking (multiples of 32)")
     matmul_precision: Literal["highest", "high"] = _option(
         "highest", "tracker", "fp32 matmuls/convolutions on GPUs: highest (strict fp32) or high (TF32, faster)")
+    compile: bool = _option(
+        False, "tracker", "torch.compile the tracker's iterations, calls padded to length buckets: one graph per "
+        "bucket (CUDA graphs on GPUs); off until a GPU measures it")
     save_confidence: bool = _option(
         False, "tracker", "keep the visibility probabilities (float16 (T, N), metadata key 'confidence')")
     max_tracking_memory_gb: Optional[float] = _option(

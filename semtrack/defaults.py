@@ -25,6 +25,12 @@ GRID_SIZE = 16  # grid mode: a GRID_SIZE x GRID_SIZE grid of tracks (research de
 
 # tracker
 MODEL_RESOLUTION = (384, 512)  # (H, W) CoTracker3 was trained at; its motion features assume it
+# --compile: every tracker call is padded up to these rungs (beyond the last, multiples of the last step)
+# so that one compiled graph serves a bucket; padding costs at most 1.5x (1.8x at the first rungs: 9 -> 16).
+CLIP_BUCKETS = (1, 2, 4, 8, 16)  # clips per call; then multiples of 8
+FRAME_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384)  # frames; then multiples of 128
+POINT_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # points incl. the support grid; then x512
+MAX_BUCKETS = 64  # distinct compiled shapes per process, at most; a further shape runs eager (with a warning)
 
 
 def merge_schedule(num_tokens: int, merge_ratio: float = MERGE_RATIO, num_iters: int = NUM_ITERS) -> list[int]:

@@ -60,13 +60,15 @@ def build_models(config: ExtractConfig, device: torch.device, precision: str) ->
     """(DINOv2 extractor or None in grid mode, tracker) on `device`, the tracker in `precision` ("fp32" |
     "bf16"), each from its weights source by the one rule of `semtrack.weights` (`config.dinov2_weights`,
     `config.tracker_weights`: "official", "random", a path or a URL); a bad source raises `WeightsError`.
-    Each model's `weights_id` says what it loaded."""
+    Each model's `weights_id` says what it loaded. `config.compile`: the tracker's compiled buckets."""
     features = None
     if not config.use_grid:
         features = DinoV2Extractor(config.dinov2_model, checkpoint=config.dinov2_weights,
                                    preprocess=config.dinov2_preprocess).to(device)
     tracker = load_tracker(config.tracker_weights, device=device, precision=precision,
                            interp_shape=config.tracker_resolution)
+    if config.compile:
+        tracker.compile_buckets()
     return features, tracker
 
 
@@ -239,7 +241,8 @@ class Pipeline:
         tracker's own precision (not the Trainer's autocast) and the chunk sizes `memory` gives the call
         -> per clip (tracks, visibility, probabilities or None); records the call's padding."""
         lengths = [len(f) for f in frames]
-        self._calls.append((len(frames), sum(lengths), max(lengths) * len(frames)))
+        clips, padded, _ = self.tracker.padded_shape(len(frames), max(lengths), 0)
+        self._calls.append((len(frames), sum(lengths), padded * clips))
         chunks = self.memory.chunk_sizes(frames, num_points)
         with torch.autocast(self.device.type, enabled=False):
             out = self.tracker.track_many(frames, return_probs=self.config.save_confidence, **options, **chunks)

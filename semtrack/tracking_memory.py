@@ -23,7 +23,8 @@ import torch
 from semtrack.config import ExtractConfig
 from semtrack.records import Clip
 from semtrack.resources import available_memory
-from semtrack.tracker.memory import CHUNK_BYTES, ENCODER_CHUNK, estimate_tracking_bytes
+from semtrack.tracker.compiled import bucket_shape
+from semtrack.tracker.memory import CHUNK_BYTES, ENCODER_CHUNK, SUPPORT_POINTS, estimate_tracking_bytes
 
 GB = 1e9
 CUDA_BUDGET_BYTES = 10 * GB  # tracking memory per GPU rank, models included
@@ -61,7 +62,8 @@ class TrackingMemory:
     budget: bytes one call may use (None: no limit); resolution: (H, W) the tracker works at;
     dtype_bytes: 4 (fp32) or 2 (bf16); backward: queries mode (grid mode tracks forward only);
     encoder_chunk: frames per encoder call; base_chunk_bytes: the chunk size calls are grouped at;
-    choices: chunk sizes a call may take instead, largest first (empty: always the base).
+    choices: chunk sizes a call may take instead, largest first (empty: always the base); buckets: the
+    tracker pads each call to its compiled bucket (`--compile`), which the estimates then count.
     """
 
     budget: float | None
@@ -71,6 +73,7 @@ class TrackingMemory:
     encoder_chunk: int = ENCODER_CHUNK
     base_chunk_bytes: int | None = CHUNK_BYTES
     choices: tuple[int | None, ...] = ()
+    buckets: bool = False
 
     @classmethod
     def plan(cls, config: ExtractConfig, device: torch.device, precision: str, model_bytes: int) -> TrackingMemory:
@@ -82,12 +85,15 @@ class TrackingMemory:
                    DTYPE_BYTES[precision], not config.use_grid,
                    CUDA_ENCODER_CHUNK if cuda else ENCODER_CHUNK,
                    CUDA_CHUNK_CHOICES[-1] if cuda else CHUNK_BYTES,
-                   CUDA_CHUNK_CHOICES if cuda else ())
+                   CUDA_CHUNK_CHOICES if cuda else (), config.compile)
 
     def estimate(self, num_frames: int, num_points: int, size: tuple[int, int], batch: int,
                  chunk_bytes: int | None) -> float:
         """Bytes of one call on `batch` clips padded to `num_frames` frames, `num_points` points and
-        `size` (H, W) pixels, run with `chunk_bytes` chunks."""
+        `size` (H, W) pixels, run with `chunk_bytes` chunks (at their bucket with `buckets`)."""
+        if self.buckets:
+            batch, num_frames, points = bucket_shape(batch, num_frames, num_points + SUPPORT_POINTS)
+            num_points = points - SUPPORT_POINTS
         return estimate_tracking_bytes(
             num_frames, num_points, size, self.resolution, backward=self.backward, dtype_bytes=self.dtype_bytes,
             batch=batch, encoder_chunk=self.encoder_chunk, chunk_bytes=chunk_bytes)

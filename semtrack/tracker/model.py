@@ -162,27 +162,30 @@ class CoTrackerThreeOffline(nn.Module):
         return levels
 
     def encode_clips(self, clips: Sequence[torch.Tensor], size: tuple[int, int] | None = None,
-                     encoder_chunk: int = ENCODER_CHUNK) -> FeaturePyramid:
+                     encoder_chunk: int = ENCODER_CHUNK, num_frames: int = 0, batch: int = 0) -> FeaturePyramid:
         """Encode every real frame of `clips` ((T_b, 3, H_b, W_b) uint8 or float, values 0..255).
 
         Frames go through the encoder in chunks of `encoder_chunk` (frames of several clips share a
         chunk); each chunk is converted to float and resized to `size` (H, W) on its own, so no
         full-clip float copy is made. Without `size` every clip must already be the model-input
-        size. Padded frames are never encoded. H and W must be multiples of `stride`.
+        size. Padded frames are never encoded. H and W must be multiples of `stride`. The pyramid
+        holds at least `num_frames` frames and `batch` clips: the clips after `len(clips)` are
+        one-frame stand-ins of zero features (padding of a compiled call's bucket).
         """
         lengths = [int(c.shape[0]) for c in clips]
+        lengths += [1] * (batch - len(lengths))
         h, w = tuple(size) if size is not None else tuple(clips[0].shape[-2:])
         if h % self.stride or w % self.stride:
             raise ValueError(f"video size {h}x{w} must be a multiple of the stride {self.stride}")
         if size is None and any(tuple(c.shape[-2:]) != (h, w) for c in clips):
             raise ValueError("clips of different sizes need a common `size` to be resized to")
-        t_max, b = max(lengths), len(clips)
+        t_max, b = max(*lengths, num_frames), len(lengths)
         make = torch.zeros if any(t != t_max for t in lengths) else torch.empty
         levels, hl, wl = [], h // self.stride, w // self.stride
         for _ in range(self.corr_levels):
             levels.append(make(t_max, b, self.fnet.conv3.out_channels, hl, wl, device=clips[0].device))
             hl, wl = hl // 2, wl // 2
-        for chunk in _encoder_chunks(lengths, encoder_chunk):
+        for chunk in _encoder_chunks(lengths[: len(clips)], encoder_chunk):
             x = torch.cat([self._prepare(clips[v][t0:t1], size) for v, t0, t1 in chunk])
             feats = self._features(x)
             start = 0
@@ -200,12 +203,20 @@ class CoTrackerThreeOffline(nn.Module):
         (the semantics of grid_sample(align_corners=True, padding_mode="border")), read directly
         from each query's frame.
         """
-        clip = torch.arange(pyramid.batch, device=frame.device)[:, None, None, None, None]  # (B, 1, 1, 1, 1)
+        return self._query_features(pyramid.levels, frame, xy, self._limits(pyramid, xy.dtype, xy.device))
+
+    @staticmethod
+    def _limits(pyramid: FeaturePyramid, dtype: torch.dtype, device) -> list[torch.Tensor]:
+        """Per level the (2,) largest sampling position (w - 1, h - 1) in that level's feature units."""
+        return [upload(torch.tensor([f.shape[-1] - 1, f.shape[-2] - 1], dtype=dtype), device) for f in pyramid.levels]
+
+    def _query_features(self, levels: Sequence[torch.Tensor], frame: torch.Tensor, xy: torch.Tensor,
+                        limits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`query_features` on the pyramid's `levels` with their `limits` (`_limits`)."""
+        clip = torch.arange(levels[0].shape[1], device=frame.device)[:, None, None, None, None]  # (B, 1, 1, 1, 1)
         t = frame[:, :, None, None, None]  # (B, N, 1, 1, 1)
         feats = []
-        for level, fmap in enumerate(pyramid.levels):
-            h, w = fmap.shape[-2:]
-            limit = upload(torch.tensor([w - 1, h - 1], dtype=xy.dtype), xy.device)
+        for level, (fmap, limit) in enumerate(zip(levels, limits)):
             pts = torch.minimum((xy[:, :, None, :] / 2**level + self.patch_offsets).clamp(min=0), limit)  # (B, N, P, 2)
             low = pts.floor()
             frac = pts - low
@@ -240,7 +251,7 @@ class CoTrackerThreeOffline(nn.Module):
         return 2.0 / (levels[:, None, None, None, None] * sizes), 2.0 * self.patch_offsets / sizes - 1.0
 
     def _corr_embeddings(
-        self, pyramid: FeaturePyramid, track_feats: list[torch.Tensor], grids: torch.Tensor, t0: int, t1: int
+        self, levels: Sequence[torch.Tensor], track_feats: list[torch.Tensor], grids: torch.Tensor, t0: int, t1: int
     ) -> list[torch.Tensor]:
         """corr_mlp embeddings of the 4-D correlation for stored frames [t0, t1) of every clip.
 
@@ -248,10 +259,10 @@ class CoTrackerThreeOffline(nn.Module):
         coordinates of the patch points around the current coords of stored frame t0 + k of clip
         b in row k*B + b -> per level (B, N, K, 256).
         """
-        k, b = t1 - t0, pyramid.batch
+        k, b = t1 - t0, levels[0].shape[1]
         n = grids.shape[2]
         embs = []
-        for fmap, feat, grid in zip(pyramid.levels, track_feats, grids):
+        for fmap, feat, grid in zip(levels, track_feats, grids):
             c, h, w = fmap.shape[2:]
             patches = F.grid_sample(
                 fmap[t0:t1].reshape(k * b, c, h, w), grid, mode="bilinear", padding_mode="border", align_corners=True
@@ -278,7 +289,7 @@ class CoTrackerThreeOffline(nn.Module):
         scaled = (r[..., None, :] * self.motion_freqs[:, None]).flatten(-2)  # (..., 40)
         return torch.cat([r, torch.sin(scaled), torch.sin(scaled + math.pi / 2)], dim=-1)
 
-    def _tokens(self, pyramid, track_feats, grid_affine, coords, state, tau, time_index, t0, t1, z):
+    def _tokens(self, levels, track_feats, grid_affine, coords, state, tau, time_index, t0, t1, z):
         """Write the projected tokens of stored frames [t0, t1) into z (B, T, S, C) at their pass times.
 
         coords (B, T, N, 2) feature units, state (B, T, N, 6) (vis logit, conf logit, motion deltas),
@@ -291,7 +302,7 @@ class CoTrackerThreeOffline(nn.Module):
         clip = torch.arange(b, device=ti.device)[None]  # (1, B)
         scale, shift = grid_affine
         grids = coords[clip, ti].reshape(1, -1, n, 1, 2) * scale + shift  # (L, K*B, N, P, 2)
-        embs = self._corr_embeddings(pyramid, track_feats, grids, t0, t1)  # per level (B, N, K, 256)
+        embs = self._corr_embeddings(levels, track_feats, grids, t0, t1)  # per level (B, N, K, 256)
         rows = state[clip, ti].permute(1, 2, 0, 3)  # (B, N, K, 6)
         tokens = torch.cat([rows[..., :2], *embs, self._motion_encoding(rows[..., 2:])], dim=-1)
         tokens = tokens + tau[clip, ti].transpose(0, 1)[:, None]  # (B, N, K, D)
@@ -310,6 +321,7 @@ class CoTrackerThreeOffline(nn.Module):
         point_valid: torch.Tensor | None = None,
         reverse: bool = False,
         chunk_bytes: int | None = CHUNK_BYTES,
+        refine=None,
     ):
         """Iterative refinement on precomputed features.
 
@@ -320,35 +332,54 @@ class CoTrackerThreeOffline(nn.Module):
         T_b - 1 - t' of the clip), reading the same pyramid. Padded frames (t >= T_b) are masked
         as keys of the time attention. Each clip's result is that of a solo run. chunk_bytes: the
         intermediates of one chunk of the correlation / transformer steps (None: unchunked).
+        refine: a compiled `refine` (`semtrack.tracker.compiled`) to run instead of the eager one;
+        it always gets the frame masks, padded or not (one graph per shape).
 
         Returns coords (B, T, N, 2) model-input pixels, vis (B, T, N), conf (B, T, N) float32, in
         this pass's time; values at padded frames and points are meaningless (finite).
         """
-        b, t_max = pyramid.batch, pyramid.num_frames
-        n, device = queries.shape[1], queries.device
+        inputs = self.pass_inputs(pyramid, queries, reverse, masked=refine is not None)
+        return (refine or self.refine)(pyramid.levels, *inputs, point_valid, iters, chunk_bytes)
+
+    def pass_inputs(self, pyramid: FeaturePyramid, queries: torch.Tensor, reverse: bool, masked: bool = False):
+        """What one pass needs besides the pyramid's levels, from the clips' lengths (host values):
+        (stored (B, N) int64 query frame in stored time, xy (B, N, 2) feature units, time_index (T, B)
+        int64 pass time of each stored frame, tau (B, T, D) time embeddings in pass time, frame_valid
+        (B, T) bool and has_next (B, T, 1, 1) bool or both None when nothing is padded and not
+        `masked`, grid_affine (`_grid_affine`), limits (`_limits`))."""
+        t_max, device = pyramid.num_frames, queries.device
         lengths = upload(torch.tensor(pyramid.lengths), device)[:, None]  # (B, 1)
         frame = queries[..., 0].long()  # truncation, pass time
         stored = lengths - 1 - frame if reverse else frame
         xy = queries[..., 1:].float() / self.stride  # (B, N, 2) feature units
-        track_feats = [
-            f.permute(0, 1, 3, 2).reshape(b * n, f.shape[-1], -1) for f in self.query_features(pyramid, stored, xy)
-        ]  # per level (B*N, C, P)
+        limits = self._limits(pyramid, xy.dtype, xy.device)
         time_index = pass_times(pyramid.lengths, t_max, reverse, device)
         tau = self._time_embeddings(pyramid.lengths, t_max)  # (B, T, D)
         frame_valid = has_next = None
-        if pyramid.padded:
+        if masked or pyramid.padded:
             steps = torch.arange(t_max, device=device)[None]  # (1, T)
             frame_valid = steps < lengths  # (B, T)
             has_next = (steps < lengths - 1)[:, :, None, None]  # (B, T, 1, 1)
+        return stored, xy, time_index, tau, frame_valid, has_next, self._grid_affine(pyramid), limits
+
+    def refine(self, levels: Sequence[torch.Tensor], stored, xy, time_index, tau, frame_valid, has_next,
+               grid_affine, limits, point_valid, iters: int, chunk_bytes: int | None):
+        """The iterations of `track` on the pyramid's `levels` and `pass_inputs`: tensors in, tensors
+        out; the chunks follow from the shapes alone, so one shape runs one graph (`torch.compile`)."""
+        t_max, b = levels[0].shape[:2]
+        n = xy.shape[1]
+        track_feats = [
+            f.permute(0, 1, 3, 2).reshape(b * n, f.shape[-1], -1)
+            for f in self._query_features(levels, stored, xy, limits)
+        ]  # per level (B*N, C, P)
         coords = xy[:, None].expand(b, t_max, n, 2).clone()  # (B, T, N, 2)
         logits = xy.new_zeros(b, t_max, n, 2)  # (vis, conf) logits
-        grid_affine = self._grid_affine(pyramid)
         chunks = chunk_bounds(t_max, rows_per_chunk(b * n * CORR_POINT_FRAME_BYTES, chunk_bytes, t_max))
         for _ in range(iters):
             state = torch.cat([logits, self._motion_deltas(coords, has_next)], dim=-1)  # (B, T, N, 6)
             z = None
             for t0, t1 in chunks:
-                z = self._tokens(pyramid, track_feats, grid_affine, coords, state, tau, time_index, t0, t1, z)
+                z = self._tokens(levels, track_feats, grid_affine, coords, state, tau, time_index, t0, t1, z)
             delta = self.updateformer(z, n, frame_valid, point_valid, chunk_bytes)  # (B, T, N, 4)
             coords = coords + delta[..., :2]
             logits = logits + delta[..., 2:]

@@ -22,6 +22,7 @@ from torch import nn
 
 from semtrack.transfer import upload
 
+from .compiled import CompiledRefine, bucket_shape
 from .memory import CHUNK_BYTES, ENCODER_CHUNK
 from .model import CoTrackerThreeOffline, FeaturePyramid, pass_times
 
@@ -61,6 +62,10 @@ class OfflineTracker(nn.Module):
     (384, 512). Other sizes leave the official configuration (the motion features keep their
     384x512 constants), so outputs then differ from the official predictor's.
     weights_id: what the model's weights are (`weights.resolve_weights`: "hub:...", "file:<path>", ...).
+
+    `compile_buckets()` turns on the compiled refinement (`compiled.py`): `track_many` then pads every
+    call to its bucket (`bucket_shape`) and runs one compiled graph per bucket; `compiled.counts`
+    holds the compilations. The other entry points stay eager.
     """
 
     def __init__(
@@ -83,6 +88,18 @@ class OfflineTracker(nn.Module):
         self.vis_threshold = vis_threshold
         self.precision = precision
         self.weights_id = weights_id
+        self.compiled: CompiledRefine | None = None
+
+    def compile_buckets(self, inner=None) -> OfflineTracker:
+        """Run `track_many`'s refinement compiled, one graph per bucket (`compiled.CompiledRefine`,
+        `inner` its compiler: inductor by default); returns self."""
+        self.compiled = CompiledRefine(self.model, inner)
+        return self
+
+    def padded_shape(self, clips: int, frames: int, points: int) -> tuple[int, int, int]:
+        """(clips, frames, points incl. the support grid) a `track_many` call runs at: its bucket when
+        compiled, else as given."""
+        return bucket_shape(clips, frames, points) if self.compiled is not None else (clips, frames, points)
 
     # ----------------------------------------------------------------------------- helpers
     def grid_points(self, size: int) -> torch.Tensor:
@@ -117,21 +134,23 @@ class OfflineTracker(nn.Module):
         return torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)[None].expand(b, -1, -1)
 
     def _passes(self, pyramid: FeaturePyramid, queries: torch.Tensor, point_valid, backward: bool,
-                chunk_bytes: int | None = CHUNK_BYTES):
+                chunk_bytes: int | None = CHUNK_BYTES, compiled: CompiledRefine | None = None):
         """Model pass(es) on a pyramid; queries (B, N, 3) model pixels, t in clip time.
 
         Returns coords (B, T, N, 2) model pixels and vis probabilities (B, T, N), with frames
         before each query frame taken from the backward pass when `backward`. The backward pass
-        tracks every clip reversed within its own length. chunk_bytes: see `track_many`.
+        tracks every clip reversed within its own length. chunk_bytes: see `track_many`. With
+        `compiled`, the passes run it.
         """
-        coords, vis, _ = self.model.track(pyramid, queries, self.iters, point_valid, chunk_bytes=chunk_bytes)
+        extra = {} if compiled is None else {"refine": compiled}
+        coords, vis, _ = self.model.track(pyramid, queries, self.iters, point_valid, chunk_bytes=chunk_bytes, **extra)
         if backward:
             t = pyramid.num_frames
             lengths = upload(torch.tensor(pyramid.lengths, dtype=queries.dtype), queries.device)[:, None]
             rev = queries.clone()
             rev[..., 0] = lengths - 1 - queries[..., 0]
             coords_b, vis_b, _ = self.model.track(pyramid, rev, self.iters, point_valid, reverse=True,
-                                                chunk_bytes=chunk_bytes)
+                                                chunk_bytes=chunk_bytes, **extra)
             back = pass_times(pyramid.lengths, t, True, queries.device).T  # (B, T) pass time of clip frame t
             clip = torch.arange(pyramid.batch, device=queries.device)[:, None]
             frames = torch.arange(t, device=queries.device, dtype=queries.dtype)
@@ -141,11 +160,15 @@ class OfflineTracker(nn.Module):
         return coords, vis
 
     def _run(self, clips: Sequence[torch.Tensor], queries: torch.Tensor, point_valid, backward: bool,
-             encoder_chunk: int = ENCODER_CHUNK, chunk_bytes: int | None = CHUNK_BYTES):
-        """Encode `clips` once and track queries (B, N, 3) model pixels -> coords, vis (see `_passes`)."""
+             encoder_chunk: int = ENCODER_CHUNK, chunk_bytes: int | None = CHUNK_BYTES, num_frames: int = 0,
+             compiled: CompiledRefine | None = None):
+        """Encode `clips` once and track queries (B, N, 3) model pixels -> coords, vis (see `_passes`).
+
+        queries may hold more rows than clips (a compiled call's padding clips, one zero frame each);
+        the pyramid holds at least `num_frames` frames; `compiled`: the passes' refinement."""
         with self._autocast(queries.device):
-            pyramid = self.model.encode_clips(clips, self.interp_shape, encoder_chunk)
-            return self._passes(pyramid, queries, point_valid, backward, chunk_bytes)
+            pyramid = self.model.encode_clips(clips, self.interp_shape, encoder_chunk, num_frames, len(queries))
+            return self._passes(pyramid, queries, point_valid, backward, chunk_bytes, compiled)
 
     def _finish(self, coords, vis, queries, scale):
         """Threshold, overwrite each query frame with the query, rescale to input pixels.
@@ -210,7 +233,13 @@ class OfflineTracker(nn.Module):
             counts = [len(points)] * len(clips)
         else:
             raise ValueError("track_many needs queries or grid_size > 0")
-        coords, vis = self._run(clips, user, point_valid, backward_tracking, encoder_chunk, chunk_bytes)
+        num_frames = 0
+        if self.compiled is not None:
+            user, point_valid, num_frames = self._pad_to_bucket(user, point_valid, max(lengths),
+                                                                support=queries is not None and grid_size == 0)
+        coords, vis = self._run(clips, user, point_valid, backward_tracking, encoder_chunk, chunk_bytes, num_frames,
+                                self.compiled)
+        coords, vis, user = coords[: len(clips)], vis[: len(clips)], user[: len(clips)]
         n = max(counts)
         tracks, visible = self._finish(coords[:, :, :n], vis[:, :, :n], user[:, :n], self._scales(sizes, device, True))
         out = []
@@ -218,6 +247,23 @@ class OfflineTracker(nn.Module):
             result = (tracks[i, :t, :k], visible[i, :t, :k])
             out.append(result + (vis[i, :t, :k],) if return_probs else result)
         return out
+
+    def _pad_to_bucket(self, user: torch.Tensor, point_valid: torch.Tensor | None, frames: int, support: bool):
+        """A compiled call's queries padded to its bucket (`padded_shape`): user (B, N, 3) -> (B', N', 3),
+        padding points (0, 0, 0) inserted before the support grid (if `support`) and masked in
+        point_valid (B', N') bool (never None); the padding clips' points all valid (their single
+        frame of zero features gives finite values, which are dropped). -> (queries, point_valid, T')."""
+        b, n = user.shape[:2]
+        extra = self.support_grid_size**2 if support else 0
+        b_pad, t_pad, n_pad = self.padded_shape(b, frames, n)
+        if point_valid is None:
+            point_valid = torch.ones(b, n, dtype=torch.bool, device=user.device)
+        at = n - extra  # padding goes before the support grid
+        user = torch.cat([user[:, :at], user.new_zeros(b, n_pad - n, 3), user[:, at:]], dim=1)
+        point_valid = torch.cat([point_valid[:, :at], point_valid.new_zeros(b, n_pad - n), point_valid[:, at:]], dim=1)
+        user = torch.cat([user, user.new_zeros(b_pad - b, n_pad, 3)])
+        point_valid = torch.cat([point_valid, point_valid.new_ones(b_pad - b, n_pad)])
+        return user, point_valid, t_pad
 
     @staticmethod
     def _check_clips(videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
