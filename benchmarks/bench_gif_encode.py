@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_host  # noqa: E402
 
 from semtrack.gif import (  # noqa: E402
     DEFAULT_MAX_WIDTH,
+    encode_gif_pil,
     fitted_size,
     frame_durations_ms,
     gif_bytes,
@@ -39,20 +36,6 @@ from semtrack.gif import (  # noqa: E402
 )
 from semtrack.gif_encode import encode_gif  # noqa: E402
 from semtrack.renders import gif_arrays  # noqa: E402
-
-
-def pil_encode(indices: np.ndarray, palette: np.ndarray, durations: list[int]) -> bytes:
-    """What `gif_bytes` does with the drawn frames when `encoder="pil"`."""
-    flat_palette = palette.reshape(-1).tolist()
-    images = []
-    for index in indices:
-        image = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
-        image.putpalette(flat_palette)
-        images.append(image)
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0,
-                   optimize=False)
-    return buffer.getvalue()
 
 
 def taking_turns(calls: dict, repeats: int) -> dict:
@@ -84,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           visibility, ids, times)
         durations = frame_durations_ms(times)
         measured = taking_turns({
-            "encode pil": functools.partial(pil_encode, indices, palette, durations),
+            "encode pil": functools.partial(encode_gif_pil, indices, palette, durations),
             "encode literal": functools.partial(encode_gif, indices, palette, durations),
             "gif_bytes pil": functools.partial(gif_bytes, *arrays),
             "gif_bytes literal": functools.partial(gif_bytes, *arrays, encoder="literal"),
