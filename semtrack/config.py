@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from semtrack import defaults
-from semtrack.defaults import GIF_ENCODERS, MODEL_RESOLUTION
+from semtrack.defaults import DEFAULT_MAX_WIDTH, GIF_ENCODERS, MODEL_RESOLUTION
 from semtrack.layout import OutputLayout, dump_name
 
 # Frames: defaults shared with datamodules.video.VideoCSVDataset.
@@ -151,7 +151,8 @@ class ExtractConfig:
     num_workers: Optional[int] = _option(
         None, "job", "decoding processes per device", shown="from the CPUs per device")
     make_vis: bool = _option(False, "job", "also write a trail GIF per video")
-    vis_max_width: Optional[int] = _option(None, "job", "GIFs and overlays at most this wide (px)", shown="full size")
+    vis_max_width: Optional[int] = _option(
+        DEFAULT_MAX_WIDTH, "job", "GIFs and overlays at most this wide (px); none: full size")
     gif_encoder: Literal["pil", "literal"] = _option(
         "pil", "job", "pil: PIL's LZW (smaller files); literal: one code per pixel (encoding ~13x cheaper, files ~2x)")
     debug_mode: bool = _option(False, "job", "first row only, even if done, into debug/, with timings, overlays")

@@ -62,6 +62,7 @@ def merge_schedule(num_tokens: int, merge_ratio: float = MERGE_RATIO, num_iters:
         schedule.append(n - int(r))
     return schedule
 
+DEFAULT_MAX_WIDTH = 640  # px: GIFs and overlays are scaled down to at most this wide unless asked otherwise
 # GIF encoders (`--gif_encoder`, `semtrack.gif.gif_bytes`): "pil" (PIL's greedy LZW: small files) or "literal"
 # (`semtrack.gif_encode`: one LZW code per pixel, the same frames for ~1/13 of the encoding CPU time, files ~2x).
 GIF_ENCODERS = ("pil", "literal")

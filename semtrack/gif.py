@@ -25,11 +25,10 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from semtrack.defaults import GIF_ENCODERS
+from semtrack.defaults import DEFAULT_MAX_WIDTH, GIF_ENCODERS
 from semtrack.gif_encode import GIF_TICK_MS, encode_gif
 from semtrack.safeio import atomic_write
 
-DEFAULT_MAX_WIDTH = 640  # px: GIFs and overlays are scaled down to at most this wide unless asked otherwise
 TRAIL_SEGMENTS = 4  # segments shown behind each point (research: alpha is 0 from 5 frames back)
 DOT_RADIUS = 2  # px: a filled disc, PIL's ellipse over [x - 2, y - 2, x + 2, y + 2]
 TEXT_PX = 12  # size of PIL's default (FreeType) font for the ids and the counter, drawn without antialiasing
