@@ -27,6 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -42,6 +43,17 @@ from semtrack.features import DinoV2Extractor  # noqa: E402
 STAGES = ("clustering", "points")
 
 
+def readable_clips(dataset: VideoCSVDataset) -> Iterator:
+    """The dataset's clips in order, decoded as the job decodes them; each one that failed to decode is
+    skipped with a line saying why."""
+    for i in range(len(dataset)):
+        clip = dataset[i]
+        if clip.frames is None:
+            print(f"skipped {clip.video_path}: {clip.error}")
+            continue
+        yield clip
+
+
 def load_clips(csv_path: Path, tokens_path: Path | None, model: str, frames: int) -> list[dict]:
     """Per readable clip: video_id, size (H, W), cluster_frames (K,) int64 and tokens (K, 16, 16, D)
     float32 (K = min(frames, T)), from the cache when it was made for the same CSV, model and frames."""
@@ -53,11 +65,7 @@ def load_clips(csv_path: Path, tokens_path: Path | None, model: str, frames: int
     dataset = VideoCSVDataset(csv_path, num_frames_clustering=frames)
     extractor = DinoV2Extractor(model, checkpoint="random").eval()
     clips = []
-    for i in range(len(dataset)):
-        clip = dataset[i]
-        if clip.frames is None:
-            print(f"skipped {clip.video_path}: {clip.error}")
-            continue
+    for clip in readable_clips(dataset):
         with torch.no_grad():
             tokens = extractor(clip.frames[clip.cluster_frames])
         clips.append({"video_id": clip.video_id, "size": tuple(clip.frames.shape[-2:]),

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import subprocess
 import sys
@@ -47,6 +48,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+from bench_cluster_points import readable_clips  # noqa: E402
+
 from _device_count import DeviceCounter, cuda_code_paths  # noqa: E402
 from datamodules.video import VideoCSVDataset  # noqa: E402
 from semtrack.config import ExtractConfig  # noqa: E402
@@ -63,14 +66,7 @@ def load_clips(config: ExtractConfig, limit: int | None) -> list:
     """The CSV's clips decoded as the job decodes them (failed ones skipped, with a line each)."""
     dataset = VideoCSVDataset(config.csv_path, fps=config.fps, num_frames_clustering=config.num_frames_clustering,
                               max_frames=config.max_frames)
-    clips = []
-    for i in range(len(dataset)):
-        clip = dataset[i]
-        if clip.frames is None:
-            print(f"skipped {clip.video_path}: {clip.error}")
-            continue
-        clips.append(clip)
-    return clips[:limit]
+    return list(itertools.islice(readable_clips(dataset), limit))
 
 
 def make_pipeline(config: ExtractConfig, models: tuple, device: torch.device) -> Pipeline:
