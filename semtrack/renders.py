@@ -97,19 +97,16 @@ class FrameSlots:
         with self._lock:
             self._free.append(name)
 
-    def _unlink(self, name: str) -> None:
-        slot = self._slots.pop(name)
-        slot.close()
-        try:
-            slot.unlink()
-        except FileNotFoundError:  # already gone (someone cleaned /dev/shm)
-            pass
-
     def close(self) -> None:
         """Unlink every slot (none may be in use)."""
         with self._lock:
-            for name in list(self._slots):
-                self._unlink(name)
+            for slot in self._slots.values():
+                slot.close()
+                try:
+                    slot.unlink()
+                except FileNotFoundError:  # already gone (someone cleaned /dev/shm)
+                    pass
+            self._slots.clear()
             self._free.clear()
 
 

@@ -142,15 +142,15 @@ class OfflineTracker(nn.Module):
         tracks every clip reversed within its own length. chunk_bytes: see `track_many`. With
         `compiled`, the passes run it.
         """
-        extra = {} if compiled is None else {"refine": compiled}
-        coords, vis, _ = self.model.track(pyramid, queries, self.iters, point_valid, chunk_bytes=chunk_bytes, **extra)
+        coords, vis, _ = self.model.track(pyramid, queries, self.iters, point_valid, chunk_bytes=chunk_bytes,
+                                          refine=compiled)
         if backward:
             t = pyramid.num_frames
             lengths = upload(torch.tensor(pyramid.lengths, dtype=queries.dtype), queries.device)[:, None]
             rev = queries.clone()
             rev[..., 0] = lengths - 1 - queries[..., 0]
             coords_b, vis_b, _ = self.model.track(pyramid, rev, self.iters, point_valid, reverse=True,
-                                                chunk_bytes=chunk_bytes, **extra)
+                                                chunk_bytes=chunk_bytes, refine=compiled)
             back = pass_times(pyramid.lengths, t, True, queries.device).T  # (B, T) pass time of clip frame t
             clip = torch.arange(pyramid.batch, device=queries.device)[:, None]
             frames = torch.arange(t, device=queries.device, dtype=queries.dtype)
